@@ -1,0 +1,189 @@
+"""Checkpoint folders: `config.json` + `model.safetensors` (+ `tokenizer.json`).
+
+Saving is atomic: everything is written under a temporary name and renamed into place, so an
+interrupted save never leaves a half-written checkpoint. Loading builds the model on the meta
+device and adopts the tensors read from disk, so the weights are in memory once, and checks
+every tensor's name, shape and dtype before anything is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from lmkit.config import ModelConfig
+from lmkit.model import Model
+
+log = logging.getLogger("lmkit")
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used as it is; the message says why and
+    what to do."""
+
+
+def _crc(tensors: dict[str, torch.Tensor]) -> str:
+    """A checksum over all tensor bytes, in name order, to detect corrupted data."""
+    crc = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        crc = zlib.crc32(t.view(-1).view(torch.uint8).numpy().data, crc)
+    return f"{crc:08x}"
+
+
+def save(model: Model, path: str | Path, tokenizer: Any = None,
+         extra_files: dict[str, str] | None = None) -> Path:
+    """Write `model` as a checkpoint folder at `path` (created or replaced atomically).
+
+    Tied weights are stored once. `tokenizer` (or the model's attached one) is saved as
+    tokenizer.json. `extra_files` maps file names to text (a model card, say)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    tied = model.tied_names()
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        meta = {"format": "pt", "lmkit.crc32": _crc(tensors)}
+        save_file(tensors, staging / WEIGHTS, metadata=meta)
+        model.config.to_json(staging / CONFIG)
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _move_into_place(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """A new folder is renamed in one step. An existing folder (a run folder that also holds
+    logs, say) has each fully written file renamed over the old one."""
+    if not path.exists():
+        staging.rename(path)
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder: choose another path")
+    for f in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG):  # config.json last
+        os.replace(f, path / f.name)
+
+
+def read_tensors(file: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors of a safetensors file and its metadata, with clear errors for truncated or
+    corrupted files (and a checksum check for files lmkit wrote)."""
+    file = Path(file)
+    if not file.exists():
+        raise CheckpointError(f"{file} does not exist: the checkpoint has no weights file")
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({e}); it is probably truncated or "
+            "corrupted: copy or download it again, or re-save it from the source model") from e
+    if verify and "lmkit.crc32" in meta and _crc(tensors) != meta["lmkit.crc32"]:
+        raise CheckpointError(
+            f"{file} is corrupted: its tensor data does not match the checksum written when it "
+            "was saved; copy it again or re-save it from the source model")
+    return tensors, meta
+
+
+def check_tensors(model: Model, tensors: dict[str, torch.Tensor], *,
+                  new: tuple[str, ...] = ()) -> list[str]:
+    """Compare names, shapes and dtypes with what `model` expects. Names under the prefixes
+    `new` may be missing (a new head). Raises one CheckpointError listing every problem;
+    returns the names that will be freshly initialised."""
+    expected = {k: v for k, v in model.state_dict().items() if k not in model.tied_names()}
+    is_new = lambda name: name.startswith(new) if new else False  # noqa: E731
+    missing = [k for k in expected if k not in tensors and not is_new(k)]
+    unexpected = [k for k in tensors if k not in expected and not is_new(k)]
+    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    dtypes = [f"{k}: {tensors[k].dtype}" for k in expected
+              if k in tensors and not tensors[k].is_floating_point()]
+    problems = [f"{title} ({len(items)}): {', '.join(items[:20])}" +
+                (f" … and {len(items) - 20} more" if len(items) > 20 else "")
+                for title, items in [("missing tensors", missing), ("unexpected tensors",
+                                     unexpected), ("shape mismatches", shapes),
+                                     ("non-float tensors", dtypes)] if items]
+    if problems:
+        raise CheckpointError(
+            "the weights do not fit the architecture in config.json:\n  " + "\n  ".join(problems)
+            + "\nCheck that config.json belongs to these weights; to put a new task head on a "
+              "pretrained body, load with head=... (and labels=...).")
+    return sorted(k for k in expected if k not in tensors)
+
+
+def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[str, ...] = (),
+          dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Model:
+    """A model of `config` holding `tensors` (adopted, not copied); parameters named under
+    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers."""
+    with torch.device("meta"):
+        model = Model(config)
+    fresh = check_tensors(model, tensors, new=new)
+    dtype = dtype or DTYPES[config.dtype]
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
+                          strict=False, assign=True)
+    for prefix in new if fresh else ():  # materialise and initialise the new modules
+        module = model.get_submodule(prefix.rstrip("."))
+        module.to_empty(device=device)
+        model.reset_parameters(module)
+        module.to(dtype)
+    model.tie_weights()
+    if fresh:
+        log.info("initialised new tensors (not in the checkpoint): %s", ", ".join(fresh))
+    model.new_tensors = fresh
+    return model
+
+
+def load(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Model:
+    """Load a checkpoint folder as a Model (with its tokenizer attached when it has one).
+
+    `head` / `labels` put a new task head on the pretrained body: every body tensor must be in
+    the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {path}: give a folder holding "
+                              f"{CONFIG} and {WEIGHTS}")
+    if not (path / CONFIG).exists():
+        raise CheckpointError(f"{path} has no {CONFIG}: it is not a checkpoint folder")
+    raw = json.loads((path / CONFIG).read_text())
+    if "model_type" in raw:  # a Hugging Face folder: translated at the edge
+        from lmkit.convert import load_hf
+
+        return load_hf(path, head=head, labels=labels, dtype=dtype, device=device)
+    config = ModelConfig.from_dict(raw)
+    new: tuple[str, ...] = ()
+    if head is not None and (head != config.head or (labels and labels != config.labels)):
+        config = config.replace(head=head, labels=list(labels or config.labels))
+        new = ("head.",)
+    tensors, _ = read_tensors(path / WEIGHTS)
+    if new:  # the old head's tensors have no place in the new model
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(new)}
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    model = build(config, tensors, new=new, dtype=dtype, device=device)
+    if (path / TOKENIZER).exists():
+        from lmkit.tokenizer import Tokenizer
+
+        model.tokenizer = Tokenizer.from_dir(path)
+    return model

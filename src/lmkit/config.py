@@ -1,0 +1,256 @@
+"""ModelConfig: an architecture as plain data.
+
+Every difference between model families (BERT, GPT-2, Llama, BART, T5, Marian, the 2017
+Transformer) is a field here, never a new class. A config is JSON on disk (`config.json` in a
+checkpoint folder) and round-trips exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("encoder", "decoder", "encoder-decoder")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
+HEADS = ("none", "lm", "mlm", "classification", "token-classification")
+POOLINGS = ("first", "last", "mean", "eos")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture of a Transformer model. See `PRESETS` for named examples."""
+
+    family: str = "decoder"
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    num_heads: int = 8
+    num_kv_heads: int | None = None  # None = num_heads (multi-head); 1 = multi-query
+    head_dim: int | None = None  # None = hidden_size // num_heads (T5 sets it apart)
+    encoder_layers: int = 0
+    decoder_layers: int = 0
+    intermediate_size: int = 2048
+    # MLP: activation(x W_up) W_down, or gated: (activation(x W_gate) * x W_up) W_down
+    activation: str = "gelu"
+    gated_mlp: bool = False
+    norm: str = "layernorm"
+    norm_position: str = "pre"  # "pre" (GPT-2, Llama, T5) or "post" (BERT, BART, 2017)
+    final_norm: bool = True  # a norm after the last block (pre-norm models have one)
+    embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    norm_eps: float = 1e-5
+    position: str = "learned"
+    max_positions: int = 1024
+    position_offset: int = 0  # learned-position index of position 0 (RoBERTa, BART: 2)
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0  # share of each head's dims that are rotated
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT-style; 0 = none
+    attention_bias: bool = True
+    mlp_bias: bool = True
+    scale_attention: bool = True  # divide scores by sqrt(head_dim); T5 does not
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden) (2017, Marian)
+    tie_embeddings: bool = True  # output projection shares the input embedding matrix
+    output_scale: float = 1.0  # hidden states are multiplied by this before the LM head (T5)
+    lm_head_bias: bool = False  # a bias on the output projection (BART's final_logits_bias)
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    pad_id: int | None = 0
+    bos_id: int | None = None
+    eos_id: int | None = None
+    decoder_start_id: int | None = None  # first decoder token of encoder-decoder models
+    dtype: str = "float32"
+    # The task head on top of the body.
+    head: str = "lm"
+    labels: list[str] = field(default_factory=list)  # class / tag names of task heads
+    pooling: str = "first"  # how classification reduces a sequence to one vector
+    classifier_hidden: bool = False  # dense + activation before the classifier (BERT pooler)
+    classifier_activation: str = "tanh"
+    mlm_transform: bool = True  # dense + activation + norm before the MLM projection (BERT)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def has_encoder(self) -> bool:
+        return self.family in ("encoder", "encoder-decoder")
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.family in ("decoder", "encoder-decoder")
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field and how to fix it."""
+
+        def one_of(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
+
+        for name, allowed in [("family", FAMILIES), ("activation", ACTIVATIONS),
+                              ("norm", NORMS), ("position", POSITIONS), ("head", HEADS),
+                              ("pooling", POOLINGS), ("norm_position", ("pre", "post")),
+                              ("dtype", DTYPES),
+                              ("classifier_activation", ACTIVATIONS + ("tanh",))]:
+            one_of(name, allowed)
+        for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size",
+                     "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads: "
+                "change hidden_size or num_heads, or set head_dim explicitly")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"{self.num_heads} query heads cannot be grouped over {self.kv_heads} key/value "
+                "heads: num_heads must be a multiple of num_kv_heads")
+        if self.has_encoder and self.encoder_layers <= 0:
+            raise ValueError(f"a {self.family} model needs encoder_layers > 0")
+        if self.has_decoder and self.decoder_layers <= 0:
+            raise ValueError(f"a {self.family} model needs decoder_layers > 0")
+        if self.family == "encoder" and self.decoder_layers:
+            raise ValueError("an encoder model has no decoder: set decoder_layers=0")
+        if self.family == "decoder" and self.encoder_layers:
+            raise ValueError("a decoder model has no encoder: set encoder_layers=0")
+        if self.position == "rotary":
+            rotated = int(self.dim_per_head * self.rotary_fraction)
+            if not 0 < self.rotary_fraction <= 1 or rotated % 2:
+                raise ValueError(
+                    f"rotary_fraction={self.rotary_fraction} rotates {rotated} of "
+                    f"{self.dim_per_head} head dims; it must rotate an even, non-zero number")
+        if self.position == "sinusoidal" and self.hidden_size % 2:
+            raise ValueError("sinusoidal positions need an even hidden_size")
+        if self.family == "encoder-decoder" and self.decoder_start_id is None:
+            raise ValueError("an encoder-decoder model needs decoder_start_id (the first "
+                             "decoder token; often the pad or bos id)")
+        if self.head == "mlm" and not self.has_encoder:
+            raise ValueError("the masked-LM head needs an encoder; use head='lm' for decoders")
+        if self.head in ("classification", "token-classification") and not self.labels:
+            raise ValueError(f"a {self.head} head needs labels (the class names)")
+        for name in ("dropout", "attention_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    # ---- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ModelConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); is the checkpoint complete?") from e
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ---- compute accounting ----------------------------------------------------------------
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count, computed from the config alone (no model needed)."""
+        import torch  # local: config stays importable as plain data
+
+        from lmkit.model import Model
+
+        with torch.device("meta"):
+            model = Model(self)
+        return model.num_parameters(include_embeddings)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), Kaplan/Chinchilla style:
+        6 * non-embedding params + attention score and value terms."""
+        d_attn = self.num_heads * self.dim_per_head
+        layers = self.encoder_layers + self.decoder_layers
+        attention = 2 * 2 * layers * seq_len * d_attn  # QK^T and AV, forward
+        return 6 * self.num_parameters(include_embeddings=False) + 3 * attention + \
+            6 * self.hidden_size * self.vocab_size * (self.head in ("lm", "mlm"))
+
+
+# Named architectures. tiny-* are for tests (widths 32-64, a few layers).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-encoder": dict(family="encoder", vocab_size=512, hidden_size=64, num_heads=4,
+                         encoder_layers=2, intermediate_size=128, norm_position="post",
+                         embed_norm=True, final_norm=False, max_positions=128, head="mlm",
+                         type_vocab_size=2, norm_eps=1e-12),
+    "tiny-decoder": dict(family="decoder", vocab_size=512, hidden_size=64, num_heads=4,
+                         num_kv_heads=2, decoder_layers=2, intermediate_size=128,
+                         activation="silu", gated_mlp=True, norm="rmsnorm",
+                         position="rotary", attention_bias=False, mlp_bias=False,
+                         max_positions=256, head="lm", bos_id=1, eos_id=2),
+    "tiny-seq2seq": dict(family="encoder-decoder", vocab_size=512, hidden_size=64, num_heads=4,
+                         encoder_layers=2, decoder_layers=2, intermediate_size=128,
+                         activation="relu", norm="rmsnorm", position="relative",
+                         relative_buckets=16, relative_max_distance=64, attention_bias=False,
+                         mlp_bias=False, scale_attention=False, max_positions=256, head="lm",
+                         pad_id=0, eos_id=1, decoder_start_id=0, output_scale=64 ** -0.5),
+    "bert-base": dict(family="encoder", vocab_size=30522, hidden_size=768, num_heads=12,
+                      encoder_layers=12, intermediate_size=3072, norm_position="post",
+                      embed_norm=True, final_norm=False, norm_eps=1e-12, max_positions=512,
+                      type_vocab_size=2, head="mlm", pad_id=0),
+    "gpt2": dict(family="decoder", vocab_size=50257, hidden_size=768, num_heads=12,
+                 decoder_layers=12, intermediate_size=3072, activation="gelu_tanh",
+                 max_positions=1024, head="lm", pad_id=None, bos_id=50256, eos_id=50256),
+    "llama-small": dict(family="decoder", vocab_size=32000, hidden_size=768, num_heads=12,
+                        num_kv_heads=4, decoder_layers=12, intermediate_size=2048,
+                        activation="silu", gated_mlp=True, norm="rmsnorm", norm_eps=1e-6,
+                        position="rotary", attention_bias=False, mlp_bias=False,
+                        tie_embeddings=False, max_positions=2048, head="lm", pad_id=None,
+                        bos_id=1, eos_id=2),
+    "bart-base": dict(family="encoder-decoder", vocab_size=50265, hidden_size=768, num_heads=12,
+                      encoder_layers=6, decoder_layers=6, intermediate_size=3072,
+                      norm_position="post", embed_norm=True, final_norm=False,
+                      max_positions=1024, position_offset=2, lm_head_bias=True, head="lm",
+                      pad_id=1, bos_id=0, eos_id=2, decoder_start_id=2),
+    "t5-small": dict(family="encoder-decoder", vocab_size=32128, hidden_size=512, num_heads=8,
+                     head_dim=64, encoder_layers=6, decoder_layers=6, intermediate_size=2048,
+                     activation="relu", norm="rmsnorm", norm_eps=1e-6, position="relative",
+                     attention_bias=False, mlp_bias=False, scale_attention=False,
+                     max_positions=512, output_scale=512 ** -0.5, head="lm", pad_id=0,
+                     eos_id=1, decoder_start_id=0),
+    "transformer-base": dict(family="encoder-decoder", vocab_size=37000, hidden_size=512,
+                             num_heads=8, encoder_layers=6, decoder_layers=6,
+                             intermediate_size=2048, activation="relu", norm_position="post",
+                             final_norm=False, position="sinusoidal", scale_embeddings=True,
+                             dropout=0.1, max_positions=1024, head="lm", pad_id=0, bos_id=1,
+                             eos_id=2, decoder_start_id=1),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named architecture, optionally with fields changed: `preset("gpt2", decoder_layers=6)`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

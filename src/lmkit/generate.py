@@ -1,0 +1,232 @@
+"""Text generation: greedy, sampling (temperature, top-k, top-p) and beam search, for
+decoder-only and encoder-decoder models, with a KV cache.
+
+Decoder-only prompts of different lengths are left-padded so every row's next token is in the
+last column; position ids restart after the padding, so a padded prompt generates exactly what
+it would alone. Encoder-decoder sources are encoded once; their cross-attention keys and values
+are computed at the first step and reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lmkit.model import Model
+
+
+@dataclass
+class Generation:
+    """What `generate` returns: new tokens per prompt (prompt not included, EOS removed), their
+    scores (sum of log-probabilities; for beam search, length-penalised), and the decoded
+    texts when the model has a tokenizer. With n-best beam search, each prompt has
+    `num_return_sequences` consecutive entries, best first."""
+
+    sequences: list[list[int]]
+    scores: list[float]
+    texts: list[str] = field(default_factory=list)
+
+
+class _Decoder:
+    """Runs the decoder one step at a time over a KV cache, for both families."""
+
+    def __init__(self, model: Model, ids: torch.Tensor, mask: torch.Tensor | None):
+        cfg = model.config
+        self.model, self.cache = model, model.new_cache()
+        if cfg.family == "encoder-decoder":
+            self.context, self.context_mask = model.encode(ids, mask), mask
+            self.mask = None
+            self.prefix = ids.new_full((ids.shape[0], 1), cfg.decoder_start_id)
+        else:
+            self.context = self.context_mask = None
+            self.mask, self.prefix = mask, ids
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.cache.reorder(index)
+        self.prefix = self.prefix.index_select(0, index)
+        for name in ("mask", "context", "context_mask"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(0, index))
+
+    def logits(self, new_ids: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities (float32) of the token after `new_ids`, which follow the cache."""
+        if self.mask is not None and len(self.cache):
+            self.mask = torch.cat([self.mask, self.mask.new_ones(new_ids.shape)], dim=1)
+        h = self.model.decode(new_ids, self.mask, context=self.context,
+                              context_mask=self.context_mask, cache=self.cache)
+        return torch.log_softmax(self.model.head(h[:, -1]).float(), dim=-1)
+
+
+def _pad_prompts(prompts: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor,
+                                                                            torch.Tensor | None]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        span = slice(width - len(p), width) if left else slice(0, len(p))
+        ids[i, span], mask[i, span] = torch.tensor(p), 1
+    return ids, (mask if not bool(mask.all()) else None)
+
+
+def _filter(logp: torch.Tensor, temperature: float, top_k: int | None,
+            top_p: float | None) -> torch.Tensor:
+    """Scale by temperature and keep the top-k tokens and the smallest set whose probability
+    reaches top-p; the rest get -inf."""
+    logits = logp / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep tokens until the mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _sample(dec: _Decoder, max_new: int, eos: int | None, pad: int, greedy: bool,
+            temperature: float, top_k: int | None, top_p: float | None,
+            gen: torch.Generator | None) -> tuple[list[list[int]], list[float]]:
+    batch, dev = dec.prefix.shape[0], dec.prefix.device
+    done = torch.zeros(batch, dtype=torch.bool, device=dev)
+    scores = torch.zeros(batch, device=dev)
+    steps: list[torch.Tensor] = []
+    logp = dec.logits(dec.prefix)
+    for _ in range(max_new):
+        if greedy:
+            nxt = logp.argmax(-1)
+        else:
+            probs = _filter(logp, temperature, top_k, top_p).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        scores += torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1))
+        nxt = nxt.masked_fill(done, pad)
+        steps.append(nxt)
+        done |= nxt == eos if eos is not None else done
+        if bool(done.all()):
+            break
+        logp = dec.logits(nxt[:, None])
+    tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(batch)]
+    return [_until_eos(t, eos) for t in tokens], scores.tolist()
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[:tokens.index(eos)] if eos is not None and eos in tokens else tokens
+
+
+def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penalty: float,
+          early_stopping: bool, n_best: int) -> tuple[list[list[int]], list[float]]:
+    """Beam search; finished hypotheses are scored sum(log p) / length ** length_penalty."""
+    batch, dev = dec.prefix.shape[0], dec.prefix.device
+    dec.reorder(torch.arange(batch, device=dev).repeat_interleave(width))
+    beam_scores = torch.full((batch, width), float("-inf"), device=dev)
+    beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    tokens = torch.zeros(batch * width, 0, dtype=torch.long, device=dev)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    logp = dec.logits(dec.prefix)
+    for step in range(1, max_new + 1):
+        vocab = logp.shape[-1]
+        cand = (beam_scores.view(-1, 1) + logp).view(batch, width * vocab)
+        top_scores, top_idx = (t.cpu() for t in cand.topk(2 * width, dim=1))
+        next_scores = torch.full((batch, width), float("-inf"))
+        next_tok = torch.zeros(batch, width, dtype=torch.long)
+        next_src = torch.arange(batch).repeat_interleave(width).view(batch, width) * width
+        for b in range(batch):
+            kept = 0
+            for rank in range(2 * width):
+                score, idx = top_scores[b, rank].item(), top_idx[b, rank].item()
+                src, tok = divmod(idx, vocab)
+                if done[b] or score == float("-inf"):
+                    break
+                if tok == eos:
+                    if rank < width:
+                        seq = tokens[b * width + src].tolist()
+                        finished[b].append((score / step ** length_penalty, seq))
+                    continue
+                next_scores[b, kept], next_tok[b, kept] = score, tok
+                next_src[b, kept] = b * width + src
+                kept += 1
+                if kept == width:
+                    break
+            if not done[b] and len(finished[b]) >= width:
+                best_open = next_scores[b].max().item() / step ** length_penalty
+                worst_done = sorted(s for s, _ in finished[b])[-width]
+                done[b] = early_stopping or worst_done >= best_open
+        if all(done):
+            break
+        src, next_tok = next_src.view(-1).to(dev), next_tok.view(-1, 1).to(dev)
+        dec.reorder(src)
+        tokens = torch.cat([tokens.index_select(0, src), next_tok], dim=1)
+        beam_scores = next_scores.to(dev)
+        if step < max_new:
+            logp = dec.logits(next_tok)
+    for b in range(batch):  # open beams compete with finished ones at the length limit
+        if not done[b]:
+            for k in range(width):
+                if beam_scores[b, k] > float("-inf"):
+                    finished[b].append((beam_scores[b, k].item() / tokens.shape[1] **
+                                        length_penalty, tokens[b * width + k].tolist()))
+    out_seqs, out_scores = [], []
+    for hyps in finished:
+        for score, seq in sorted(hyps, key=lambda h: -h[0])[:n_best]:
+            out_seqs.append(seq)
+            out_scores.append(score)
+    return out_seqs, out_scores
+
+
+@torch.no_grad()
+def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Tensor, *,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping: bool = True,
+             num_return_sequences: int = 1, eos_id: int | None = None) -> Generation:
+    """Continue each prompt (decoder-only) or translate each source (encoder-decoder).
+
+    prompts: text (encoded with the model's tokenizer), lists of token ids of any lengths, or
+    a padded tensor with `attention_mask`. Stops at EOS (`eos_id`, default the config's) or
+    after `max_new_tokens`. `num_beams` > 1 runs beam search and may return the n best."""
+    cfg = model.config
+    if cfg.head != "lm":
+        raise ValueError(f"generation needs an LM head; this model has head={cfg.head!r}")
+    if num_return_sequences > max(num_beams, 1) or (do_sample and num_beams > 1):
+        raise ValueError("num_return_sequences must be <= num_beams, and sampling does not "
+                         "combine with beam search here")
+    texts = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                         and isinstance(prompts[0], str))
+    if texts:
+        if model.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: load the model from a checkpoint "
+                             "that has tokenizer.json, or pass token ids")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        prompts = model.tokenizer.encode_batch(prompts)
+    eos = cfg.eos_id if eos_id is None else eos_id
+    pad = cfg.pad_id if cfg.pad_id is not None else (eos if eos is not None else 0)
+    if isinstance(prompts, torch.Tensor):
+        ids, mask = prompts, attention_mask
+    else:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token (add a BOS token)")
+        ids, mask = _pad_prompts(prompts, pad, left=cfg.family == "decoder")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    mask = mask.to(device) if mask is not None else None
+    was_training = model.training
+    model.eval()
+    try:
+        dec = _Decoder(model, ids, mask)
+        if num_beams > 1:
+            seqs, scores = _beam(dec, max_new_tokens, eos, num_beams, length_penalty,
+                                 early_stopping, num_return_sequences)
+        else:
+            gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+            seqs, scores = _sample(dec, max_new_tokens, eos, pad, not do_sample, temperature,
+                                   top_k, top_p, gen)
+    finally:
+        model.train(was_training)
+    out = Generation(seqs, scores)
+    if model.tokenizer is not None:
+        out.texts = [model.tokenizer.decode(s) for s in seqs]
+    return out

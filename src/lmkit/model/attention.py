@@ -1,0 +1,201 @@
+"""Attention: one mask builder (padding, causal, packed segments), rotary and relative
+position schemes, grouped-query heads, and the key/value cache. Scores go through
+`F.scaled_dot_product_attention`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkit.config import ModelConfig
+
+
+# ---- masks -------------------------------------------------------------------------------
+def segments_from(attention_mask: torch.Tensor | None,
+                  segment_ids: torch.Tensor | None) -> torch.Tensor | None:
+    """One tensor for padding and packing: 0 = padding, 1..n = the sequence a token is in.
+
+    An `attention_mask` of 1/0 is the special case of one sequence per row. Returns None when
+    every token is real and alone in its row, so attention can take the fast unmasked path."""
+    if segment_ids is not None:
+        return segment_ids.long()
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.long()
+
+
+def positions_from(segments: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 at the start of every segment (and after left padding),
+    so a sequence gets the same positions packed, padded or alone."""
+    idx = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(dim=1).values
+
+
+def build_mask(q_segments: torch.Tensor | None, k_segments: torch.Tensor | None,
+               q_len: int, k_len: int, causal: bool,
+               device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """The single attention mask: (B or 1, 1, q_len, k_len) bool, True = may attend.
+
+    A query sees a key when both are in the same segment, the key is not padding, and (if
+    causal) the key is not in the future. Queries are the last q_len of the k_len positions
+    (a KV cache holds the earlier ones). Returns (mask, is_causal): (None, True/False) when
+    SDPA's built-in causal flag or no mask at all says the same thing faster."""
+    if q_segments is None and k_segments is None:
+        if not causal or q_len == 1:
+            return None, False
+        if q_len == k_len:
+            return None, True
+    allowed = torch.ones(1, q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        offset = k_len - q_len
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)[None]
+    if k_segments is not None:
+        qs = q_segments if q_segments is not None else torch.ones_like(k_segments[:, -q_len:])
+        allowed = allowed & (qs[:, :, None] == k_segments[:, None, :]) & \
+            (k_segments[:, None, :] > 0)
+    # A padding query may see nothing; let it see everything instead, because SDPA turns a
+    # fully masked row into NaN, which would then leak into real tokens through the values.
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed[:, None], False
+
+
+def add_bias(mask: torch.Tensor | None, bias: torch.Tensor, q_len: int, k_len: int,
+             causal: bool) -> torch.Tensor:
+    """Fold a position bias (B or 1, H, q, k) into a float mask (-inf where not allowed)."""
+    if mask is None and causal:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=bias.device).tril(k_len - q_len)
+    if mask is None:
+        return bias
+    return bias.masked_fill(~mask, float("-inf"))
+
+
+# ---- positions ---------------------------------------------------------------------------
+def rotary(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (B or 1, 1, T, rotated dims) for rotary embeddings (Llama layout:
+    the rotated half is the second half of the rotated dims, not interleaved pairs)."""
+    rot = int(cfg.dim_per_head * cfg.rotary_fraction)
+    inv_freq = cfg.rope_theta ** (-torch.arange(0, rot, 2, device=positions.device).float() / rot)
+    angles = positions[..., None].float() * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = x_rot.chunk(2, dim=-1)
+    rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+class RelativeBias(nn.Module):
+    """T5's learned bias per head for each bucket of relative distance (log-spaced buckets
+    beyond `buckets // 2`), computed once per stack and added to every layer's scores."""
+
+    def __init__(self, cfg: ModelConfig, bidirectional: bool):
+        super().__init__()
+        self.bias = nn.Embedding(cfg.relative_buckets, cfg.num_heads)
+        self.buckets, self.max_distance = cfg.relative_buckets, cfg.relative_max_distance
+        self.bidirectional = bidirectional
+
+    def bucket(self, relative: torch.Tensor) -> torch.Tensor:
+        n, out = self.buckets, torch.zeros_like(relative)
+        if self.bidirectional:
+            n //= 2
+            out = out + (relative > 0).long() * n
+            relative = relative.abs()
+        else:
+            relative = -relative.clamp(max=0)
+        exact = n // 2
+        large = exact + (torch.log(relative.float() / exact) / math.log(self.max_distance / exact)
+                         * (n - exact)).long()
+        large = large.clamp(max=n - 1)
+        return out + torch.where(relative < exact, relative, large)
+
+    def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        relative = k_pos[:, None, :] - q_pos[:, :, None]
+        return self.bias(self.bucket(relative)).permute(0, 3, 1, 2)
+
+
+# ---- the cache -----------------------------------------------------------------------------
+class KVSlot:
+    """Keys and values of one attention layer, kept across generation steps."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Self-attention slots grow by one step at a time; cross-attention slots are filled once
+    per source sentence and reused at every step."""
+
+    def __init__(self, num_layers: int):
+        self.self_attn = [KVSlot() for _ in range(num_layers)]
+        self.cross_attn = [KVSlot() for _ in range(num_layers)]
+
+    def __len__(self) -> int:
+        k = self.self_attn[0].k
+        return 0 if k is None else k.shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows named by `index` (beam search picks which hypotheses continue)."""
+        for slot in self.self_attn + self.cross_attn:
+            if slot.k is not None:
+                slot.k, slot.v = slot.k.index_select(0, index), slot.v.index_select(0, index)
+
+
+# ---- attention -----------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query attention, self or cross."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd, bias = cfg.hidden_size, cfg.dim_per_head, cfg.attention_bias
+        self.num_heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, hd
+        self.q = nn.Linear(d, cfg.num_heads * hd, bias=bias)
+        self.k = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
+        self.v = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
+        self.o = nn.Linear(cfg.num_heads * hd, d, bias=bias)
+        self.scale = 1 / math.sqrt(hd) if cfg.scale_attention else 1.0
+        self.dropout = cfg.attention_dropout
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                context: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                slot: KVSlot | None = None) -> torch.Tensor:
+        """x: (B, T, hidden). context: the encoder output for cross-attention, else None.
+        mask: bool (True = attend) or float (added to scores)."""
+        q = self._split(self.q(x), self.num_heads)
+        if context is not None and slot is not None and slot.k is not None:
+            k, v = slot.k, slot.v  # cross-attention keys/values: computed once per source
+        else:
+            source = x if context is None else context
+            k, v = self._split(self.k(source), self.kv_heads), self._split(self.v(source),
+                                                                           self.kv_heads)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            if slot is not None:
+                k, v = slot.extend(k, v)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.num_heads)
+        return self.o(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))

@@ -1,0 +1,91 @@
+"""Task heads on top of the body's hidden states: LM, masked LM, classification, tagging."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmkit.config import ModelConfig
+from lmkit.model.layers import ACTIVATIONS
+
+
+class LMHead(nn.Module):
+    """Next-token (or target-token) logits over the vocabulary."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        self.scale = cfg.output_scale
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h * self.scale if self.scale != 1.0 else h)
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: dense + activation + LayerNorm, then the vocabulary projection."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.dense = nn.Linear(d, d) if cfg.mlm_transform else None
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.mlm_transform else None
+        self.act = ACTIVATIONS[cfg.activation]
+        self.proj = nn.Linear(d, cfg.vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            h = self.norm(self.act(self.dense(h)))
+        return self.proj(h)
+
+
+class ClassificationHead(nn.Module):
+    """One label per sequence from a pooled vector (optionally through a dense layer first:
+    BERT's pooler, RoBERTa's and BART's classification heads)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.dense = nn.Linear(d, d) if cfg.classifier_hidden else None
+        self.act = ACTIVATIONS[cfg.classifier_activation]
+        self.drop = nn.Dropout(cfg.dropout)
+        self.proj = nn.Linear(d, cfg.num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            pooled = self.act(self.dense(self.drop(pooled)))
+        return self.proj(self.drop(pooled))
+
+
+class TokenClassificationHead(nn.Module):
+    """One label per token (named-entity recognition, tagging)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.drop = nn.Dropout(cfg.dropout)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.drop(h))
+
+
+HEADS = {"lm": LMHead, "mlm": MLMHead, "classification": ClassificationHead,
+         "token-classification": TokenClassificationHead}
+
+
+def pool(h: torch.Tensor, how: str, segments: torch.Tensor | None,
+         input_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """Reduce (B, T, d) to (B, d): the first token, the last real token (works with left and
+    right padding), the mean of real tokens, or the last EOS token (BART)."""
+    real = torch.ones_like(input_ids, dtype=torch.bool) if segments is None else segments > 0
+    rows = torch.arange(h.shape[0], device=h.device)
+    idx = torch.arange(h.shape[1], device=h.device)
+    if how == "first":
+        return h[:, 0]
+    if how == "last":
+        return h[rows, (idx * real).argmax(-1)]
+    if how == "eos":
+        if eos_id is None:
+            raise ValueError("eos pooling needs config.eos_id")
+        return h[rows, (idx * (input_ids == eos_id)).argmax(-1)]
+    weights = real.to(h.dtype)[..., None]
+    return (h * weights).sum(1) / weights.sum(1).clamp(min=1)

@@ -1,0 +1,55 @@
+"""Small parts every block uses: norms, activations, the MLP, sinusoidal positions."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkit.config import ModelConfig
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (with bias) or RMSNorm (scale only, as in T5 and Llama)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: down(act(up x)), or gated: down(act(gate x) * up x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.up = nn.Linear(d, f, bias=bias)
+        self.gate = nn.Linear(d, f, bias=bias) if cfg.gated_mlp else None
+        self.down = nn.Linear(f, d, bias=bias)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
+        return self.down(self.drop(h))
+
+
+def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 2017 paper's fixed position encoding, laid out [sin | cos] (fairseq, Marian).
+
+    Computed on the fly from position ids, so it needs no buffer and follows packed or
+    left-padded positions like every other scheme."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) * 2 / dim)
+    angles = positions[..., None].float() * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)

@@ -1,0 +1,286 @@
+"""The three families from one set of parts.
+
+    Block  = self-attention (+ cross-attention) + MLP, each a residual branch with a norm
+             before (pre) or after (post) it.
+    Stack  = positions + embedding norm + Blocks + final norm: the encoder or the decoder.
+    Model  = shared token embeddings + encoder and/or decoder + a task head.
+
+What differs between BERT, GPT-2, Llama, BART, T5 or Marian is only the ModelConfig.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmkit.config import ModelConfig
+from lmkit.model.attention import (
+    Attention,
+    KVCache,
+    RelativeBias,
+    add_bias,
+    build_mask,
+    positions_from,
+    rotary,
+    segments_from,
+)
+from lmkit.model.heads import HEADS, pool
+from lmkit.model.layers import MLP, make_norm, sinusoidal
+
+IGNORE_INDEX = -100
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, cross: bool):
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.cross_norm = make_norm(cfg) if cross else None
+        self.cross_attn = Attention(cfg) if cross else None
+        self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
+        self.pre_norm = cfg.norm_position == "pre"
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module,
+                  branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.drop(branch(norm(x)))
+        return norm(x + self.drop(branch(x)))
+
+    def forward(self, x: torch.Tensor, mask: Any, is_causal: bool, rope: Any = None,
+                context: torch.Tensor | None = None, context_mask: Any = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        self_slot = cache.self_attn[layer] if cache is not None else None
+        x = self._residual(x, self.attn_norm,
+                           lambda h: self.attn(h, mask, is_causal, rope=rope, slot=self_slot))
+        if self.cross_attn is not None:
+            cross_slot = cache.cross_attn[layer] if cache is not None else None
+            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
+                h, context_mask, context=context, slot=cross_slot))
+        return self._residual(x, self.mlp_norm, self.mlp)
+
+
+class Stack(nn.Module):
+    """The encoder (bidirectional) or the decoder (causal, with cross-attention in
+    encoder-decoder models), with its own position scheme."""
+
+    def __init__(self, cfg: ModelConfig, num_layers: int, causal: bool, cross: bool):
+        super().__init__()
+        self.cfg, self.causal = cfg, causal
+        d = cfg.hidden_size
+        self.positions = (nn.Embedding(cfg.max_positions + cfg.position_offset, d)
+                          if cfg.position == "learned" else None)
+        self.types = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.relative_bias = (RelativeBias(cfg, bidirectional=not causal)
+                              if cfg.position == "relative" else None)
+        self.layers = nn.ModuleList(Block(cfg, cross) for _ in range(num_layers))
+        self.final_norm = make_norm(cfg) if cfg.final_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None,
+                token_types: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                context_segments: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x: token embeddings (B, T, d) of the new positions. segments: (B, past + T) for all
+        keys, 0 = padding (None = no padding, no packing)."""
+        cfg, (b, t, _) = self.cfg, x.shape
+        past = len(cache) if cache is not None else 0
+        if segments is None:
+            k_pos = torch.arange(past + t, device=x.device)[None]
+        else:
+            k_pos = positions_from(segments)
+        q_pos = k_pos[:, past:]
+        if past + t > cfg.max_positions and cfg.position in ("learned", "sinusoidal"):
+            raise ValueError(f"sequence of {past + t} tokens is longer than max_positions="
+                             f"{cfg.max_positions}: truncate the input or use a longer model")
+        if self.positions is not None:
+            x = x + self.positions(q_pos + cfg.position_offset)
+        elif cfg.position == "sinusoidal":
+            x = x + sinusoidal(q_pos, cfg.hidden_size).to(x.dtype)
+        if self.types is not None:
+            x = x + self.types(token_types if token_types is not None else
+                               torch.zeros_like(q_pos).expand(b, t))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+
+        q_seg = segments[:, past:] if segments is not None else None
+        mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device)
+        if self.relative_bias is not None:
+            mask = add_bias(mask, self.relative_bias(q_pos, k_pos), t, past + t, is_causal)
+            is_causal = False
+        rope = rotary(q_pos, cfg) if cfg.position == "rotary" else None
+        context_mask = None
+        if context is not None and (q_seg is not None or context_segments is not None):
+            context_mask, _ = build_mask(q_seg if q_seg is not None else
+                                         torch.ones(b, t, dtype=torch.long, device=x.device),
+                                         context_segments, t, context.shape[1], False, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, is_causal, rope, context, context_mask, cache, i)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    encoder_hidden_states: torch.Tensor | None = None
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int | None) -> torch.Tensor:
+    """Decoder inputs for teacher forcing: the targets moved one step right behind a start
+    token, with ignored (-100) targets turned into padding."""
+    out = labels.new_full(labels.shape, start_id)
+    out[:, 1:] = labels[:, :-1]
+    return out.masked_fill(out == IGNORE_INDEX, pad_id if pad_id is not None else 0)
+
+
+class Model(nn.Module):
+    """A Transformer of any family with a task head. Build from a config; `lmkit.load`
+    builds one from a checkpoint folder and `model.save(dir)` writes one."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.encoder = (Stack(cfg, cfg.encoder_layers, causal=False, cross=False)
+                        if cfg.has_encoder else None)
+        self.decoder = (Stack(cfg, cfg.decoder_layers, causal=True,
+                              cross=cfg.family == "encoder-decoder")
+                        if cfg.has_decoder else None)
+        self.head = HEADS[cfg.head](cfg) if cfg.head != "none" else None
+        self.tokenizer: Any = None  # attached by lmkit.load / the trainers; saved with the model
+        self.reset_parameters()
+
+    # ---- weights ----------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share the output projection with the token embeddings (when the config says so)."""
+        if self.config.tie_embeddings and self.config.head in ("lm", "mlm"):
+            self.head.proj.weight = self.tokens.weight
+
+    def tied_names(self) -> set[str]:
+        """Parameter names that are views of another (left out of a saved checkpoint)."""
+        tied = self.config.tie_embeddings and self.config.head in ("lm", "mlm")
+        return {"head.proj.weight"} if tied else set()
+
+    def reset_parameters(self, module: nn.Module | None = None) -> None:
+        """GPT-2 style init: N(0, 0.02), residual output projections scaled by depth."""
+        depth = 2 * max(1, self.config.encoder_layers + self.config.decoder_layers)
+        for name, m in (module or self).named_modules():
+            if isinstance(m, nn.Linear):
+                std = 0.02 / depth ** 0.5 if name.endswith((".o", ".down")) else 0.02
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(m.weight)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+        self.tie_weights()
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.tokens.weight.numel()
+            for stack in (self.encoder, self.decoder):
+                if stack is not None and stack.positions is not None:
+                    n -= stack.positions.weight.numel()
+        return n
+
+    # ---- the forward pass --------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(input_ids)
+        return x * self.config.hidden_size ** 0.5 if self.config.scale_embeddings else x
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder hidden states (B, T, d)."""
+        segments = segments_from(attention_mask, segment_ids)
+        return self.encoder(self.embed(input_ids), segments, token_type_ids)
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None, context: torch.Tensor | None = None,
+               context_mask: torch.Tensor | None = None,
+               context_segment_ids: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """Decoder hidden states for the new tokens `input_ids`. With a cache, the masks cover
+        the cached positions plus the new ones."""
+        segments = segments_from(attention_mask, segment_ids)
+        context_segments = segments_from(context_mask, context_segment_ids)
+        return self.decoder(self.embed(input_ids), segments, context=context,
+                            context_segments=context_segments, cache=cache)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.decoder_layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None,
+                decoder_attention_mask: torch.Tensor | None = None,
+                decoder_segment_ids: torch.Tensor | None = None) -> ModelOutput:
+        """Run the model; with `labels`, also the loss (label -100 = ignored).
+
+        Labels by head: `lm` on a decoder-only model takes the input ids themselves (the
+        model shifts them); `lm` on an encoder-decoder takes the target ids (decoder inputs
+        are the targets shifted right unless given); `mlm` and `token-classification` one
+        label per input token; `classification` one label per row."""
+        cfg = self.config
+        enc = dec = None
+        if cfg.has_encoder:
+            enc = self.encode(input_ids, attention_mask, segment_ids, token_type_ids)
+        if cfg.family == "decoder":
+            dec = self.decode(input_ids, attention_mask, segment_ids)
+        elif cfg.family == "encoder-decoder":
+            if decoder_input_ids is None:
+                source = input_ids if cfg.head == "classification" else labels
+                if source is None:
+                    raise ValueError("an encoder-decoder model needs decoder_input_ids or labels")
+                decoder_input_ids = shift_right(source, cfg.decoder_start_id, cfg.pad_id)
+            dec = self.decode(decoder_input_ids, decoder_attention_mask, decoder_segment_ids,
+                              context=enc, context_mask=attention_mask,
+                              context_segment_ids=segment_ids)
+        hidden = dec if dec is not None else enc
+        out = ModelOutput(hidden_states=hidden, encoder_hidden_states=enc)
+        if self.head is None:
+            return out
+        if cfg.head == "classification":
+            ids = decoder_input_ids if cfg.family == "encoder-decoder" else input_ids
+            if cfg.pooling == "eos" and cfg.family == "encoder-decoder":
+                ids = input_ids  # BART: the decoder reads the same text; pool at its last EOS
+            segs = segments_from(attention_mask, segment_ids)
+            hidden = pool(hidden, cfg.pooling, segs, ids, cfg.eos_id)
+        out.logits = self.head(hidden)
+        if labels is not None:
+            out.loss = self.loss(out.logits, labels)
+        return out
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.head == "lm" and self.config.family == "decoder":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                               labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    # ---- conveniences ------------------------------------------------------------------------
+    def save(self, path: Any, tokenizer: Any = None) -> None:
+        """Write a checkpoint folder: config.json + model.safetensors (+ tokenizer.json)."""
+        from lmkit.checkpoint import save
+
+        save(self, path, tokenizer=tokenizer)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """See `lmkit.generate.generate`."""
+        from lmkit.generate import generate
+
+        return generate(self, *args, **kwargs)

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import lmkit
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny(name: str, **overrides) -> lmkit.Model:
+    """A tiny model in eval mode (dropout off) for exact comparisons."""
+    return lmkit.Model(lmkit.preset(name, **overrides)).eval()
+
+
+# Every family and position scheme the core supports, as tiny configs.
+VARIANTS = {
+    "encoder-learned": ("tiny-encoder", {}),
+    "encoder-rotary-pre-rms": ("tiny-encoder", dict(position="rotary", norm="rmsnorm",
+                                                    norm_position="pre", final_norm=True)),
+    "decoder-rotary-gqa": ("tiny-decoder", {}),
+    "decoder-rotary-partial-mqa": ("tiny-decoder", dict(num_kv_heads=1, rotary_fraction=0.5)),
+    "decoder-learned-gpt2": ("tiny-decoder", dict(position="learned", norm="layernorm",
+                                                  activation="gelu_tanh", gated_mlp=False,
+                                                  attention_bias=True, mlp_bias=True,
+                                                  num_kv_heads=None)),
+    "decoder-sinusoidal-post": ("tiny-decoder", dict(position="sinusoidal",
+                                                     norm_position="post", final_norm=False)),
+    "seq2seq-relative-t5": ("tiny-seq2seq", {}),
+    "seq2seq-learned-bart": ("tiny-seq2seq", dict(position="learned", norm="layernorm",
+                                                  norm_position="post", final_norm=False,
+                                                  embed_norm=True, activation="gelu",
+                                                  position_offset=2, lm_head_bias=True,
+                                                  scale_attention=True, output_scale=1.0)),
+    "seq2seq-sinusoidal-2017": ("tiny-seq2seq", dict(position="sinusoidal",
+                                                     scale_embeddings=True,
+                                                     scale_attention=True, output_scale=1.0)),
+    "seq2seq-rotary-gated": ("tiny-seq2seq", dict(position="rotary", gated_mlp=True,
+                                                  activation="gelu_tanh", num_kv_heads=2)),
+}
+
+
+def variant(key: str) -> lmkit.Model:
+    name, overrides = VARIANTS[key]
+    return tiny(name, **overrides)
+
+
+def family_of(key: str) -> str:
+    return lmkit.preset(VARIANTS[key][0]).family
