@@ -50,6 +50,9 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     Tied weights are stored once. `tokenizer` (or the model's attached one) is saved as
     tokenizer.json. `extra_files` maps file names to text (a model card, say)."""
     path = Path(path)
+    if any(".lora_" in k for k in model.state_dict()):
+        raise CheckpointError("the model has unmerged LoRA adapters: call "
+                              "lmkit.finetune.merge_lora(model) first, or save_adapter(model, dir)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     tied = model.tied_names()

@@ -1,0 +1,64 @@
+"""Fine-tuning schemes: which parameters train, and at what learning rate.
+
+    full      every parameter trains
+    frozen    the pretrained body is frozen; only the task head trains
+    top-k     the last k blocks, the final norm and the head train
+    lora      low-rank adapters on chosen layers + the head train; the body is frozen
+
+Layer-wise learning-rate decay (ELECTRA, BEiT) is independent of the scheme: the head keeps
+the base rate and each layer below gets `decay` times the rate of the layer above it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from lmkit.finetune.lora import LoRAConfig, apply_lora
+
+SCHEMES = ("full", "frozen", "top-k", "lora")
+
+
+def layer_depth(name: str, num_layers: int, encoder_layers: int) -> int:
+    """0 for embeddings, 1..L for blocks (encoder first, then decoder), L+1 for the rest
+    (final norms, head)."""
+    m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.", name)
+    if m:
+        offset = encoder_layers if m.group(1) == "decoder" else 0
+        return offset + int(m.group(2)) + 1
+    if name.startswith("tokens.") or re.match(r"(encoder|decoder)\.(positions|types|embed_norm|"
+                                              r"relative_bias)\.", name):
+        return 0
+    return num_layers + 1
+
+
+def lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:
+    """Per-parameter multipliers of the base learning rate (all 1.0 without decay)."""
+    cfg = model.config
+    total = cfg.encoder_layers + cfg.decoder_layers
+    return {name: 1.0 if not decay else
+            decay ** (total + 1 - layer_depth(name, total, cfg.encoder_layers))
+            for name, _ in model.named_parameters()}
+
+
+def apply_scheme(model: nn.Module, scheme: str = "full", *, top_k: int = 1,
+                 lora: LoRAConfig | None = None) -> dict[str, int]:
+    """Set `requires_grad` for a scheme (and add LoRA adapters for 'lora'). Returns counts of
+    trainable and total parameters."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown fine-tuning scheme {scheme!r}; choose one of {SCHEMES}")
+    cfg = model.config
+    if scheme == "lora":
+        apply_lora(model, lora or LoRAConfig())
+    total = cfg.encoder_layers + cfg.decoder_layers
+    if scheme == "top-k" and not 0 < top_k <= total:
+        raise ValueError(f"top_k={top_k} must be between 1 and the model's {total} blocks")
+    for name, p in model.named_parameters():
+        depth = layer_depth(name, total, cfg.encoder_layers)
+        p.requires_grad_({"full": True,
+                          "frozen": name.startswith("head."),
+                          "top-k": depth > total - top_k,
+                          "lora": ".lora_" in name or name.startswith("head.")}[scheme])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}
