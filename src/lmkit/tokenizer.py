@@ -1,0 +1,408 @@
+"""Train and load tokenizers: a thin layer over the Hugging Face ``tokenizers`` library.
+
+Three kinds of subword model:
+
+- ``"bpe"``: GPT-2 style byte-level BPE (no unknown tokens, exact round trip);
+- ``"wordpiece"``: BERT style (BertNormalizer, BertPreTokenizer, ``##`` continuations);
+- ``"unigram"``: T5 / SentencePiece style (NFKC, Metaspace ``▁`` word starts).
+
+Special tokens depend on the model family the tokenizer is for:
+
+- ``decoder`` (GPT-like): ``<|endoftext|>`` only, which is bos, eos and pad at once, as in
+  GPT-2 (padding is told apart by the attention mask, never by the id). Nothing is added
+  around encoded text. WordPiece and Unigram models also get ``<unk>``.
+- ``encoder`` (BERT-like): ``[PAD] [UNK] [CLS] [SEP] [MASK]`` (ids 0-4); encoding adds
+  ``[CLS] A [SEP]`` and ``[CLS] A [SEP] B [SEP]`` for pairs.
+- ``encoder-decoder`` (T5/BART-like): ``<pad> </s> <unk> <s> <mask>`` (ids 0-4, T5's
+  pad=0, eos=1, unk=2) then the sentinels ``<extra_id_0>`` .. ``<extra_id_99>`` (ids 5-104)
+  for span corruption; encoding appends ``</s>``.
+
+Roles (which token is pad, eos, ...) are saved in ``tokenizer_config.json`` beside
+``tokenizer.json``, with the key names Hugging Face uses. On load, roles missing from that
+file (or a missing file) are derived from the special tokens' names, which works for the
+usual GPT-2, BERT, T5 and BART files. Sentinels are the special tokens named
+``<extra_id_N>``, ordered by N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from lmkit.data.corpus import check_files, iter_documents
+
+PathLike = str | os.PathLike
+KINDS = ("bpe", "wordpiece", "unigram")
+FAMILIES = ("decoder", "encoder", "encoder-decoder")
+NUM_SENTINELS = 100
+ROLES = ("pad", "bos", "eos", "unk", "mask", "cls", "sep")
+# Names tried, in order, when a role is not given explicitly.
+ROLE_NAMES = {
+    "pad": ("[PAD]", "<pad>", "<|pad|>", "<|endoftext|>"),
+    "bos": ("<s>", "<|begin_of_text|>", "<|endoftext|>"),
+    "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>"),
+    "unk": ("[UNK]", "<unk>", "<|unk|>"),
+    "mask": ("[MASK]", "<mask>"),
+    "cls": ("[CLS]",),
+    "sep": ("[SEP]",),
+}
+FAMILY_SPECIALS = {
+    "decoder": ["<|endoftext|>"],
+    "encoder": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "encoder-decoder": ["<pad>", "</s>", "<unk>", "<s>", "<mask>"]
+    + [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)],
+}
+SENTINEL = re.compile(r"<extra_id_(\d+)>")
+CONFIG_FILE = "tokenizer_config.json"
+
+
+@dataclass
+class Encoding:
+    """One encoded text with the alignment information tasks need.
+
+    ``offsets[i]`` is the (start, end) character span of token i in its text ((0, 0) for
+    added special tokens); ``word_ids[i]`` numbers the words of the text (None for special
+    tokens); ``type_ids`` is 0 for the first text of a pair and 1 for the second.
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    word_ids: list[int | None]
+    type_ids: list[int]
+    special_tokens_mask: list[int]
+
+
+def _role_property(role: str, doc: str) -> property:
+    def get(self: Tokenizer) -> int | None:
+        return self._role_id(role)
+    return property(get, doc=doc)
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the roles of its special tokens.
+
+    Args:
+        backend: the Hugging Face ``tokenizers.Tokenizer``.
+        roles: role -> token, e.g. ``{"pad": "<pad>"}``; overrides the roles derived from
+            the special tokens' names (a ``None`` value removes a role).
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, roles: dict[str, str | None] | None = None):
+        self.backend = backend
+        unknown = set(roles or {}) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown special-token roles {sorted(unknown)}: use {ROLES}")
+        specials = self._special_tokens()
+        self.roles: dict[str, str | None] = {
+            role: next((t for t in names if t in specials), None)
+            for role, names in ROLE_NAMES.items()
+        }
+        for role, token in (roles or {}).items():
+            if token is not None and backend.token_to_id(token) is None:
+                raise ValueError(f"{role} token '{token}' is not in the vocabulary")
+            self.roles[role] = token
+        self.sentinels = sorted((t for t in specials if SENTINEL.fullmatch(t)),
+                                key=lambda t: int(SENTINEL.fullmatch(t).group(1)))
+
+    def _special_tokens(self) -> set[str]:
+        return {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
+
+    def __repr__(self) -> str:
+        roles = ", ".join(f"{r}={t!r}" for r, t in self.roles.items() if t is not None)
+        kind = type(self.backend.model).__name__
+        return f"Tokenizer({kind}, vocab_size={self.vocab_size}, {roles})"
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # ---- training --------------------------------------------------------------------
+
+    @classmethod
+    def train(cls, files: Sequence[PathLike], kind: str, vocab_size: int,
+              family: str = "decoder", min_frequency: int = 2, text_field: str | None = None,
+              lowercase: bool = False) -> Tokenizer:
+        """Train a tokenizer of ``kind`` for a model ``family`` on text or JSONL files.
+
+        Documents are streamed (see ``lmkit.data.corpus.iter_documents``). ``lowercase``
+        applies to WordPiece only (BERT "uncased"). ``min_frequency`` is ignored by Unigram.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown tokenizer kind '{kind}': use one of {KINDS}")
+        if family not in FAMILIES:
+            raise ValueError(f"unknown model family '{family}': use one of {FAMILIES}")
+        paths = check_files(files)
+        specials = list(FAMILY_SPECIALS[family])
+        unk = next((t for t in ROLE_NAMES["unk"] if t in specials), None)
+        if kind != "bpe" and unk is None:  # WordPiece and Unigram need an unknown token
+            unk = "<unk>"
+            specials.append(unk)
+        if vocab_size <= len(specials):
+            raise ValueError(f"vocab_size={vocab_size} leaves no room beside the "
+                             f"{len(specials)} special tokens: use a larger vocab_size")
+
+        backend, trainer = _BUILDERS[kind](vocab_size, min_frequency, specials, unk, lowercase)
+        num_docs = 0
+
+        def texts() -> Iterator[str]:
+            nonlocal num_docs
+            for p in paths:
+                for doc in iter_documents(p, text_field):
+                    num_docs += 1
+                    yield doc
+
+        backend.train_from_iterator(texts(), trainer)
+        if num_docs == 0:
+            names = ", ".join(f"'{p}'" for p in paths)
+            raise ValueError(f"corpus {names} has no text to train a tokenizer on: "
+                             "check the files (and text_field for JSONL)")
+        tok = cls(backend)
+        tok._set_post_processor(family, byte_level=kind == "bpe")
+        return tok
+
+    def _set_post_processor(self, family: str, byte_level: bool) -> None:
+        template = None
+        if family == "encoder":
+            template = ("[CLS] $A [SEP]", "[CLS] $A [SEP] $B:1 [SEP]:1", ["[CLS]", "[SEP]"])
+        elif family == "encoder-decoder":
+            template = ("$A </s>", "$A </s> $B:1 </s>:1", ["</s>"])
+        steps = []
+        if byte_level:  # trims the leading space out of offsets: spans cover only the word
+            steps.append(processors.ByteLevel(add_prefix_space=False, trim_offsets=True))
+        if template:
+            single, pair, names = template
+            steps.append(processors.TemplateProcessing(
+                single=single, pair=pair,
+                special_tokens=[(t, self.backend.token_to_id(t)) for t in names]))
+        if steps:
+            self.backend.post_processor = steps[0] if len(steps) == 1 else processors.Sequence(
+                steps)
+
+    # ---- loading and saving ------------------------------------------------------------
+
+    @classmethod
+    def from_file(cls, path: PathLike) -> Tokenizer:
+        """Load a ``tokenizer.json``; roles come from a ``tokenizer_config.json`` beside it."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file '{path}' does not exist: pass the path "
+                                    "of a tokenizer.json (or its folder to from_dir)")
+        backend = tokenizers.Tokenizer.from_file(str(path))
+        return cls(backend, _read_roles(path.parent, backend))
+
+    @classmethod
+    def from_dir(cls, path: PathLike) -> Tokenizer:
+        """Load a folder with ``tokenizer.json``, or ``vocab.json`` + ``merges.txt`` (GPT-2
+        byte-level BPE), or ``vocab.txt`` (BERT WordPiece), tried in that order."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            return cls.from_file(path / "tokenizer.json")
+        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+            return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+        if (path / "vocab.txt").is_file():
+            config = _read_config(path)
+            return cls.from_bert_vocab(path / "vocab.txt", config.get("do_lower_case", True))
+        raise FileNotFoundError(f"no tokenizer in '{path}': expected tokenizer.json, or "
+                                "vocab.json + merges.txt, or vocab.txt")
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json: PathLike, merges_txt: PathLike) -> Tokenizer:
+        """GPT-2 byte-level BPE from its ``vocab.json`` (encoder.json) and ``merges.txt``."""
+        for p in (vocab_json, merges_txt):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"GPT-2 tokenizer file '{p}' does not exist")
+        backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        if backend.token_to_id("<|endoftext|>") is not None:
+            backend.add_special_tokens(["<|endoftext|>"])  # keeps its id in vocab.json
+        tok = cls(backend)
+        tok._set_post_processor("decoder", byte_level=True)
+        return tok
+
+    @classmethod
+    def from_bert_vocab(cls, vocab_txt: PathLike, lowercase: bool = True) -> Tokenizer:
+        """BERT WordPiece from a ``vocab.txt`` (one token a line, id = line number)."""
+        if not Path(vocab_txt).is_file():
+            raise FileNotFoundError(f"BERT vocabulary '{vocab_txt}' does not exist")
+        backend = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab_txt),
+                                                                  unk_token="[UNK]"))
+        _bert_pipeline(backend, lowercase)
+        present = [t for t in FAMILY_SPECIALS["encoder"] if backend.token_to_id(t) is not None]
+        backend.add_special_tokens(present)
+        missing = {"[CLS]", "[SEP]"} - set(present)
+        if missing:
+            raise ValueError(f"'{vocab_txt}' lacks {sorted(missing)}: not a BERT vocabulary")
+        tok = cls(backend)
+        tok._set_post_processor("encoder", byte_level=False)
+        return tok
+
+    def save(self, path: PathLike) -> Path:
+        """Write ``tokenizer.json`` (into ``path`` if it is a folder, else to ``path`` when
+        it ends in ``.json``) and ``tokenizer_config.json`` beside it. Returns the file."""
+        path = Path(path)
+        file = path if path.suffix == ".json" else path / "tokenizer.json"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(file))
+        config = {f"{r}_token": t for r, t in self.roles.items() if t is not None}
+        config["additional_special_tokens"] = self.sentinels
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"  # loadable by transformers
+        (file.parent / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        return file
+
+    # ---- encoding and decoding ---------------------------------------------------------
+
+    def encode(self, text: str, pair: str | None = None,
+               add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (and ``pair``), with the family's special tokens around."""
+        return self.backend.encode(text, pair, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None,
+                     add_special_tokens: bool = True) -> list[list[int]]:
+        """``encode`` for many texts at once (in parallel inside ``tokenizers``)."""
+        inputs = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
+        encs = self.backend.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        return [e.ids for e in encs]
+
+    def encode_with_offsets(self, text: str, pair: str | None = None,
+                            add_special_tokens: bool = True) -> Encoding:
+        """``encode`` plus tokens, character offsets, word ids and type ids."""
+        e = self.backend.encode(text, pair, add_special_tokens=add_special_tokens)
+        return Encoding(e.ids, e.tokens, e.offsets, e.word_ids, e.type_ids,
+                        e.special_tokens_mask)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (a list or a 1-D tensor)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]],
+                     skip_special_tokens: bool = True) -> list[str]:
+        """``decode`` for many sequences."""
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+    # ---- vocabulary --------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, id: int) -> str | None:
+        return self.backend.id_to_token(id)
+
+    def _role_id(self, role: str) -> int | None:
+        token = self.roles[role]
+        return None if token is None else self.backend.token_to_id(token)
+
+    pad_id = _role_property("pad", "Padding id, or None.")
+    bos_id = _role_property("bos", "Beginning-of-sequence id, or None.")
+    eos_id = _role_property("eos", "End-of-sequence id, or None.")
+    unk_id = _role_property("unk", "Unknown-token id, or None.")
+    mask_id = _role_property("mask", "Mask id (for masked LM), or None.")
+    cls_id = _role_property("cls", "[CLS] id, or None.")
+    sep_id = _role_property("sep", "[SEP] id, or None.")
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of ``<extra_id_0>``, ``<extra_id_1>``, ... (empty when there are none)."""
+        return [self.backend.token_to_id(t) for t in self.sentinels]
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Sorted ids of all special tokens (never masked or corrupted by objectives)."""
+        ids = {self.backend.token_to_id(t) for t in self._special_tokens()}
+        ids |= {i for i in map(self._role_id, ROLES) if i is not None}
+        return sorted(ids)
+
+    def word_starts(self) -> list[bool]:
+        """For every id, whether that token begins a word (for whole-word masking).
+
+        WordPiece: tokens not starting with ``##``; byte-level BPE and Unigram: tokens
+        starting with ``Ġ`` or ``▁``. Special tokens count as word starts.
+        """
+        model = self.backend.model
+        if isinstance(model, models.WordPiece):
+            prefix = model.continuing_subword_prefix
+            def starts(t: str) -> bool:
+                return not t.startswith(prefix)
+        else:
+            def starts(t: str) -> bool:
+                return t.startswith(("Ġ", "▁"))
+        flags = [False] * self.vocab_size
+        for token, i in self.backend.get_vocab(with_added_tokens=True).items():
+            flags[i] = starts(token)
+        for i in self.special_ids:
+            flags[i] = True
+        return flags
+
+
+# ---- pipelines per kind --------------------------------------------------------------------
+
+
+def _bert_pipeline(backend: tokenizers.Tokenizer, lowercase: bool) -> None:
+    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece(prefix="##")
+
+
+def _bpe(vocab_size: int, min_frequency: int, specials: list[str], unk: str | None,
+         lowercase: bool) -> tuple[tokenizers.Tokenizer, trainers.Trainer]:
+    backend = tokenizers.Tokenizer(models.BPE())  # byte-level: every byte has a token
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    return backend, trainer
+
+
+def _wordpiece(vocab_size: int, min_frequency: int, specials: list[str], unk: str | None,
+               lowercase: bool) -> tuple[tokenizers.Tokenizer, trainers.Trainer]:
+    backend = tokenizers.Tokenizer(models.WordPiece(unk_token=unk))
+    _bert_pipeline(backend, lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=specials, show_progress=False,
+                                        continuing_subword_prefix="##")
+    return backend, trainer
+
+
+def _unigram(vocab_size: int, min_frequency: int, specials: list[str], unk: str | None,
+             lowercase: bool) -> tuple[tokenizers.Tokenizer, trainers.Trainer]:
+    backend = tokenizers.Tokenizer(models.Unigram())
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                      unk_token=unk, show_progress=False)
+    return backend, trainer
+
+
+_BUILDERS = {"bpe": _bpe, "wordpiece": _wordpiece, "unigram": _unigram}
+
+
+def _read_config(folder: Path) -> dict:
+    file = folder / CONFIG_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _read_roles(folder: Path, backend: tokenizers.Tokenizer) -> dict[str, str]:
+    """Roles named in a (Hugging Face style) tokenizer_config.json, if there is one."""
+    config, roles = _read_config(folder), {}
+    for role in ROLES:
+        value = config.get(f"{role}_token")
+        if isinstance(value, dict):  # transformers writes AddedToken objects as dicts
+            value = value.get("content")
+        if isinstance(value, str) and backend.token_to_id(value) is not None:
+            roles[role] = value
+    return roles
