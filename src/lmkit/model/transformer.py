@@ -267,7 +267,8 @@ class Model(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.config.head == "lm" and self.config.family == "decoder":
-            logits, labels = logits[:, :-1], labels[:, 1:]
+            # Shift the labels, not the logits: slicing (B, T, vocab) logits would copy them.
+            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                labels.reshape(-1), ignore_index=IGNORE_INDEX)
 

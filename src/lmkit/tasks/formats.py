@@ -1,0 +1,574 @@
+"""Task data formats: files -> lists of examples, and NER tags <-> subwords <-> spans.
+
+Readers (all stream their file line by line, stop after ``limit`` examples, and raise
+:class:`TaskDataError` naming the file and line of any bad input):
+
+- :func:`read_classification`: TSV / CSV with a header row, or JSONL; a text (and
+  optionally a second text) and a label per row;
+- :func:`read_token_classification`: CoNLL files (one ``token ... TAG`` per line, blank
+  lines between sentences) or JSONL with token and tag lists;
+- :func:`read_seq2seq`: TSV ``source<TAB>target`` (translation) or JSONL (summarization);
+- :func:`read_generation`: JSONL prompt / completion pairs.
+
+Labels are strings (JSON integers become their decimal strings); :func:`label_names` gives
+the sorted label list whose positions are the label ids. Passing that list as ``labels``
+when reading evaluation data makes a label never seen in training an error.
+
+For NER on subword models, :func:`encode_words` encodes pre-split words,
+:func:`align_labels` puts each word's label on its first subword, :func:`align_predictions`
+reads word tags back from subword predictions and :func:`tags_to_spans` turns word tags
+into entity spans with character offsets.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmkit.tokenizer import Encoding, Tokenizer
+
+PathLike = str | os.PathLike
+IGNORE_INDEX = -100  # the label id the model's loss skips
+TAG = re.compile(r"O|[BI]-\S+")
+
+# Column names tried, in order, when the caller names none (GLUE, SNLI, SST, IMDb, ...).
+TEXT_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"),
+                ("question1", "question2"), ("question", "sentence"), ("text", "text_pair"),
+                ("sentence", None), ("text", None))
+LABEL_COLUMNS = ("label", "gold_label", "labels")
+TOKEN_FIELDS = ("tokens", "words")
+TAG_FIELDS = ("tags", "ner_tags", "labels")
+SEQ2SEQ_FIELDS = (("source", "target"), ("src", "tgt"), ("dialogue", "summary"),
+                  ("document", "summary"), ("article", "highlights"), ("input", "output"))
+
+
+class TaskDataError(ValueError):
+    """Bad task data; the message starts with ``file:line:`` (or ``file:`` alone)."""
+
+    def __init__(self, path: PathLike, line: int | None, message: str):
+        self.path, self.line = str(path), line
+        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+
+
+@dataclass
+class ClassificationExample:
+    """A text (or a pair of texts) and its label."""
+
+    text: str
+    label: str
+    text_pair: str | None = None
+
+
+@dataclass
+class TokenClassificationExample:
+    """A sentence as words, one BIO tag per word."""
+
+    tokens: list[str]
+    tags: list[str]
+
+
+@dataclass
+class Seq2SeqExample:
+    """A source text and its target (a translation, a summary)."""
+
+    source: str
+    target: str
+
+
+@dataclass
+class GenerationExample:
+    """A prompt and the completion a causal model should learn to write after it."""
+
+    prompt: str
+    completion: str
+
+
+# ---- reading lines and rows ------------------------------------------------------------------
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its newline) of a UTF-8 file, decoded line by line
+    so that an encoding error names its line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file '{path}' does not exist: check the path")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TaskDataError(path, number, f"not UTF-8 ({e.reason} at byte "
+                                    f"{e.start}): convert the file to UTF-8") from None
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _format(path: Path, fmt: str | None, default: str | None = None) -> str:
+    if fmt is not None and fmt not in ("tsv", "csv", "jsonl"):
+        raise TaskDataError(path, None, f"unknown format {fmt!r}: use 'tsv', 'csv' or 'jsonl'")
+    fmt = fmt or {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
+        path.suffix.lower(), default)
+    if fmt is None:
+        raise TaskDataError(path, None, "cannot tell the format from the file name: pass "
+                            "format='tsv', 'csv' or 'jsonl'")
+    return fmt
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(path, number, f"invalid JSON ({e.msg} at column {e.colno})"
+                                ) from None
+        if not isinstance(record, dict):
+            raise TaskDataError(path, number, f"expected a JSON object, got "
+                                f"{type(record).__name__}")
+        yield number, record
+
+
+def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] | dict]]:
+    """Rows of a TSV / CSV / JSONL file: dicts (JSONL, or a table with a header) or lists.
+
+    TSV is split on tabs with no quoting (GLUE's TSVs hold unbalanced quotes); CSV follows
+    the usual quoting rules. The header row itself is not yielded.
+    """
+    if fmt == "jsonl":
+        yield from _jsonl(path)
+        return
+    if fmt == "csv":
+        rows = _csv_rows(path)
+    else:
+        rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in _lines(path))
+    names = None
+    for number, row in rows:
+        if not any(cell.strip() for cell in row):
+            continue
+        if header and names is None:
+            names = [c.strip() for c in row]
+            continue
+        if names is not None and len(row) != len(names):
+            raise TaskDataError(path, number, f"{len(row)} columns but the header has "
+                                f"{len(names)} ({', '.join(names)})")
+        yield number, dict(zip(names, row)) if names is not None else row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    reader = csv.reader(line for _, line in _lines(path))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise TaskDataError(path, reader.line_num, f"bad CSV ({e})") from None
+        yield reader.line_num, row  # the line the row ends on
+
+
+def _field(record: dict | list, key: str | int, path: Path, number: int) -> Any:
+    """``record[key]``; in JSON a dotted key walks nested objects ("translation.fr")."""
+    if isinstance(record, list):
+        if not isinstance(key, int):
+            raise TaskDataError(path, number, f"column {key!r} named but the file has no "
+                                "header: pass header=True or a column number")
+        if key >= len(record):
+            raise TaskDataError(path, number, f"no column {key}: the row has {len(record)}")
+        return record[key]
+    value: Any = record
+    for part in str(key).split(".") if key not in record else [key]:
+        if not isinstance(value, dict) or part not in value:
+            raise TaskDataError(path, number, f"no field {key!r} (fields: "
+                                f"{', '.join(map(str, record))})")
+        value = value[part]
+    return value
+
+
+def _text(record: dict | list, key: str | int, path: Path, number: int) -> str:
+    value = _field(record, key, path, number)
+    if not isinstance(value, str):
+        raise TaskDataError(path, number, f"field {key!r} is a {type(value).__name__}, "
+                            "expected a string")
+    return value
+
+
+def _detect(names: Iterable[str], candidates: Sequence, what: str, path: Path,
+            number: int, hint: str) -> Any:
+    names = list(names)
+    for cand in candidates:
+        wanted = [c for c in (cand if isinstance(cand, tuple) else (cand,)) if c]
+        if all(c in names for c in wanted):
+            return cand
+    raise TaskDataError(path, number, f"cannot tell which column holds the {what} "
+                        f"(columns: {', '.join(names)}): pass {hint}")
+
+
+def _check_label(label: str, known: Sequence[str] | None, path: Path, number: int) -> str:
+    if known is not None and label not in known:
+        raise TaskDataError(path, number, f"label {label!r} was not seen in the training "
+                            f"data (known labels: {', '.join(known)}): fix the data, or "
+                            "train on data that has this label")
+    return label
+
+
+def _label(value: Any, path: Path, number: int) -> str:
+    """A label as a string: strings as they are (stripped), integers in decimal."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TaskDataError(path, number, f"label {value!r} is a {type(value).__name__}: "
+                            "labels must be strings or integers (regression is not a "
+                            "classification task)")
+    label = str(value).strip()
+    if not label:
+        raise TaskDataError(path, number, "empty label")
+    return label
+
+
+def _limited(items: Iterator, limit: int | None) -> list:
+    out = []
+    for item in items:
+        if limit is not None and len(out) >= limit:
+            break
+        out.append(item)
+    return out
+
+
+# ---- classification ----------------------------------------------------------------------
+
+
+def read_classification(path: PathLike, *, text_column: str | int | None = None,
+                        pair_column: str | int | None = None,
+                        label_column: str | int | None = None, format: str | None = None,
+                        header: bool = True, labels: Sequence[str] | None = None,
+                        limit: int | None = None) -> list[ClassificationExample]:
+    """Read a sentence(-pair) classification file.
+
+    ``format`` ("tsv", "csv", "jsonl") defaults to the file's extension. The first row of
+    a TSV / CSV names the columns (``header=False``: columns are numbers). Unnamed columns
+    are found among the usual names: sentence1+sentence2, premise+hypothesis,
+    question1+question2, question+sentence, text(+text_pair), sentence, text; and label,
+    gold_label, labels. ``labels`` (from :func:`label_names` on the training data) makes an
+    unseen label an error.
+    """
+    path = Path(path)
+    rows = _table(path, _format(path, format), header)
+
+    def examples() -> Iterator[ClassificationExample]:
+        nonlocal text_column, pair_column, label_column
+        for number, row in rows:
+            if text_column is None and isinstance(row, dict):
+                text_column, pair_column = _detect(
+                    row, TEXT_COLUMNS, "text", path, number, "text_column= (and "
+                    "pair_column= for pairs)")
+            if label_column is None and isinstance(row, dict):
+                label_column = _detect(row, LABEL_COLUMNS, "label", path, number,
+                                       "label_column=")
+            if text_column is None or label_column is None:
+                raise TaskDataError(path, number, "a file without a header needs "
+                                    "text_column= and label_column= (column numbers)")
+            label = _label(_field(row, label_column, path, number), path, number)
+            yield ClassificationExample(
+                text=_text(row, text_column, path, number),
+                label=_check_label(label, labels, path, number),
+                text_pair=None if pair_column is None else _text(row, pair_column, path,
+                                                                 number))
+
+    return _limited(examples(), limit)
+
+
+def label_names(examples: Iterable[ClassificationExample | TokenClassificationExample]
+                ) -> list[str]:
+    """The sorted, stable list of labels (the position of a label is its id).
+
+    Classification labels sort as numbers when they all are integers ("2" before "10"),
+    else as strings. Tags sort ``O`` first, then by entity type, ``B-`` before ``I-``.
+    """
+    seen: set[str] = set()
+    tagging = False
+    for ex in examples:
+        if isinstance(ex, TokenClassificationExample):
+            tagging = True
+            seen.update(ex.tags)
+        else:
+            seen.add(ex.label)
+    if tagging:
+        return sorted(seen, key=lambda t: (t != "O", t[2:], t[:2]))
+    if all(re.fullmatch(r"-?\d+", s) for s in seen):
+        return sorted(seen, key=int)
+    return sorted(seen)
+
+
+# ---- token classification ------------------------------------------------------------------
+
+
+def read_token_classification(path: PathLike, *, format: str | None = None,
+                              tokens_field: str | None = None, tags_field: str | None = None,
+                              tag_names: Sequence[str] | None = None,
+                              labels: Sequence[str] | None = None,
+                              limit: int | None = None) -> list[TokenClassificationExample]:
+    """Read NER / tagging data: CoNLL (default) or JSONL (``.jsonl``, ``format="jsonl"``).
+
+    CoNLL: one ``token [other columns ...] TAG`` per line, whitespace-separated, the tag
+    in the last column (so CoNLL-2003's ``token POS chunk NER`` works as is); a blank line
+    ends a sentence; ``-DOCSTART-`` lines are skipped. JSONL: a list of tokens
+    (``tokens``/``words``) and a list of tags (``tags``/``ner_tags``/``labels``) per line;
+    integer tags (as in Hugging Face datasets) need ``tag_names``. Every tag must be
+    ``O``, ``B-TYPE`` or ``I-TYPE``. ``labels`` makes a tag unseen in training an error.
+    """
+    path = Path(path)
+    if format is None:
+        format = "jsonl" if path.suffix.lower() in (".jsonl", ".json") else "conll"
+    if format == "conll":
+        sentences = _conll(path)
+    elif format == "jsonl":
+        sentences = _tagged_jsonl(path, tokens_field, tags_field, tag_names)
+    else:
+        raise TaskDataError(path, None, f"unknown format {format!r}: use 'conll' or 'jsonl'")
+
+    def examples() -> Iterator[TokenClassificationExample]:
+        for tokens, tags, numbers in sentences:
+            for tag, number in zip(tags, numbers):
+                if not TAG.fullmatch(tag):
+                    raise TaskDataError(path, number, f"tag {tag!r} is not O, B-TYPE or "
+                                        "I-TYPE (BIO tagging)")
+                _check_label(tag, labels, path, number)
+            yield TokenClassificationExample(tokens, tags)
+
+    return _limited(examples(), limit)
+
+
+def _conll(path: Path) -> Iterator[tuple[list[str], list[str], list[int]]]:
+    tokens: list[str] = []
+    tags: list[str] = []
+    numbers: list[int] = []
+    for number, line in _lines(path):
+        parts = line.split()
+        if parts and parts[0] == "-DOCSTART-":
+            continue
+        if not parts:
+            if tokens:
+                yield tokens, tags, numbers
+            tokens, tags, numbers = [], [], []
+            continue
+        if len(parts) < 2:
+            raise TaskDataError(path, number, f"one column ({line.strip()!r}): expected "
+                                "'token TAG' or 'token ... TAG' separated by whitespace")
+        tokens.append(parts[0])
+        tags.append(parts[-1])
+        numbers.append(number)
+    if tokens:
+        yield tokens, tags, numbers
+
+
+def _tagged_jsonl(path: Path, tokens_field: str | None, tags_field: str | None,
+                  tag_names: Sequence[str] | None
+                  ) -> Iterator[tuple[list[str], list[str], list[int]]]:
+    for number, record in _jsonl(path):
+        tokens_field = tokens_field or _detect(record, TOKEN_FIELDS, "tokens", path, number,
+                                               "tokens_field=")
+        tags_field = tags_field or _detect(record, TAG_FIELDS, "tags", path, number,
+                                           "tags_field=")
+        tokens = _field(record, tokens_field, path, number)
+        tags = _field(record, tags_field, path, number)
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            raise TaskDataError(path, number, f"{tokens_field!r} must be a list of strings")
+        if not isinstance(tags, list) or len(tags) != len(tokens):
+            raise TaskDataError(path, number, f"{tags_field!r} must be a list with one tag "
+                                f"per token ({len(tokens)} tokens)")
+        tags = [_tag_name(t, tag_names, path, number) for t in tags]
+        if tokens:
+            yield tokens, tags, [number] * len(tags)
+
+
+def _tag_name(tag: Any, tag_names: Sequence[str] | None, path: Path, number: int) -> str:
+    if isinstance(tag, str):
+        return tag
+    if isinstance(tag, int) and not isinstance(tag, bool):
+        if tag_names is None:
+            raise TaskDataError(path, number, "integer tags need their names: pass "
+                                "tag_names=[...] (the dataset's label list, in id order)")
+        if not 0 <= tag < len(tag_names):
+            raise TaskDataError(path, number, f"tag id {tag} is outside tag_names "
+                                f"(0..{len(tag_names) - 1})")
+        return tag_names[tag]
+    raise TaskDataError(path, number, f"tag {tag!r} is neither a string nor an integer")
+
+
+# ---- seq2seq and generation ------------------------------------------------------------------
+
+
+def read_seq2seq(path: PathLike, *, source_field: str | int | None = None,
+                 target_field: str | int | None = None, format: str | None = None,
+                 header: bool = False, limit: int | None = None) -> list[Seq2SeqExample]:
+    """Read (source, target) pairs for translation or summarization.
+
+    TSV (the default for ``.tsv``, ``.txt`` and other names): ``source<TAB>target``; columns
+    after the second (Tatoeba's attribution) are ignored; no header row unless
+    ``header=True``, which lets ``source_field`` / ``target_field`` name columns. JSONL:
+    fields found among source/target, src/tgt, dialogue/summary, document/summary,
+    article/highlights, input/output, or named; a dotted name walks nested objects
+    (``source_field="translation.en"``).
+    """
+    path = Path(path)
+    fmt = _format(path, format, default="tsv")
+    rows = _table(path, fmt, header)
+
+    def examples() -> Iterator[Seq2SeqExample]:
+        nonlocal source_field, target_field
+        for number, row in rows:
+            if fmt != "jsonl" and len(row) < 2:
+                raise TaskDataError(path, number, "one column: expected source<TAB>target")
+            if source_field is None or target_field is None:
+                if isinstance(row, list):
+                    source_field, target_field = 0, 1
+                elif fmt == "jsonl":
+                    source_field, target_field = _detect(
+                        row, SEQ2SEQ_FIELDS, "source and target", path, number,
+                        "source_field= and target_field=")
+                else:  # a table with a header: its first two columns
+                    source_field, target_field = list(row)[:2]
+            pair = Seq2SeqExample(_text(row, source_field, path, number),
+                                  _text(row, target_field, path, number))
+            for name, value in dataclasses.asdict(pair).items():
+                if not value.strip():
+                    raise TaskDataError(path, number, f"empty {name}")
+            yield pair
+
+    return _limited(examples(), limit)
+
+
+def read_generation(path: PathLike, *, prompt_field: str = "prompt",
+                    completion_field: str = "completion",
+                    limit: int | None = None) -> list[GenerationExample]:
+    """Read JSONL prompt / completion pairs for fine-tuning a causal (decoder) model.
+    The prompt may be empty; the completion may not."""
+    path = Path(path)
+
+    def examples() -> Iterator[GenerationExample]:
+        for number, record in _jsonl(path):
+            prompt = _text(record, prompt_field, path, number)
+            completion = _text(record, completion_field, path, number)
+            if not completion.strip():
+                raise TaskDataError(path, number, f"empty {completion_field!r}")
+            yield GenerationExample(prompt, completion)
+
+    return _limited(examples(), limit)
+
+
+# ---- NER: words <-> subwords <-> character spans ---------------------------------------------
+
+
+@dataclass
+class Span:
+    """An entity: its type, character offsets ``[start, end)`` and text."""
+
+    type: str
+    start: int
+    end: int
+    text: str
+
+
+def encode_words(tokenizer: Tokenizer, words: Sequence[str],
+                 add_special_tokens: bool = True) -> Encoding:
+    """Encode pre-split words (a CoNLL sentence) so that ``word_ids`` number THESE words.
+
+    The words are joined with single spaces and encoded; each subword is assigned to the
+    word its character offsets fall in (a zero-width or whitespace token, such as a lone
+    ``Ġ`` or ``▁``, to the word that follows). The tokenizer's own word splitting (which
+    may cut "U.S." into four words) is ignored, so labels stay one per given word.
+    """
+    starts, ends, at = [], [], 0
+    for w in words:
+        starts.append(at)
+        ends.append(at + len(w))
+        at += len(w) + 1
+    enc = tokenizer.encode_with_offsets(" ".join(words), add_special_tokens=add_special_tokens)
+    word_ids: list[int | None] = []
+    for (start, _), special in zip(enc.offsets, enc.special_tokens_mask):
+        w = bisect_right(ends, start)  # the first word ending after the token starts
+        word_ids.append(None if special or w >= len(words) else w)
+    return dataclasses.replace(enc, word_ids=word_ids)
+
+
+def split_words(tokenizer: Tokenizer, text: str) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the words of raw ``text`` as the tokenizer's
+    pre-tokenizer splits it (whitespace trimmed, empty words dropped). For NER on raw text:
+    ``words = [text[s:e] for s, e in spans]``, then :func:`encode_words`."""
+    enc = tokenizer.encode_with_offsets(text, add_special_tokens=False)
+    spans: dict[int, tuple[int, int]] = {}
+    for w, (s, e) in zip(enc.word_ids, enc.offsets):
+        if w is not None:
+            lo, hi = spans.get(w, (s, e))
+            spans[w] = (min(lo, s), max(hi, e))
+    out = []
+    for s, e in (spans[w] for w in sorted(spans)):
+        word = text[s:e]
+        s += len(word) - len(word.lstrip())
+        e -= len(word) - len(word.rstrip())
+        if e > s:
+            out.append((s, e))
+    return out
+
+
+def align_labels(word_tags: Sequence[str], word_ids: Sequence[int | None],
+                 label_to_id: Mapping[str, int]) -> list[int]:
+    """Per-subword label ids: a word's label on its first subword; -100 (ignored by the
+    loss) on its other subwords and on special tokens."""
+    out, labelled = [], set()
+    for w in word_ids:
+        if w is None or w in labelled:
+            out.append(IGNORE_INDEX)
+        else:
+            labelled.add(w)
+            if w >= len(word_tags):
+                raise ValueError(f"word id {w} but only {len(word_tags)} tags: pass the "
+                                 "word_ids of an encoding of these words (encode_words)")
+            tag = word_tags[w]
+            if tag not in label_to_id:
+                raise ValueError(f"tag {tag!r} is not in the label set "
+                                 f"({', '.join(label_to_id)})")
+            out.append(label_to_id[tag])
+    return out
+
+
+def align_predictions(pred_ids: Sequence[int], word_ids: Sequence[int | None],
+                      id_to_label: Sequence[str], num_words: int | None = None) -> list[str]:
+    """Word tags from per-subword predicted ids: each word takes its first subword's
+    prediction (the position trained by :func:`align_labels`). Words with no subword
+    (cut off by truncation) get ``O``; ``num_words`` defaults to the last word id + 1."""
+    if len(pred_ids) < len(word_ids):
+        raise ValueError(f"{len(pred_ids)} predictions for {len(word_ids)} subwords")
+    if num_words is None:
+        num_words = max((w for w in word_ids if w is not None), default=-1) + 1
+    tags: list[str | None] = [None] * num_words
+    for w, p in zip(word_ids, pred_ids):
+        if w is not None and w < num_words and tags[w] is None:
+            tags[w] = id_to_label[int(p)]
+    return [t if t is not None else "O" for t in tags]
+
+
+def tags_to_spans(words: Sequence[str], tags: Sequence[str],
+                  word_char_offsets: Sequence[tuple[int, int]],
+                  text: str | None = None) -> list[Span]:
+    """Entities of BIO-tagged words, with character offsets: an entity runs from its first
+    word's start to its last word's end. Entities are decoded as :func:`~lmkit.tasks.
+    metrics.entity_scores` decodes them (seqeval, conlleval rules). The span text is
+    ``text[start:end]`` when the raw ``text`` is given, else its words joined by spaces."""
+    if not len(words) == len(tags) == len(word_char_offsets):
+        raise ValueError(f"{len(words)} words, {len(tags)} tags and "
+                         f"{len(word_char_offsets)} offsets: pass one of each per word")
+    from seqeval.metrics.sequence_labeling import get_entities  # lazy: imports scikit-learn
+
+    spans = []
+    for kind, first, last in get_entities(list(tags)):
+        start, end = word_char_offsets[first][0], word_char_offsets[last][1]
+        surface = text[start:end] if text is not None else " ".join(words[first:last + 1])
+        spans.append(Span(kind, start, end, surface))
+    return spans
