@@ -14,7 +14,7 @@ from lmkit.finetune import (
     merge_lora,
     save_adapter,
 )
-from lmkit.finetune.lora import LoRALinear
+from lmkit.model.lora import LoRALinear
 
 
 def classifier():
@@ -70,16 +70,20 @@ def test_adapter_save_and_load(tmp_path):
     perturb_adapters(model)
     ids = torch.randint(3, 500, (2, 6))
     expected = model(ids).logits
-    with pytest.raises(lmkit.CheckpointError, match="merge_lora"):
-        model.save(tmp_path / "nope")
+    model.save(tmp_path / "unmerged")  # adapters are part of the architecture (config.lora)
+    reloaded = lmkit.load(tmp_path / "unmerged").eval()
+    assert reloaded.config.lora == {"rank": 2, "alpha": 16.0, "dropout": 0.0,
+                                    "targets": ["q", "k", "v", "o"]}
+    torch.testing.assert_close(reloaded(ids).logits, expected)
     save_adapter(model, tmp_path / "adapter", base=str(tmp_path / "base"))
     size = sum(f.stat().st_size for f in (tmp_path / "adapter").iterdir())
     assert size < (tmp_path / "base" / "model.safetensors").stat().st_size / 2
     fresh = load_adapter(lmkit.load(tmp_path / "base").eval(), tmp_path / "adapter")
     torch.testing.assert_close(fresh(ids).logits, expected)
     merge_lora(fresh).save(tmp_path / "merged")
-    torch.testing.assert_close(lmkit.load(tmp_path / "merged")(ids).logits, expected,
-                               atol=1e-5, rtol=0)
+    merged = lmkit.load(tmp_path / "merged")
+    assert merged.config.lora is None
+    torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=0)
 
 
 def test_frozen_and_top_k():

@@ -50,9 +50,6 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     Tied weights are stored once. `tokenizer` (or the model's attached one) is saved as
     tokenizer.json. `extra_files` maps file names to text (a model card, say)."""
     path = Path(path)
-    if any(".lora_" in k for k in model.state_dict()):
-        raise CheckpointError("the model has unmerged LoRA adapters: call "
-                              "lmkit.finetune.merge_lora(model) first, or save_adapter(model, dir)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     tied = model.tied_names()
@@ -158,12 +155,21 @@ def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[s
 
 
 def load(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
-         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Model:
+         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         allow_pickle: bool = False) -> Model:
     """Load a checkpoint folder as a Model (with its tokenizer attached when it has one).
+
+    Also reads Hugging Face folders (config.json with a "model_type") and GGUF files (a path
+    ending in .gguf), translated by `lmkit.convert`. `allow_pickle` lets a Hugging Face folder
+    that has only pytorch_model.bin be read (with torch.load(weights_only=True)).
 
     `head` / `labels` put a new task head on the pretrained body: every body tensor must be in
     the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`."""
     path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from lmkit.convert import load_gguf
+
+        return load_gguf(path, head=head, labels=labels, dtype=dtype, device=device)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}: give a folder holding "
                               f"{CONFIG} and {WEIGHTS}")
@@ -173,7 +179,8 @@ def load(path: str | Path, *, head: str | None = None, labels: list[str] | None 
     if "model_type" in raw:  # a Hugging Face folder: translated at the edge
         from lmkit.convert import load_hf
 
-        return load_hf(path, head=head, labels=labels, dtype=dtype, device=device)
+        return load_hf(path, head=head, labels=labels, dtype=dtype, device=device,
+                       allow_pickle=allow_pickle)
     config = ModelConfig.from_dict(raw)
     new: tuple[str, ...] = ()
     if head is not None and (head != config.head or (labels and labels != config.labels)):

@@ -72,6 +72,9 @@ class ModelConfig:
     classifier_hidden: bool = False  # dense + activation before the classifier (BERT pooler)
     classifier_activation: str = "tanh"
     mlm_transform: bool = True  # dense + activation + norm before the MLM projection (BERT)
+    # LoRA adapters on the blocks' linear layers (lmkit.model.lora.LoRAConfig as a dict), or
+    # None. Part of the architecture so that a model with adapters saves and loads as is.
+    lora: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()

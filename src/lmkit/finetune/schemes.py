@@ -15,7 +15,7 @@ import re
 
 from torch import nn
 
-from lmkit.finetune.lora import LoRAConfig, apply_lora
+from lmkit.model.lora import LoRAConfig, apply_lora
 
 SCHEMES = ("full", "frozen", "top-k", "lora")
 
@@ -49,7 +49,7 @@ def apply_scheme(model: nn.Module, scheme: str = "full", *, top_k: int = 1,
     if scheme not in SCHEMES:
         raise ValueError(f"unknown fine-tuning scheme {scheme!r}; choose one of {SCHEMES}")
     cfg = model.config
-    if scheme == "lora":
+    if scheme == "lora" and not cfg.lora:  # a resumed LoRA model has its adapters already
         apply_lora(model, lora or LoRAConfig())
     total = cfg.encoder_layers + cfg.decoder_layers
     if scheme == "top-k" and not 0 < top_k <= total:

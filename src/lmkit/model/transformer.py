@@ -31,6 +31,7 @@ from lmkit.model.attention import (
 )
 from lmkit.model.heads import HEADS, pool
 from lmkit.model.layers import MLP, make_norm, sinusoidal
+from lmkit.model.lora import LoRAConfig, apply_lora
 
 IGNORE_INDEX = -100
 
@@ -157,6 +158,8 @@ class Model(nn.Module):
         self.head = HEADS[cfg.head](cfg) if cfg.head != "none" else None
         self.tokenizer: Any = None  # attached by lmkit.load / the trainers; saved with the model
         self.reset_parameters()
+        if cfg.lora:
+            apply_lora(self, LoRAConfig(**cfg.lora))
 
     # ---- weights ----------------------------------------------------------------------------
     def tie_weights(self) -> None:

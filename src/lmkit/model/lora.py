@@ -2,8 +2,9 @@
 
 A LoRALinear keeps the frozen base weight under its original name (`...q.weight`) and adds
 `lora_a` (rank x in) and `lora_b` (out x rank, zero-initialised so training starts from the
-pretrained function). `merge_lora` folds B @ A * alpha / rank into the weight and gives back
-plain nn.Linear layers, so a merged model is an ordinary checkpoint.
+pretrained function). The adapters are part of the architecture (`config.lora`), so a model
+with adapters saves, loads and resumes like any other; `merge_lora` folds B @ A * alpha / rank
+into the weights and clears `config.lora`, giving back a plain model.
 """
 
 from __future__ import annotations
@@ -84,14 +85,17 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Put adapters on the target layers of every block. Freezes the base weights of those
-    layers only; which other parameters train is the scheme's choice. Returns the names."""
+    """Put adapters on the target layers of every block and record them in `model.config`.
+    Freezes the base weights of those layers only; which other parameters train is the
+    scheme's choice. Returns the adapted layers' names."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already has LoRA adapters; merge_lora(model) first")
     names = _targets(model, cfg)
     if not names:
         raise ValueError(f"no linear layers named {cfg.targets} inside the model's blocks")
     for name in names:
         _swap(model, name, LoRALinear(model.get_submodule(name), cfg))
-    model.lora_config = cfg
+    model.config.lora = {**asdict(cfg), "targets": list(cfg.targets)}  # as JSON reads it
     return names
 
 
@@ -100,7 +104,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             _swap(model, name, m.merged())
-    model.__dict__.pop("lora_config", None)
+    model.config.lora = None
     return model
 
 
@@ -113,7 +117,9 @@ def save_adapter(model: nn.Module, path: str | Path, base: str = "",
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()
                if ".lora_" in k or k.startswith(extra)}
     save_file(tensors, path / ADAPTER_WEIGHTS)
-    meta = {"lora": asdict(model.lora_config), "base": str(base), "extra": list(extra)}
+    if not model.config.lora:
+        raise ValueError("the model has no LoRA adapters to save")
+    meta = {"lora": model.config.lora, "base": str(base), "extra": list(extra)}
     (path / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return path
 
