@@ -5,6 +5,9 @@
     model.save("ckpt")                                     # a checkpoint folder
     model = lmkit.load("ckpt")                             # ... or a Hugging Face folder
     lmkit.generate(model, [[1, 5, 7]], max_new_tokens=10)
+    lmkit.pipeline("ner", "runs/ner")("Ada Lovelace was born in London.")
+
+Pretraining is `lmkit.train.pretrain`, fine-tuning `lmkit.finetune.finetune`.
 """
 
 from lmkit.checkpoint import CheckpointError, load, save
@@ -12,16 +15,14 @@ from lmkit.config import PRESETS, ModelConfig, preset
 from lmkit.generate import Generation, generate
 from lmkit.model import Model, ModelOutput
 
-__all__ = [
-           "PRESETS",
-           "CheckpointError",
-           "Generation",
-           "Model",
-           "ModelConfig",
-           "ModelOutput",
-           "generate",
-           "load",
-           "preset",
-           "save",
-]
+__all__ = ["PRESETS", "CheckpointError", "Generation", "Model", "ModelConfig", "ModelOutput",
+           "generate", "load", "pipeline", "preset", "save"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # the fine-tuning stack is imported only when it is used
+    if name == "pipeline":
+        from lmkit.finetune.run import pipeline
+
+        return pipeline
+    raise AttributeError(f"module 'lmkit' has no attribute {name!r}")

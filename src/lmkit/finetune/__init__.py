@@ -1,7 +1,11 @@
-"""Transfer learning: fine-tuning schemes (full, frozen body, top-k, LoRA) and their runner."""
+"""Transfer learning: fine-tuning schemes (full, frozen body, top-k, LoRA), the fine-tuning
+runner, and pipelines over fine-tuned folders."""
 
+from lmkit.finetune.run import (FinetuneConfig, FinetuneResult, Pipeline, evaluate_run,
+                                finetune, pipeline, predict)
 from lmkit.finetune.schemes import SCHEMES, apply_scheme, lr_scales
 from lmkit.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 
-__all__ = ["SCHEMES", "LoRAConfig", "apply_lora", "apply_scheme", "load_adapter", "lr_scales",
-           "merge_lora", "save_adapter"]
+__all__ = ["SCHEMES", "FinetuneConfig", "FinetuneResult", "LoRAConfig", "Pipeline",
+           "apply_lora", "apply_scheme", "evaluate_run", "finetune", "load_adapter",
+           "lr_scales", "merge_lora", "pipeline", "predict", "save_adapter"]

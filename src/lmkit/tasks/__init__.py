@@ -5,7 +5,9 @@
   and the NER word <-> subword <-> character-span alignment;
 - batching (``batching``): length-grouped variable-length batches and padding;
 - metrics (``metrics``): accuracy, macro-F1, entity F1 (seqeval), BLEU / chrF (sacrebleu),
-  ROUGE (rouge-score), all on a 0-100 scale.
+  ROUGE (rouge-score), all on a 0-100 scale;
+- the tasks themselves (``TASKS``): each turns examples into features, evaluates with its
+  metric and predicts from raw inputs (``task.Task`` is the interface).
 """
 
 from lmkit.tasks.batching import collate, length_grouped_batches, padding_fraction
@@ -56,3 +58,14 @@ __all__ = [
     "split_words",
     "tags_to_spans",
 ]
+
+from lmkit.tasks.classification import ClassificationTask  # noqa: E402
+from lmkit.tasks.fill_mask import FillMaskTask  # noqa: E402
+from lmkit.tasks.ner import NERTask  # noqa: E402
+from lmkit.tasks.seq2seq import GenerationTask, SummarizationTask, TranslationTask  # noqa: E402
+from lmkit.tasks.task import Task  # noqa: E402
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (
+    ClassificationTask, NERTask, TranslationTask, SummarizationTask, GenerationTask,
+    FillMaskTask)}
+__all__ += ["TASKS", "Task"]

@@ -1,0 +1,288 @@
+"""Fine-tuning: a pretrained checkpoint + a labelled data set -> a task model.
+
+    finetune(checkpoint, FinetuneConfig(task="classification", train=..., dev=..., out=...))
+
+loads the pretrained body with a new task head (saying which tensors are new), applies the
+scheme (full, frozen body, top-k, LoRA), trains with the same loop as pretraining on
+length-grouped, dynamically padded batches, scores the dev set with the task's metric, and
+writes a checkpoint folder with `task.json`, `eval.json`, `compute.json` and a model card.
+`evaluate_run`, `predict` and `pipeline` use such a folder. The CLI calls these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkit.checkpoint import load
+from lmkit.finetune.schemes import apply_scheme
+from lmkit.model import Model
+from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
+from lmkit.tasks import TASKS, Task
+from lmkit.tasks.batching import collate, length_grouped_batches
+from lmkit.train.loop import TrainConfig, train
+
+log = logging.getLogger("lmkit")
+TASK_FILE, EVAL_FILE = "task.json", "eval.json"
+# Task options a user may set; they are stored in task.json so evaluate/predict reuse them.
+OPTION_FIELDS = ("text_column", "pair_column", "label_column", "source_field", "target_field",
+                 "max_length", "num_beams", "max_new_tokens")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """The TrainConfig fields (batch_size, lr, precision, ...) with fine-tuning defaults, plus
+    the task, data, scheme and task options. `steps` = 0 means `epochs` over the data."""
+
+    task: str = "classification"
+    train: str = ""  # training file
+    dev: str | None = None  # dev file, scored with the task's metric at the end
+    out: str = "runs/finetune"
+    steps: int = 0
+    epochs: float = 3.0
+    batch_size: int = 32
+    max_tokens: int | None = None  # batch by a token budget instead of batch_size
+    lr: float = 5e-5
+    schedule: str = "linear"
+    warmup_steps: int = -1  # -1 = 6% of the steps
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    beta2: float = 0.999
+    eval_every: int = 0
+    save_every: int = 0
+    scheme: str = "full"  # full | frozen | top-k | lora
+    top_k: int = 1  # blocks trained by the top-k scheme
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
+    pooling: str | None = None  # classification: first | last | mean | eos (default: family's)
+    from_scratch: bool = False  # same architecture, random weights (the baseline)
+    train_limit: int | None = None  # use only the first N training examples
+    dev_limit: int | None = None
+    text_column: str | None = None
+    pair_column: str | None = None
+    label_column: str | None = None
+    source_field: str | None = None
+    target_field: str | None = None
+    max_length: int | None = None  # truncate inputs (default: the model's max positions)
+    num_beams: int = 4  # generation tasks: beam width when scoring the dev set
+    max_new_tokens: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
+
+
+class TaskBatches:
+    """Endless, resumable length-grouped batches of features, padded per batch (never to a
+    fixed maximum), reshuffled every epoch; under torchrun each process takes every
+    world_size-th batch."""
+
+    def __init__(self, features: list[dict], pad_id: int, batch_size: int | None,
+                 max_tokens: int | None = None, seed: int = 0):
+        if not features:
+            raise ValueError("no training examples")
+        self.features, self.pad_id, self.seed = features, pad_id, seed
+        self.batch_size, self.max_tokens = (None, max_tokens) if max_tokens else (batch_size,
+                                                                                  None)
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.epoch = self.index = 0
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        lengths = [len(f["input_ids"]) for f in self.features]
+        batches = length_grouped_batches(lengths, self.batch_size, max_tokens=self.max_tokens,
+                                         seed=self.seed + epoch)
+        return batches[self.rank:len(batches) - len(batches) % self.world:self.world]
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def __iter__(self):
+        while True:
+            batches = self.epoch_batches(self.epoch)
+            while self.index < len(batches):
+                idx = batches[self.index]
+                self.index += 1
+                yield collate([self.features[i] for i in idx], self.pad_id)
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+@dataclass
+class FinetuneResult:
+    out_dir: Path
+    metrics: dict[str, float]
+    new_tensors: list[str]
+    trainable: int
+    total: int
+    train_examples: int
+    steps: int
+    wall_time_s: float
+    compute: dict[str, Any]
+
+
+def _pad_id(model: Model) -> int:
+    cfg = model.config
+    return next(i for i in (cfg.pad_id, cfg.eos_id, 0) if i is not None)
+
+
+def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, list, list]:
+    """Load the checkpoint with the task's head, read and check the data."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"unknown task {cfg.task!r}; choose one of {sorted(TASKS)}")
+    base = load(checkpoint)
+    task = TASKS[cfg.task](base.tokenizer, base.config, **cfg.options())
+    train_examples = task.read(cfg.train, limit=cfg.train_limit)
+    if not train_examples:
+        raise ValueError(f"{cfg.train} has no examples")
+    labels = task.label_names(train_examples) if task.labelled else None
+    dev_examples = task.read(cfg.dev, labels=labels, limit=cfg.dev_limit) if cfg.dev else []
+    if task.labelled or task.head != base.config.head:
+        model = load(checkpoint, head=task.head, labels=labels)
+    else:
+        model = base
+    if cfg.pooling:
+        model.config.pooling = cfg.pooling
+    if cfg.from_scratch:  # the baseline: same architecture, nothing pretrained
+        tokenizer, model = model.tokenizer, Model(model.config)
+        model.tokenizer, model.new_tensors = tokenizer, ["(all: trained from scratch)"]
+    task.config = model.config
+    return model, task, train_examples, dev_examples
+
+
+def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune `checkpoint` (an lmkit or Hugging Face folder, or a .gguf file) on a task."""
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model, task, train_examples, dev_examples = prepare(checkpoint, cfg)
+    lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
+    counts = apply_scheme(model, cfg.scheme, top_k=cfg.top_k, lora=lora)
+    log.info("new tensors: %s; training %s of %s parameters (%s)",
+             ", ".join(model.new_tensors) or "none", f"{counts['trainable']:,}",
+             f"{counts['total']:,}", cfg.scheme)
+    features = [task.features(e) for e in train_examples]
+    batches = TaskBatches(features, _pad_id(model), cfg.batch_size, cfg.max_tokens, cfg.seed)
+    train_cfg = dataclasses.replace(cfg)
+    if cfg.steps <= 0:
+        train_cfg.steps = max(1, math.ceil(cfg.epochs * len(batches) / cfg.grad_accum))
+    if cfg.warmup_steps < 0:
+        train_cfg.warmup_steps = int(0.06 * train_cfg.steps)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(train_cfg).items()
+                               if k in train_fields})
+    dev_batches = None
+    if dev_examples and cfg.eval_every:
+        dev_feats = [task.features(e) for e in dev_examples]
+        order = length_grouped_batches([len(f["input_ids"]) for f in dev_feats],
+                                       cfg.batch_size, shuffle=False)
+        dev_batches = [collate([dev_feats[i] for i in idx], _pad_id(model)) for idx in order]
+    out = Path(cfg.out)
+    result = train(model, batches, train_cfg, out, dev_batches)
+    metrics = task.evaluate(model, dev_examples, cfg.batch_size) if dev_examples else {}
+    if model.config.lora:  # keep the adapter alone too, then merge for a plain checkpoint
+        save_adapter(model, out / "adapter", base=str(checkpoint))
+        merge_lora(model)
+        model.save(out)
+    wall = time.perf_counter() - start
+    _write_run_files(out, checkpoint, cfg, task, metrics, counts, len(train_examples),
+                     result.compute, wall)
+    return FinetuneResult(out, metrics, list(model.new_tensors), counts["trainable"],
+                          counts["total"], len(train_examples), result.step, wall,
+                          result.compute)
+
+
+def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Task,
+                     metrics: dict, counts: dict, n_train: int, compute: dict,
+                     wall: float) -> None:
+    info = {"task": task.name, "options": cfg.options(), "base": str(checkpoint),
+            "scheme": cfg.scheme, "from_scratch": cfg.from_scratch}
+    (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics}, indent=2) + "\n")
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+    card = f"""---
+library: lmkit
+task: {task.name}
+base_model: {checkpoint if not cfg.from_scratch else "none (trained from scratch)"}
+---
+# {out.name}
+
+Fine-tuned by lmkit for **{task.name}** from `{checkpoint}` ({cfg.scheme} scheme,
+{counts['trainable']:,} of {counts['total']:,} parameters trained).
+
+- training data: `{cfg.train}` ({n_train:,} examples)
+- dev data: `{cfg.dev}`: {scores or "not scored"}
+- compute: {compute.get('flops', 0):.3g} training FLOPs, {compute.get('tokens', 0):,} tokens,
+  {wall:.0f} s wall time on {compute.get('device', '?')} ({compute.get('precision', '?')})
+
+Load it with `lmkit.load("{out}")` or `lmkit.pipeline("{task.name}", "{out}")`.
+"""
+    (out / "README.md").write_text(card)
+
+
+def _run_task(run_dir: str | Path, task_name: str | None = None,
+              **options: Any) -> tuple[Model, Task]:
+    run_dir = Path(run_dir)
+    model = load(run_dir)
+    info = json.loads((run_dir / TASK_FILE).read_text()) if (run_dir / TASK_FILE).exists() \
+        else {}
+    name = task_name or info.get("task") or _task_for(model)
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    task = TASKS[name](model.tokenizer, model.config, **{**info.get("options", {}), **options})
+    if task.head != model.config.head:
+        raise ValueError(f"{run_dir} has a {model.config.head!r} head but the {name} task "
+                         f"needs {task.head!r}: fine-tune it for {name} first")
+    return model.eval(), task
+
+
+def _task_for(model: Model) -> str:
+    head, family = model.config.head, model.config.family
+    return {"classification": "classification", "token-classification": "ner",
+            "mlm": "fill-mask"}.get(head, "translation" if family == "encoder-decoder"
+                                    else "generation")
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path, limit: int | None = None,
+                 batch_size: int = 32) -> dict[str, float]:
+    """Score a fine-tuned folder on a labelled file with its task's metric."""
+    model, task = _run_task(run_dir)
+    examples = task.read(data, labels=model.config.labels or None, limit=limit)
+    return task.evaluate(model, examples, batch_size)
+
+
+class Pipeline:
+    """`pipeline(text)` or `pipeline([texts])`: the task's predictions (with scores)."""
+
+    def __init__(self, model: Model, task: Task):
+        self.model, self.task = model, task
+
+    def __call__(self, inputs: Any, batch_size: int = 32) -> Any:
+        single = isinstance(inputs, (str, tuple))
+        out = self.task.predict(self.model, [inputs] if single else list(inputs), batch_size)
+        return out[0] if single else out
+
+
+def pipeline(task: str | None, path: str | Path, **options: Any) -> Pipeline:
+    """A ready-to-call predictor: `lmkit.pipeline("ner", "runs/ner")("Ada lives in Paris")`.
+    `task` may be None to use the folder's own (task.json, or inferred from its head)."""
+    return Pipeline(*_run_task(path, task, **options))
+
+
+def predict(run_dir: str | Path, inputs: list[Any], task: str | None = None,
+            **options: Any) -> list:
+    return pipeline(task, run_dir, **options)(inputs)

@@ -1,0 +1,63 @@
+"""Sentence and sentence-pair classification: one label per text (or text pair)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lmkit.model import Model
+from lmkit.tasks.formats import ClassificationExample, label_names, read_classification
+from lmkit.tasks.metrics import accuracy, macro_f1
+from lmkit.tasks.task import Features, Task, forward_batches
+
+
+class ClassificationTask(Task):
+    name, head, labelled = "classification", "classification", True
+    families = ("encoder", "decoder", "encoder-decoder")
+
+    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+             limit: int | None = None) -> list[ClassificationExample]:
+        o = self.options
+        return read_classification(path, text_column=o.get("text_column"),
+                                   pair_column=o.get("pair_column"),
+                                   label_column=o.get("label_column"), labels=labels,
+                                   limit=limit)
+
+    def label_names(self, examples: list) -> list[str]:
+        return label_names(examples)
+
+    def encode(self, text: str, pair: str | None = None) -> Features:
+        enc = self.tok.encode_with_offsets(text, pair)
+        out: Features = {"input_ids": self.truncate(enc.ids)}
+        if self.config.type_vocab_size:
+            out["token_type_ids"] = self.truncate(enc.type_ids)
+        return out
+
+    def features(self, example: ClassificationExample) -> Features:
+        label = self.config.labels.index(example.label)
+        return {**self.encode(example.text, example.text_pair), "labels": label}
+
+    def _probs(self, model: Model, feats: list[Features], batch_size: int) -> list:
+        out = [None] * len(feats)
+        for i, logits in forward_batches(model, feats, batch_size):
+            out[i] = logits.softmax(-1)
+        return out
+
+    def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
+        probs = self._probs(model, [self.features(e) for e in examples], batch_size)
+        preds = [model.config.labels[int(p.argmax())] for p in probs]
+        golds = [e.label for e in examples]
+        return {**accuracy(preds, golds), **macro_f1(preds, golds, model.config.labels)}
+
+    def predict(self, model: Model, inputs: Sequence[Any], batch_size: int = 32) -> list[dict]:
+        """Each input is a text or a (text, text_pair) tuple. Returns the best label, its
+        probability and the probability of every label."""
+        feats = [self.encode(*x) if isinstance(x, tuple) else self.encode(x) for x in inputs]
+        names = model.config.labels
+        results = []
+        for p in self._probs(model, feats, batch_size):
+            best = int(p.argmax())
+            results.append({"label": names[best], "score": float(p[best]),
+                            "scores": {n: float(v) for n, v in zip(names, p)}})
+        return results

@@ -1,0 +1,134 @@
+"""Text-to-text tasks, scored on generated text: translation (BLEU, chrF) and summarization
+(ROUGE) with an encoder-decoder, or with a decoder-only model that reads the source as a
+prompt; and causal generation from JSONL prompt / completion pairs (scored by the loss).
+
+A decoder-only model sees `source EOS target EOS` and is trained on the target only; at
+prediction time it continues `source EOS` until EOS."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmkit.generate import generate
+from lmkit.model import Model
+from lmkit.objectives import IGNORE_INDEX
+from lmkit.tasks.formats import (GenerationExample, Seq2SeqExample, read_generation,
+                                 read_seq2seq)
+from lmkit.tasks.metrics import bleu, chrf, rouge
+from lmkit.tasks.task import Features, Task
+
+
+class Seq2SeqTask(Task):
+    families = ("encoder-decoder", "decoder")
+    default_new_tokens = 64
+
+    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+             limit: int | None = None) -> list[Seq2SeqExample]:
+        return read_seq2seq(path, source_field=self.options.get("source_field"),
+                            target_field=self.options.get("target_field"), limit=limit)
+
+    def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
+        raise NotImplementedError
+
+    @property
+    def eos(self) -> int:
+        eos = self.config.eos_id if self.config.eos_id is not None else self.tok.eos_id
+        if eos is None:
+            raise ValueError(f"the {self.name} task needs an EOS token id in the config")
+        return eos
+
+    def prompt(self, source: str) -> list[int]:
+        """What the model reads: the encoder input, or the decoder's prompt `source EOS`."""
+        if self.config.family == "encoder-decoder":
+            return self.truncate(self.tok.encode(source))
+        ids = self.tok.encode(source, add_special_tokens=False)
+        return ids[:self.max_length // 2] + [self.eos]
+
+    def pair(self, source: str, target: str) -> Features:
+        prompt = self.prompt(source)
+        target_ids = self.tok.encode(target, add_special_tokens=False)
+        if self.config.family == "encoder-decoder":
+            return {"input_ids": prompt,
+                    "labels": self.truncate(self.tok.encode(target), keep_last=True)}
+        ids = (prompt + target_ids)[:self.max_length - 1] + [self.eos]
+        return {"input_ids": ids, "labels": [IGNORE_INDEX] * len(prompt) + ids[len(prompt):]}
+
+    def features(self, example: Seq2SeqExample) -> Features:
+        return self.pair(example.source, example.target)
+
+    def predict(self, model: Model, inputs: Sequence[str], batch_size: int = 32) -> list[str]:
+        """Generated text for each source (beam search, `num_beams` option, default 4)."""
+        prompts = [self.prompt(s) for s in inputs]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[str] = [""] * len(prompts)
+        for lo in range(0, len(order), batch_size):
+            idx = order[lo:lo + batch_size]
+            gen = generate(model, [prompts[i] for i in idx],
+                           num_beams=self.options.get("num_beams", 4),
+                           max_new_tokens=self.options.get("max_new_tokens",
+                                                           self.default_new_tokens),
+                           eos_id=self.eos)
+            for i, seq in zip(idx, gen.sequences):
+                out[i] = self.tok.decode(seq)
+        return out
+
+    def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
+        hyps = self.predict(model, [e.source for e in examples], batch_size)
+        return self.score(hyps, [e.target for e in examples])
+
+
+class TranslationTask(Seq2SeqTask):
+    name = "translation"
+
+    def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
+        b, c = bleu(hyps, refs), chrf(hyps, refs)
+        return {"bleu": b["bleu"], "chrf": c["chrf"]}
+
+
+class SummarizationTask(Seq2SeqTask):
+    name = "summarization"
+    default_new_tokens = 128
+
+    def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
+        return rouge(hyps, refs)
+
+
+class GenerationTask(Seq2SeqTask):
+    """Prompt -> completion with a decoder: trained on the completion only; scored by the
+    loss (perplexity) of the completions; predicts by sampling or greedy continuation."""
+
+    name = "generation"
+    families = ("decoder",)
+
+    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+             limit: int | None = None) -> list[GenerationExample]:
+        return read_generation(path, limit=limit)
+
+    def prompt(self, source: str) -> list[int]:
+        ids = self.tok.encode(source, add_special_tokens=False)
+        bos = self.config.bos_id
+        ids = ([bos] if bos is not None and bos != self.eos else []) + ids
+        return ids[-(self.max_length // 2):] or [self.eos]
+
+    def features(self, example: GenerationExample) -> Features:
+        return self.pair(example.prompt, example.completion)
+
+    def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
+        from lmkit.tasks.batching import collate
+        from lmkit.train.loop import evaluate
+
+        feats = [self.features(e) for e in examples]
+        pad = model.config.pad_id if model.config.pad_id is not None else self.eos
+        batches = [collate(feats[i:i + batch_size], pad)
+                   for i in range(0, len(feats), batch_size)]
+        return evaluate(model, batches)
+
+    def predict(self, model: Model, inputs: Sequence[str], batch_size: int = 32) -> list[str]:
+        o = self.options
+        gen = generate(model, [self.prompt(p) for p in inputs],
+                       max_new_tokens=o.get("max_new_tokens", self.default_new_tokens),
+                       do_sample=o.get("do_sample", False), temperature=o.get("temperature", 1.0),
+                       top_p=o.get("top_p"), top_k=o.get("top_k"), seed=o.get("seed"),
+                       eos_id=self.eos)
+        return [self.tok.decode(s) for s in gen.sequences]

@@ -1,0 +1,85 @@
+"""What every fine-tuning task shares: the interface, truncation, and batched inference.
+
+A task turns examples into model features (`features`), scores a model on examples with its
+metric (`evaluate`) and answers raw inputs (`predict`). It knows its head and which model
+families can do it; the runner (lmkit.finetune) and the pipelines only talk to this
+interface."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkit.model import Model
+from lmkit.tasks.batching import collate, length_grouped_batches
+
+Features = dict[str, Any]
+
+
+class Task:
+    """Base class. Subclasses set `name`, `head`, `families` and implement the methods."""
+
+    name = ""
+    head = "lm"
+    families: tuple[str, ...] = ()
+    labelled = False  # True when the head has a fixed label set read from the training data
+
+    def __init__(self, tokenizer: Any, config: Any, **options: Any):
+        if config.family not in self.families:
+            raise ValueError(
+                f"the {self.name} task needs a {' or '.join(self.families)} model, but this "
+                f"checkpoint is {config.family!r}: pick a checkpoint of a suitable family")
+        if tokenizer is None:
+            raise ValueError(f"the {self.name} task needs the checkpoint's tokenizer "
+                             "(tokenizer.json), and this checkpoint has none")
+        self.tok, self.config, self.options = tokenizer, config, options
+        self.max_length = min(options.get("max_length") or config.max_positions,
+                              config.max_positions)
+
+    # ---- to be implemented --------------------------------------------------------------
+    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+             limit: int | None = None) -> list:
+        raise NotImplementedError
+
+    def label_names(self, examples: list) -> list[str]:
+        return []
+
+    def features(self, example: Any) -> Features:
+        raise NotImplementedError
+
+    def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
+        raise NotImplementedError
+
+    def predict(self, model: Model, inputs: Sequence[Any], batch_size: int = 32) -> list:
+        raise NotImplementedError
+
+    # ---- shared helpers ---------------------------------------------------------------------
+    def truncate(self, ids: list[int], keep_last: bool = True) -> list[int]:
+        """Cut to max_length, keeping the closing special token (EOS / [SEP]) if there is one."""
+        if len(ids) <= self.max_length:
+            return ids
+        return ids[:self.max_length - 1] + ids[-1:] if keep_last else ids[:self.max_length]
+
+
+@torch.no_grad()
+def forward_batches(model: Model, features: Sequence[Features], batch_size: int = 32
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(index, logits of that example without padding) for every feature, computed in
+    length-sorted batches so that inference wastes almost nothing on padding."""
+    pad = model.config.pad_id if model.config.pad_id is not None else 0
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        lengths = [len(f["input_ids"]) for f in features]
+        for idx in length_grouped_batches(lengths, batch_size, shuffle=False):
+            batch = collate([{k: v for k, v in features[i].items() if k != "labels"}
+                             for i in idx], pad)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            for row, i in enumerate(idx):
+                yield i, logits[row, :lengths[i]] if logits.dim() == 3 else logits[row]
+    finally:
+        model.train(was_training)
