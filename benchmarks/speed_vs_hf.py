@@ -80,8 +80,8 @@ def main() -> None:
         batch = {"input_ids": ids, "attention_mask": mask} | ({"labels": ids} if is_lm else {})
         work = {
             "train": (train_step(ours, batch, False), train_step(theirs, batch, True)),
-            "infer": (lambda: torch.no_grad()(ours)(**batch),
-                      lambda: torch.no_grad()(theirs)(**batch)),
+            "infer": (lambda m=ours, b=batch: torch.no_grad()(m)(**b),
+                      lambda m=theirs, b=batch: torch.no_grad()(m)(**b)),
         }
         for kind, (f_ours, f_hf) in work.items():
             ours.train(kind == "train")

@@ -71,6 +71,72 @@ def generate(args: argparse.Namespace) -> None:
 
 
 
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
+    p.add_argument("--task", help="classification | ner | translation | summarization | "
+                   "generation")
+    p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
+    p.add_argument("--dev", help="dev file, scored with the task's metric at the end")
+    p.add_argument("--out", help="run folder (becomes the fine-tuned checkpoint)")
+    p.add_argument("--scheme", help="full | frozen | top-k | lora")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--precision", help="fp32 | bf16")
+    p.add_argument("--config", help="YAML file of FinetuneConfig fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable)")
+
+
+@command("finetune", "fine-tune a pretrained checkpoint on a labelled task", _finetune_args)
+def finetune(args: argparse.Namespace) -> None:
+    from lmkit.finetune.run import FinetuneConfig
+    from lmkit.finetune.run import finetune as run
+    from lmkit.train.options import load_config, parse_set
+
+    flags = {"task": args.task, "train": args.train, "dev": args.dev, "out": args.out,
+             "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
+             "batch_size": args.batch_size, "precision": args.precision}
+    cfg = load_config(FinetuneConfig, args.config, {**flags, **parse_set(args.set)})
+    if not cfg.train:
+        raise ValueError("give the training data with --train FILE")
+    result = run(args.checkpoint, cfg)
+    print(json.dumps({"out": str(result.out_dir), "dev": result.metrics,
+                      "trainable_parameters": result.trainable, "steps": result.steps,
+                      "wall_time_s": round(result.wall_time_s, 1),
+                      "flops": result.compute.get("flops")}, indent=2))
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a fine-tuned folder (from lmkit finetune)")
+    p.add_argument("--data", required=True, help="labelled file in the task's format")
+    p.add_argument("--limit", type=int, help="score only the first N examples")
+
+
+@command("evaluate", "score a fine-tuned model on labelled data with its task's metric",
+         _evaluate_args)
+def evaluate(args: argparse.Namespace) -> None:
+    from lmkit.finetune.run import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run, args.data, args.limit), indent=2))
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a fine-tuned folder (or any checkpoint with a task head)")
+    p.add_argument("inputs", nargs="+", help="texts to classify / tag / translate / continue")
+    p.add_argument("--task", help="the task (default: the folder's own)")
+
+
+@command("predict", "run a fine-tuned model on texts and print its predictions as JSON",
+         _predict_args)
+def predict(args: argparse.Namespace) -> None:
+    from lmkit.finetune.run import predict as run
+
+    for text, prediction in zip(args.inputs, run(args.run, args.inputs, args.task)):
+        print(json.dumps({"input": text, "prediction": prediction}, ensure_ascii=False))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)

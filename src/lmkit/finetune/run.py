@@ -57,7 +57,8 @@ class FinetuneConfig(TrainConfig):
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     beta2: float = 0.999
-    eval_every: int = 0
+    eval_every: int = 0  # steps between dev-loss evaluations (0 = none)
+    metric_every: int = 0  # steps between dev scorings with the task's metric (0 = end only)
     save_every: int = 0
     scheme: str = "full"  # full | frozen | top-k | lora
     top_k: int = 1  # blocks trained by the top-k scheme
@@ -134,6 +135,7 @@ class FinetuneResult:
     steps: int
     wall_time_s: float
     compute: dict[str, Any]
+    curve: list[dict[str, Any]] = field(default_factory=list)  # dev metric during training
 
 
 def _pad_id(model: Model) -> int:
@@ -192,27 +194,40 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
                                        cfg.batch_size, shuffle=False)
         dev_batches = [collate([dev_feats[i] for i in idx], _pad_id(model)) for idx in order]
     out = Path(cfg.out)
-    result = train(model, batches, train_cfg, out, dev_batches)
+    curve: list[dict[str, Any]] = []
+
+    def score(step: int, record: dict[str, Any]) -> None:
+        if cfg.metric_every and dev_examples and step % cfg.metric_every == 0 \
+                and step < train_cfg.steps:
+            curve.append({"step": step, "flops": record["flops"],
+                          "elapsed_s": record["elapsed_s"],
+                          **task.evaluate(model, dev_examples, cfg.batch_size)})
+
+    result = train(model, batches, train_cfg, out, dev_batches, on_step=score)
     metrics = task.evaluate(model, dev_examples, cfg.batch_size) if dev_examples else {}
+    if dev_examples:
+        curve.append({"step": result.step, "flops": result.compute.get("flops"),
+                      "elapsed_s": result.compute.get("wall_time_s"), **metrics})
     if model.config.lora:  # keep the adapter alone too, then merge for a plain checkpoint
         save_adapter(model, out / "adapter", base=str(checkpoint))
         merge_lora(model)
         model.save(out)
     wall = time.perf_counter() - start
     _write_run_files(out, checkpoint, cfg, task, metrics, counts, len(train_examples),
-                     result.compute, wall)
+                     result.compute, wall, curve)
     return FinetuneResult(out, metrics, list(model.new_tensors), counts["trainable"],
                           counts["total"], len(train_examples), result.step, wall,
-                          result.compute)
+                          result.compute, curve)
 
 
 def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Task,
                      metrics: dict, counts: dict, n_train: int, compute: dict,
-                     wall: float) -> None:
+                     wall: float, curve: list[dict[str, Any]]) -> None:
     info = {"task": task.name, "options": cfg.options(), "base": str(checkpoint),
             "scheme": cfg.scheme, "from_scratch": cfg.from_scratch}
     (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics}, indent=2) + "\n")
+    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "curve": curve},
+                                            indent=2) + "\n")
     scores = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
     card = f"""---
 library: lmkit

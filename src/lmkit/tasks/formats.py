@@ -43,7 +43,7 @@ TAG = re.compile(r"O|[BI]-\S+")
 # Column names tried, in order, when the caller names none (GLUE, SNLI, SST, IMDb, ...).
 TEXT_COLUMNS = (("sentence1", "sentence2"), ("premise", "hypothesis"),
                 ("question1", "question2"), ("question", "sentence"), ("text", "text_pair"),
-                ("sentence", None), ("text", None))
+                ("sentence", None), ("text", None), ("content", None), ("review", None))
 LABEL_COLUMNS = ("label", "gold_label", "labels")
 TOKEN_FIELDS = ("tokens", "words")
 TAG_FIELDS = ("tags", "ner_tags", "labels")

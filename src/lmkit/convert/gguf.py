@@ -1,0 +1,220 @@
+"""GGUF import (llama.cpp's single-file format): Llama-architecture models.
+
+Quantized tensors are dequantized to float one at a time, straight into the dtype asked for,
+so the weights are never in memory twice (the file itself is memory-mapped). llama.cpp stores
+the query and key projections with rows permuted for its interleaved rotary layout; they are
+permuted back to the half-split layout lmkit (and Hugging Face) use. The tokenizer is rebuilt
+from the file's `tokenizer.ggml.*` metadata.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmkit.checkpoint import DTYPES, CheckpointError, build
+from lmkit.config import ModelConfig
+from lmkit.convert.hf import Table, check_vocab, expand, new_head_parts, retarget, to_lmkit_names
+from lmkit.model import Model
+
+log = logging.getLogger("lmkit")
+ARCHITECTURES = ("llama",)
+
+_TABLE: Table = [
+    ("tokens", "token_embd"), ("decoder.final_norm", "output_norm"), ("head.proj", "output"),
+    ("decoder.layers.{i}.attn_norm", "blk.{i}.attn_norm"),
+    ("decoder.layers.{i}.attn.q", "blk.{i}.attn_q"),
+    ("decoder.layers.{i}.attn.k", "blk.{i}.attn_k"),
+    ("decoder.layers.{i}.attn.v", "blk.{i}.attn_v"),
+    ("decoder.layers.{i}.attn.o", "blk.{i}.attn_output"),
+    ("decoder.layers.{i}.mlp_norm", "blk.{i}.ffn_norm"),
+    ("decoder.layers.{i}.mlp.gate", "blk.{i}.ffn_gate"),
+    ("decoder.layers.{i}.mlp.up", "blk.{i}.ffn_up"),
+    ("decoder.layers.{i}.mlp.down", "blk.{i}.ffn_down"),
+]
+# llama.cpp's pre-tokenizer names -> the split regex its merges were learned with (None: the
+# GPT-2 regex inside ByteLevel). "smollm" also isolates every digit.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_SPLITS = {"default": None, "gpt2": None, "gpt-2": None, "smollm": None,
+               "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError as e:  # an optional dependency: only GGUF import needs it
+        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from e
+    return gguf
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """All key/value fields of an open GGUFReader as Python values."""
+    return {name: f.contents() for name, f in reader.fields.items()}
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, ...]],
+                     dtype: str = "float32") -> ModelConfig:
+    """A ModelConfig from GGUF metadata (`tensor_shapes` in PyTorch order, for the vocabulary
+    size and whether the LM head is tied)."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported; lmkit reads: "
+                              f"{', '.join(ARCHITECTURES)}")
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    scaling = get("rope.scaling.type", "none")
+    if scaling not in (None, "none"):
+        raise CheckpointError(f"rope scaling {scaling!r} is not supported (only unscaled rotary)")
+    heads, hidden = get("attention.head_count"), get("embedding_length")
+    kv_heads = get("attention.head_count_kv", heads)
+    if isinstance(kv_heads, list) or isinstance(heads, list):
+        raise CheckpointError("per-layer head counts are not supported")
+    head_dim = get("attention.key_length", hidden // heads)
+    tok = meta.get
+    return ModelConfig(
+        family="decoder", vocab_size=tensor_shapes["token_embd.weight"][0], hidden_size=hidden,
+        num_heads=heads, num_kv_heads=None if kv_heads == heads else kv_heads,
+        head_dim=None if head_dim * heads == hidden else head_dim,
+        decoder_layers=get("block_count"), intermediate_size=get("feed_forward_length"),
+        activation="silu", gated_mlp=True, norm="rmsnorm",
+        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), position="rotary",
+        rope_theta=get("rope.freq_base", 10000.0),
+        rotary_fraction=get("rope.dimension_count", head_dim) / head_dim,
+        max_positions=get("context_length", 2048), attention_bias=False, mlp_bias=False,
+        tie_embeddings="output.weight" not in tensor_shapes, dropout=0.0,
+        pad_id=tok("tokenizer.ggml.padding_token_id"), bos_id=tok("tokenizer.ggml.bos_token_id"),
+        eos_id=tok("tokenizer.ggml.eos_token_id"), dtype=dtype, head="lm")
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's row permutation of Q/K weights (interleaved rotary pairs -> halves)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2) \
+        .reshape(w.shape)
+
+
+def _dequantize(gguf: Any, t: Any) -> torch.Tensor:
+    """One tensor as float32 in PyTorch (row-major, out x in) order, in memory of its own."""
+    arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    if not arr.flags.writeable or arr.base is not None:  # a view of the mapped file
+        arr = np.array(arr, dtype=np.float32)
+    return torch.from_numpy(arr.astype(np.float32, copy=False)).reshape(
+        tuple(int(n) for n in reversed(t.shape)))
+
+
+def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
+    """An lmkit Tokenizer from `tokenizer.ggml.*` metadata (byte-level BPE, model 'gpt2'), with
+    control tokens as special tokens and bos/eos/pad/unk from their ids; None (with a warning)
+    for tokenizer models lmkit cannot rebuild yet."""
+    import tokenizers
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+    from lmkit.tokenizer import Tokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        log.warning("GGUF tokenizer model %r is not supported (only byte-level BPE 'gpt2'); "
+                    "loading the model without a tokenizer", kind)
+        return None
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                              merges=merges))
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_SPLITS:
+        log.warning("GGUF pre-tokenizer %r is unknown to lmkit; using GPT-2's split", pre)
+    split = _PRE_SPLITS.get(pre)
+    if split is not None:
+        steps = [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    else:
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if pre == "smollm":
+        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, types) if k == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    roles = {}
+    for role, key in [("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                      ("pad", "padding_token_id"), ("unk", "unknown_token_id")]:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        if i is not None and 0 <= i < len(tokens):
+            roles[role] = tokens[i]
+    post = [processors.ByteLevel(trim_offsets=True)]
+    if meta.get("tokenizer.ggml.add_bos_token", False) and "bos" in roles:
+        post.append(processors.TemplateProcessing(
+            single=f"{roles['bos']} $A", pair=f"{roles['bos']} $A {roles['bos']} $B:1",
+            special_tokens=[(roles["bos"], tokens.index(roles["bos"]))]))
+    backend.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
+    return Tokenizer(backend, roles)
+
+
+def _read(path: Path, head: str | None, labels: list[str] | None,
+          dtype: torch.dtype) -> tuple[ModelConfig, ModelConfig, dict[str, torch.Tensor], dict]:
+    """Config (the file's and the one asked for), float tensors with lmkit names, metadata.
+    The reader (its memory-mapped file and per-field arrays, ~2.5x the file for SmolLM2) lives
+    only inside this function, so it is gone before the model is built."""
+    gguf = _import_gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable GGUF file ({e})") from e
+    meta = read_metadata(reader)
+    reader.fields.clear()  # ~100k small arrays for the vocabulary; `meta` has the values
+    gc.collect()
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    source = config_from_gguf(meta, shapes, dtype_name)
+    cfg = retarget(source, head, labels)
+    tied = cfg.tie_embeddings and cfg.head == "lm"
+    ignore = () if cfg is source else (r"output\.weight",)
+    # Rename first (values are the lazy reader tensors), then dequantize one tensor at a time.
+    lazy = to_lmkit_names({t.name: t for t in reader.tensors}, expand(_TABLE, cfg), ignore, tied)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in list(lazy):
+        w = _dequantize(gguf, lazy.pop(name))
+        if name.endswith("attn.q.weight"):
+            w = _unpermute(w, cfg.num_heads)
+        elif name.endswith("attn.k.weight"):
+            w = _unpermute(w, cfg.kv_heads)
+        tensors[name] = w.to(dtype)
+    return source, cfg, tensors, meta
+
+
+def load_gguf(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+              dtype: torch.dtype | str | None = None,
+              device: str | torch.device = "cpu") -> Model:
+    """Load a GGUF file (Llama architecture) as an lmkit Model in eval mode, with the tokenizer
+    its metadata describes. Quantized weights are dequantized to `dtype` (default float32)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no GGUF file at {path}")
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    dtype = dtype or torch.float32
+    source, cfg, tensors, meta = _read(path, head, labels, dtype)
+    gc.collect()  # the reader's objects reference each other; free the mapping now
+    new = new_head_parts(cfg, tensors) if cfg is not source else ()
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(new or ("\0",))}
+    try:
+        model = build(cfg, tensors, new=new, dtype=dtype, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} (GGUF): {e}") from None
+    del tensors
+    tokenizer = tokenizer_from_gguf(meta)
+    if tokenizer is not None:
+        check_vocab(tokenizer, cfg, path)
+    model.tokenizer = tokenizer
+    return model.eval()

@@ -1,0 +1,524 @@
+"""Hugging Face checkpoint folders: the machinery every model family shares.
+
+A family module (hf_bert, hf_gpt2, hf_llama, hf_bart, hf_t5) describes each of its HF
+`model_type`s with a `Spec`: config translation both ways, a table of tensor names, and the few
+tensor transforms the format needs. This module does the rest once: read a folder (single or
+sharded safetensors, or a pickle only when allowed), apply a table in either direction, build
+the model through `lmkit.checkpoint.build` (meta device + adopt, so weights are in memory once),
+and write a folder that `transformers` loads.
+
+Tables map lmkit names to HF names. An entry names either a whole tensor or a module (then its
+`.weight` / `.bias` follow). HF names are written without the base-model prefix ("bert.",
+"model.", "transformer."); it is stripped on reading and added on writing for head models. An
+entry may give several HF names for one tensor: the first is written, any is read (tied copies
+such as `encoder.embed_tokens` beside `shared`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, _move_into_place, build, read_tensors
+from lmkit.config import ModelConfig
+from lmkit.model import Model
+
+log = logging.getLogger("lmkit")
+
+Table = list[tuple[str, str | tuple[str, ...]]]
+Tensors = dict[str, torch.Tensor]
+
+SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+FAMILY_MODULES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_bart", "hf_t5")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one Hugging Face `model_type` maps onto lmkit."""
+
+    model_type: str
+    architectures: dict[str, str]  # lmkit head -> HF class written on export (and read)
+    prefix: str  # base-model prefix of body tensors in head models ("bert.")
+    head_modules: tuple[str, ...]  # top-level HF modules outside the base model
+    config_from_hf: Callable[[dict[str, Any], set[str]], dict[str, Any]]
+    config_to_hf: Callable[[ModelConfig], dict[str, Any]]
+    table: Callable[[ModelConfig], Table]
+    ignore: tuple[str, ...] = ()  # regexes: HF tensors read and dropped (buffers, unused parts)
+    from_hf: Callable[[Tensors, ModelConfig], Tensors] | None = None  # transforms, HF names
+    to_hf: Callable[[Tensors, ModelConfig], Tensors] | None = None
+    read_aliases: dict[str, str] = field(default_factory=dict)  # more HF classes -> head
+
+
+def registry() -> dict[str, Spec]:
+    """Supported HF model types, in the order tried when exporting."""
+    specs: dict[str, Spec] = {}
+    for name in FAMILY_MODULES:
+        module = importlib.import_module(f"lmkit.convert.{name}")
+        specs.update({s.model_type: s for s in module.SPECS})
+    return specs
+
+
+# ---- shared helpers for family modules -------------------------------------------------------
+ACTIVATIONS_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                       "gelu_fast": "gelu_tanh", "relu": "relu", "silu": "silu",
+                       "swish": "silu"}
+ACTIVATIONS_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+
+
+def activation_from_hf(name: str) -> str:
+    """lmkit's name for an HF activation function, or a ValueError naming the supported ones."""
+    if name not in ACTIVATIONS_FROM_HF:
+        raise ValueError(f"activation {name!r} is not supported; lmkit reads "
+                         f"{sorted(ACTIVATIONS_FROM_HF)}")
+    return ACTIVATIONS_FROM_HF[name]
+
+
+def common_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """Config keys every HF model has: special ids, labels, dtype."""
+    out: dict[str, Any] = {"pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
+                           "eos_token_id": cfg.eos_id, "dtype": cfg.dtype}
+    if cfg.labels:
+        out["id2label"] = {str(i): name for i, name in enumerate(cfg.labels)}
+        out["label2id"] = {name: i for i, name in enumerate(cfg.labels)}
+    return out
+
+
+def common_from_hf(hf: dict[str, Any], pad: int | None = None, bos: int | None = None,
+                   eos: int | None = None) -> dict[str, Any]:
+    """Special ids (the HF class defaults when a key is absent) and the stored dtype."""
+    dtype = hf.get("dtype") or hf.get("torch_dtype")
+    return {"pad_id": first_id(hf.get("pad_token_id", pad)),
+            "bos_id": first_id(hf.get("bos_token_id", bos)),
+            "eos_id": first_id(hf.get("eos_token_id", eos)),
+            "dtype": dtype if dtype in DTYPES else "float32"}
+
+
+def first_id(value: Any) -> int | None:
+    """HF allows a list of EOS ids (Llama 3); lmkit keeps the first."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def _labels(hf: dict[str, Any]) -> list[str]:
+    id2label = hf.get("id2label")
+    if id2label:
+        return [id2label[k] for k in sorted(id2label, key=int)]
+    return [f"LABEL_{i}" for i in range(hf.get("num_labels", 2))]
+
+
+# ---- tables ------------------------------------------------------------------------------------
+def expand(table: Table, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """Table templates with `{i}` written out for every layer of their stack."""
+    out: dict[str, tuple[str, ...]] = {}
+    for lm, hf in table:
+        alts = (hf,) if isinstance(hf, str) else tuple(hf)
+        if "{i}" not in lm:
+            out[lm] = alts
+            continue
+        n = cfg.encoder_layers if lm.startswith("encoder.") else cfg.decoder_layers
+        for i in range(n):
+            out[lm.format(i=i)] = tuple(a.format(i=i) for a in alts)
+    return out
+
+
+def _lookup(name: str, mapping: dict[str, Any]) -> tuple[Any, str] | None:
+    """The entry for a tensor name, whole or by its module (returning the leaf to append)."""
+    if name in mapping:
+        return mapping[name], ""
+    module, _, leaf = name.rpartition(".")
+    if module in mapping:
+        return mapping[module], "." + leaf
+    return None
+
+
+def to_lmkit_names(tensors: Tensors, table: dict[str, tuple[str, ...]], ignore: tuple[str, ...],
+                   tied: bool) -> Tensors:
+    """Rename HF tensors to lmkit names. Tied copies and ignored tensors are dropped; tensors
+    the table does not know keep their HF name, so `check_tensors` reports them."""
+    reverse = {alt: (lm, rank) for lm, alts in table.items() for rank, alt in enumerate(alts)}
+    out: Tensors = {}
+    rank_of: dict[str, int] = {}
+    unknown: Tensors = {}
+    for name in list(tensors):
+        hit = _lookup(name, reverse)
+        if hit is None:
+            if not any(re.fullmatch(p, name) for p in ignore):
+                unknown[name] = tensors[name]
+            continue
+        (lm, rank), leaf = hit
+        target = lm + leaf
+        if tied and target == "head.proj.weight":
+            continue  # a stored copy of the tied embedding
+        if target not in out or rank < rank_of[target]:  # prefer the first alternative
+            out[target], rank_of[target] = tensors[name], rank
+    return {**out, **unknown}
+
+
+def to_hf_names(tensors: Tensors, table: dict[str, tuple[str, ...]]) -> Tensors:
+    """Rename lmkit tensors to HF names (the first alternative of each entry)."""
+    out: Tensors = {}
+    for name, t in tensors.items():
+        hit = _lookup(name, table)
+        if hit is None:
+            raise CheckpointError(f"lmkit tensor {name} has no Hugging Face name in this "
+                                  "family's table: the config cannot be exported to it")
+        alts, leaf = hit
+        out[alts[0] + leaf] = t
+    return out
+
+
+# ---- reading ------------------------------------------------------------------------------------
+def read_weights(path: Path, allow_pickle: bool = False) -> Tensors:
+    """All tensors of an HF folder: model.safetensors, a sharded safetensors set, or (only with
+    `allow_pickle`) pytorch_model.bin, read with `weights_only=True`."""
+    if (path / SAFETENSORS).exists():
+        return read_tensors(path / SAFETENSORS)[0]
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        if (path / index_name).exists():
+            if index_name == PICKLE_INDEX and not allow_pickle:
+                raise _pickle_error(path, index_name)
+            weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            tensors: Tensors = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors.update(_read_file(path / shard))
+            missing = sorted(set(weight_map) - set(tensors))
+            if missing:
+                raise CheckpointError(f"{path / index_name} lists tensors its shards lack: "
+                                      f"{missing[:10]}; the download is incomplete")
+            return tensors
+    if (path / PICKLE).exists():
+        if not allow_pickle:
+            raise _pickle_error(path, PICKLE)
+        return _read_file(path / PICKLE)
+    raise CheckpointError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} "
+                          f"or {PICKLE}")
+
+
+def _read_file(file: Path) -> Tensors:
+    if file.suffix == ".safetensors":
+        return read_tensors(file)[0]
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for bad pickles
+        raise CheckpointError(f"{file} could not be read as a weights-only PyTorch file ({e})"
+                              ) from e
+
+
+def _pickle_error(path: Path, name: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} holds its weights only as {name}, a pickle file; lmkit does not read pickles "
+        "unless asked, because a pickle can run code. If you trust its source, load it with "
+        "lmkit.load(path, allow_pickle=True) (read with torch.load(weights_only=True)), or "
+        "convert it to safetensors first.")
+
+
+def _spec_for(model_type: Any) -> Spec:
+    specs = registry()
+    if model_type not in specs:
+        raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported; "
+                              f"lmkit converts: {', '.join(sorted(specs))}")
+    return specs[model_type]
+
+
+def _head_of(spec: Spec, hf: dict[str, Any], names: set[str], cfg: ModelConfig) -> str:
+    archs = hf.get("architectures") or []
+    known = {**{v: k for k, v in spec.architectures.items()}, **spec.read_aliases}
+    if archs:
+        if archs[0] not in known:
+            raise CheckpointError(f"{archs[0]} is not supported; for model_type "
+                                  f"{spec.model_type!r} lmkit reads: {', '.join(sorted(known))}")
+        return known[archs[0]]
+    # No architectures field: the first head whose tensors are all in the file (a tied LM
+    # head needs none), else the bare body.
+    for head in spec.architectures:
+        if head in ("none", "classification", "token-classification"):
+            continue
+        headed = cfg.replace(head=head)
+        entries = expand(spec.table(headed), headed)
+        wanted = [alts for lm, alts in entries.items() if lm.startswith("head.")
+                  and not (lm == "head.proj.weight" and headed.tie_embeddings)]
+        if all(any(a in names or any(n.startswith(a + ".") for n in names) for a in alts)
+               for alts in wanted):
+            return head
+    return "none"
+
+
+def _strip_prefix(tensors: Tensors, prefix: str) -> Tensors:
+    if not prefix:
+        return tensors
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+
+
+def config_from_hf(raw: dict[str, Any], names: set[str] | None = None) -> ModelConfig:
+    """The ModelConfig of an HF config.json dict (its task head from `architectures`)."""
+    spec = _spec_for(raw.get("model_type"))
+    names = names or set()
+    try:
+        fields = spec.config_from_hf(raw, names)
+        cfg = ModelConfig(**fields, head="none")
+        head = _head_of(spec, raw, names, cfg)
+        labels = _labels(raw) if head in ("classification", "token-classification") else []
+        return cfg.replace(head=head, labels=labels)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"this {spec.model_type} config cannot be expressed in lmkit: {e}"
+                              ) from e
+
+
+def retarget(cfg: ModelConfig, head: str | None, labels: list[str] | None) -> ModelConfig:
+    """The config with a different task head, or the same config when none is asked for."""
+    if head is None or (head == cfg.head and (not labels or labels == cfg.labels)):
+        return cfg
+    return cfg.replace(head=head, labels=list(labels or cfg.labels))
+
+
+def new_head_parts(cfg: ModelConfig, tensors: Tensors) -> tuple[str, ...]:
+    """Prefixes of head submodules with any tensor missing: they are initialised fresh, and
+    what the checkpoint has for them is dropped (e.g. keep BERT's pooler as the classifier's
+    dense layer, initialise only the new output projection)."""
+    with torch.device("meta"):
+        head = Model(cfg).head
+    if head is None:
+        return ()
+    tied = cfg.tie_embeddings and cfg.head in ("lm", "mlm")
+    parts = []
+    for sub, module in head.named_children():
+        shapes = {f"head.{sub}.{p}": t.shape for p, t in module.named_parameters()}
+        if tied and sub == "proj":
+            shapes.pop("head.proj.weight", None)
+        if shapes and not all(n in tensors and tensors[n].shape == s for n, s in shapes.items()):
+            parts.append(f"head.{sub}.")  # missing, or sized for other labels
+    return tuple(parts)
+
+
+def load_hf(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+            dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+            allow_pickle: bool = False) -> Model:
+    """Load a Hugging Face checkpoint folder (config.json + weights, and its tokenizer when it
+    has one) as an lmkit Model in eval mode, as `from_pretrained` returns it.
+
+    `head` / `labels` put a new task head on the body (see `lmkit.load`)."""
+    path = Path(path)
+    raw = json.loads((path / CONFIG).read_text())
+    spec = _spec_for(raw.get("model_type"))
+    tensors = _strip_prefix(read_weights(path, allow_pickle), spec.prefix)
+    source = config_from_hf(raw, set(tensors))
+    cfg = retarget(source, head, labels)
+    if spec.from_hf is not None:
+        tensors = spec.from_hf(tensors, cfg)
+    table = expand(spec.table(cfg), cfg)
+    ignore = spec.ignore
+    if cfg is not source:  # the checkpoint's own head has no place in the new model
+        ignore += tuple(re.escape(m) + r"\..*|" + re.escape(m) for m in spec.head_modules)
+    mapped = to_lmkit_names(tensors, table, ignore,
+                            cfg.tie_embeddings and cfg.head in ("lm", "mlm"))
+    del tensors
+    new: tuple[str, ...] = ()
+    if cfg is not source:
+        new = new_head_parts(cfg, mapped)
+        mapped = {k: v for k, v in mapped.items() if not k.startswith(new or ("\0",))}
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    try:
+        model = build(cfg, mapped, new=new, dtype=dtype, device=device)
+    except CheckpointError as e:
+        hints = [f"{lm} <- {' or '.join(alts)}" for lm, alts in table.items()
+                 if lm in str(e)][:10]
+        hint = ("\nHugging Face names of the lmkit tensors above:\n  " + "\n  ".join(hints)
+                if hints else "")
+        raise CheckpointError(f"{path} ({spec.model_type}): {e}{hint}") from None
+    model.tokenizer = attach_tokenizer(path, cfg)
+    model.hf_model_type = spec.model_type  # save_hf writes the same type back by default
+    return model.eval()
+
+
+def attach_tokenizer(path: Path, cfg: ModelConfig) -> Any:
+    """The folder's tokenizer (tokenizer.json or vocab/merges files), or None if it has none.
+    A tokenizer with more ids than the embedding has rows is an error: those ids would crash
+    the model (or silently read another token's row)."""
+    from lmkit.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_dir(path)
+    except FileNotFoundError:
+        log.info("%s has no tokenizer lmkit can read (tokenizer.json, vocab.json + merges.txt, "
+                 "vocab.txt); loading the model without one", path)
+        return None
+    # Padding / truncation stored in tokenizer.json are settings of whoever trained it
+    # (all-MiniLM pads every text to 128); transformers ignores them unless asked, and lmkit
+    # pads batches itself, so encode() must return just the text's ids.
+    tok.backend.no_padding()
+    tok.backend.no_truncation()
+    check_vocab(tok, cfg, path)
+    return tok
+
+
+def check_vocab(tok: Any, cfg: ModelConfig, where: Any) -> None:
+    """Raise CheckpointError when the tokenizer has ids the embedding does not."""
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer of {where} has {tok.vocab_size} tokens but the model's embedding "
+            f"has only {cfg.vocab_size} rows: the tokenizer does not belong to these weights "
+            "(or tokens were added without resizing the embeddings); use the matching "
+            "tokenizer or resize the model's vocabulary")
+
+
+# ---- writing ------------------------------------------------------------------------------------
+_IRRELEVANT = ("dropout", "attention_dropout")
+
+
+def _canonical(cfg: ModelConfig) -> dict[str, Any]:
+    """Config fields that change what the model computes, irrelevant ones set to defaults, so
+    two configs of the same function compare equal."""
+    d = cfg.to_dict()
+    defaults = {f.name: (f.default if f.default_factory is dataclasses.MISSING
+                         else f.default_factory()) for f in dataclasses.fields(ModelConfig)}
+    drop = set(_IRRELEVANT)
+    if cfg.position != "rotary":
+        drop |= {"rope_theta", "rotary_fraction"}
+    if cfg.position != "relative":
+        drop |= {"relative_buckets", "relative_max_distance"}
+    else:
+        drop |= {"max_positions"}  # relative positions have no table and no length limit
+    if cfg.head != "classification":
+        drop |= {"pooling", "classifier_hidden", "classifier_activation"}
+    if cfg.head != "mlm":
+        drop |= {"mlm_transform"}
+    if cfg.head != "lm":
+        drop |= {"lm_head_bias", "output_scale"}
+    if cfg.head not in ("lm", "mlm"):
+        drop |= {"tie_embeddings"}
+    if cfg.family != "encoder-decoder":
+        drop |= {"decoder_start_id"}
+    for name in drop:
+        d[name] = defaults[name]
+    d["num_kv_heads"], d["head_dim"] = cfg.kv_heads, cfg.dim_per_head  # None = the default
+    return d
+
+
+def _differences(cfg: ModelConfig, spec: Spec, names: set[str]) -> dict[str, tuple[Any, Any]]:
+    """Fields that would change on a round trip through `spec` (empty: exactly expressible)."""
+    try:
+        hf = spec.config_to_hf(cfg)
+        back = config_from_hf({**hf, "model_type": spec.model_type,
+                               "architectures": [spec.architectures[cfg.head]]}, names)
+    except (ValueError, KeyError) as e:
+        return {"(config)": (str(e), None)}
+    a, b = _canonical(cfg), _canonical(back)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def _hf_tensors(model: Model, spec: Spec) -> Tensors:
+    cfg = model.config
+    tied = model.tied_names()
+    state = {k: v.detach() for k, v in model.state_dict().items() if k not in tied}
+    tensors = to_hf_names(state, expand(spec.table(cfg), cfg))
+    if spec.to_hf is not None:
+        tensors = spec.to_hf(tensors, cfg)
+    if cfg.head != "none" and spec.prefix:
+        tensors = {(k if k.split(".")[0] in spec.head_modules else spec.prefix + k): v
+                   for k, v in tensors.items()}
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def choose_spec(cfg: ModelConfig, model_type: str | None = None,
+                preferred: str | None = None) -> Spec:
+    """The HF model type that expresses `cfg` exactly: `model_type` if given, else the first
+    that fits, trying `preferred` first."""
+    specs = registry()
+    if model_type is not None:
+        candidates = [_spec_for(model_type)]
+    else:
+        candidates = list(specs.values())
+        if preferred in specs:  # the type the model was imported from, when it still fits
+            candidates.insert(0, specs[preferred])
+    report = {}
+    for spec in candidates:
+        if cfg.head not in spec.architectures:
+            report[spec.model_type] = {"head": (cfg.head, sorted(spec.architectures))}
+            continue
+        try:
+            with torch.device("meta"):
+                names = set(_hf_tensors(Model(cfg), spec))
+        except CheckpointError as e:  # a tensor this family has no place for
+            report[spec.model_type] = {"tensors": (str(e), None)}
+            continue
+        diff = _differences(cfg, spec, names)
+        if not diff:
+            return spec
+        report[spec.model_type] = diff
+    # Closest: a family with the right head and tensors, differing in the fewest fields.
+    closest = min(report, key=lambda k: (bool({"head", "tensors", "(config)"} & set(report[k])),
+                                         len(report[k])))
+    detail = ", ".join(f"{k}={v[0]!r} (HF {closest} gives {v[1]!r})"
+                       for k, v in report[closest].items())
+    raise CheckpointError(
+        f"this model cannot be written as a Hugging Face checkpoint of type "
+        f"{model_type or 'any supported type'} without changing what it computes; closest is "
+        f"{closest}, which differs in: {detail}")
+
+
+def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
+            model_type: str | None = None) -> Path:
+    """Write `model` as a Hugging Face folder (config.json + model.safetensors, and the
+    tokenizer) that `transformers.AutoModel*.from_pretrained` loads with the same outputs.
+
+    `model_type` picks the HF family; by default the one the model was imported from, else
+    the first that expresses the config exactly. Written atomically (a temporary folder
+    renamed into place)."""
+    path = Path(path)
+    cfg = model.config
+    spec = choose_spec(cfg, model_type, getattr(model, "hf_model_type", None))
+    tensors = {k: v.cpu() for k, v in _hf_tensors(model, spec).items()}
+    hf = {"architectures": [spec.architectures[cfg.head]], "model_type": spec.model_type,
+          **spec.config_to_hf(cfg)}
+    stored = {v: k for k, v in DTYPES.items()}.get(model.tokens.weight.dtype)
+    hf["dtype"] = stored or hf["dtype"]  # what the file holds (load(dtype=...) may differ)
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        save_file(tensors, staging / SAFETENSORS, metadata={"format": "pt"})
+        (staging / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(staging)
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _move_into_place(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str | None = None,
+            allow_pickle: bool = False) -> Path:
+    """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
+    (`to="hf"`) or an lmkit folder (`to="lmkit"`) at `dst`. Returns `dst`."""
+    from lmkit.checkpoint import load
+
+    if to not in ("hf", "lmkit"):
+        raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder) or 'lmkit'")
+    model = load(src, allow_pickle=allow_pickle)
+    if to == "hf":
+        return save_hf(model, dst, model_type=model_type)
+    from lmkit.checkpoint import save
+
+    return save(model, dst)

@@ -1,0 +1,99 @@
+"""T5 (v1.0, and v1.1's gated-gelu): a pre-norm encoder-decoder with RMS-style T5LayerNorm, no
+biases, no attention scaling, and a learned relative-position bias stored once per stack (in
+HF, in block 0's self-attention). With tied embeddings the decoder output is multiplied by
+d_model ** -0.5 before the LM head (lmkit `output_scale`); v1.1 unties and does not scale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmkit.config import ModelConfig
+from lmkit.convert.hf import Spec, Table, activation_from_hf, common_from_hf, common_to_hf
+
+_FF_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
+
+
+def _stack(s: str, gated: bool) -> Table:
+    pre = f"{s}.block.{{i}}.layer"
+    table: Table = [(f"{s}.layers.{{i}}.attn.{p}", f"{pre}.0.SelfAttention.{p}") for p in "qkvo"]
+    table += [(f"{s}.layers.{{i}}.attn_norm", f"{pre}.0.layer_norm"),
+              (f"{s}.relative_bias.bias",
+               f"{s}.block.0.layer.0.SelfAttention.relative_attention_bias"),
+              (f"{s}.final_norm", f"{s}.final_layer_norm")]
+    ff = 1
+    if s == "decoder":
+        table += [(f"decoder.layers.{{i}}.cross_attn.{p}", f"{pre}.1.EncDecAttention.{p}")
+                  for p in "qkvo"]
+        table.append(("decoder.layers.{i}.cross_norm", f"{pre}.1.layer_norm"))
+        ff = 2
+    mlp = f"{pre}.{ff}.DenseReluDense"
+    if gated:  # wi_0 goes through the activation, wi_1 is the linear branch
+        table += [(f"{s}.layers.{{i}}.mlp.gate", f"{mlp}.wi_0"),
+                  (f"{s}.layers.{{i}}.mlp.up", f"{mlp}.wi_1")]
+    else:
+        table.append((f"{s}.layers.{{i}}.mlp.up", f"{mlp}.wi"))
+    return table + [(f"{s}.layers.{{i}}.mlp.down", f"{mlp}.wo"),
+                    (f"{s}.layers.{{i}}.mlp_norm", f"{pre}.{ff}.layer_norm")]
+
+
+def _table(cfg: ModelConfig) -> Table:
+    table: Table = [("tokens", ("shared", "encoder.embed_tokens", "decoder.embed_tokens"))]
+    table += _stack("encoder", cfg.gated_mlp) + _stack("decoder", cfg.gated_mlp)
+    if cfg.head == "lm":
+        table.append(("head.proj.weight", "lm_head.weight"))
+    return table
+
+
+def _from_hf(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    ff = hf.get("feed_forward_proj", "relu")
+    parts = ff.split("-")
+    gated = len(parts) == 2 and parts[0] == "gated"
+    if len(parts) > 2 or (len(parts) == 2 and not gated):
+        raise ValueError(f"feed_forward_proj={ff!r} is not 'ACT' or 'gated-ACT'")
+    act = "gelu_new" if ff == "gated-gelu" else parts[-1]  # HF's historical special case
+    d = hf.get("d_model", 512)
+    if "scale_decoder_outputs" in hf:
+        # transformers 5 writes tie_word_embeddings=True always; whether the LM head is its own
+        # matrix shows in the weights, and the scale has its own key.
+        scale, tied = hf["scale_decoder_outputs"], "lm_head.weight" not in names
+    else:
+        scale = tied = hf.get("tie_word_embeddings", True) is not False
+    common = common_from_hf(hf, pad=0, bos=None, eos=1)
+    return dict(family="encoder-decoder", vocab_size=hf.get("vocab_size", 32128), hidden_size=d,
+                num_heads=hf.get("num_heads", 8), head_dim=hf.get("d_kv", 64),
+                encoder_layers=hf.get("num_layers", 6),
+                decoder_layers=hf.get("num_decoder_layers") or hf.get("num_layers", 6),
+                intermediate_size=hf.get("d_ff", 2048), activation=activation_from_hf(act),
+                gated_mlp=gated, norm="rmsnorm", norm_eps=hf.get("layer_norm_epsilon", 1e-6),
+                position="relative",
+                relative_buckets=hf.get("relative_attention_num_buckets", 32),
+                relative_max_distance=hf.get("relative_attention_max_distance", 128),
+                max_positions=hf.get("n_positions", 512), attention_bias=False, mlp_bias=False,
+                scale_attention=False, dropout=hf.get("dropout_rate", 0.1),
+                attention_dropout=hf.get("dropout_rate", 0.1), tie_embeddings=tied,
+                output_scale=d ** -0.5 if scale else 1.0,
+                decoder_start_id=hf.get("decoder_start_token_id", common["pad_id"]), **common)
+
+
+def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    act = _FF_TO_HF[cfg.activation]
+    ff = ("gated-gelu" if act == "gelu_new" else f"gated-{act}") if cfg.gated_mlp else act
+    return dict(vocab_size=cfg.vocab_size, d_model=cfg.hidden_size, num_heads=cfg.num_heads,
+                d_kv=cfg.dim_per_head, num_layers=cfg.encoder_layers,
+                num_decoder_layers=cfg.decoder_layers, d_ff=cfg.intermediate_size,
+                feed_forward_proj=ff, layer_norm_epsilon=cfg.norm_eps,
+                relative_attention_num_buckets=cfg.relative_buckets,
+                relative_attention_max_distance=cfg.relative_max_distance,
+                dropout_rate=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings,
+                # transformers 5 reads the scale from this key (4.x from tie_word_embeddings)
+                scale_decoder_outputs=cfg.output_scale != 1.0,
+                decoder_start_token_id=cfg.decoder_start_id, is_encoder_decoder=True,
+                **common_to_hf(cfg))
+
+
+SPECS = [Spec("t5", {"none": "T5Model", "lm": "T5ForConditionalGeneration"}, "", ("lm_head",),
+              _from_hf, _to_hf, _table,
+              # an unused table some checkpoints carry in the decoder's cross-attention
+              ignore=(r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias"
+                      r"\.weight",))]

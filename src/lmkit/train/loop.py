@@ -1,0 +1,408 @@
+"""The training loop: plain PyTorch, one function.
+
+    result = train(model, batches, TrainConfig(steps=1000), "runs/x", eval_batches=valid)
+
+Per optimizer step it takes `grad_accum` micro-batches (dicts of model inputs with
+`labels`) from `batches`, sums the per-token losses and divides by the number of target
+tokens of the whole step (over micro-batches and processes), so the gradient is the same
+however the global batch is split. It then checks the loss, clips, steps AdamW and the
+schedule; evaluates, logs and saves checkpoints on the configured steps.
+
+Resume is exact: a checkpoint holds the weights, the optimizer and scheduler, the random
+states and the data position, and a run resumed from it computes the same losses, bit for
+bit in fp32, as one that was never stopped. A NaN/inf loss stops the run before the bad step
+is applied (no checkpoint is written after it); SIGINT (Ctrl-C) or SIGTERM saves a checkpoint
+at the end of the current step and then raises `TrainingInterrupted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmkit.checkpoint import save
+from lmkit.train.distributed import DistEnv, all_reduce_sum, init_distributed, unwrap, wrap_model
+from lmkit.train.metrics import ComputeMeter, MetricsLogger, describe_device, plot_curves
+from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
+from lmkit.train.state import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+)
+
+log = logging.getLogger("lmkit")
+IGNORE_INDEX = -100
+PRECISIONS = ("fp32", "bf16")
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. `batch_size` is rows per micro-batch per process: the global batch is
+    batch_size x grad_accum x number of processes."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-4
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1  # not applied to norms, biases, embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
+    save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
+    keep_checkpoints: int = 3  # 0 = keep all
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True
+    plot: bool = True  # loss.png at the end
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints",
+                     "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not supported; choose one of "
+                             f"{PRECISIONS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of "
+                             f"{SCHEDULES}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; the step was not applied."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Stopped by SIGINT/SIGTERM after saving a checkpoint (`.checkpoint`)."""
+
+    def __init__(self, message: str, checkpoint: Path):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int  # the global step reached
+    start_step: int  # 0, or the step this call resumed from
+    losses: list[float] = field(default_factory=list)  # train loss of each step of this call
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss", "perplexity"}
+    stopped: str = "completed"  # completed | max_steps | data_exhausted
+    checkpoint: Path | None = None  # the last checkpoint written
+    compute: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- pieces ---------------------------------------------------------------------------------
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def count_targets(config: Any, labels: torch.Tensor) -> int:
+    """Tokens the loss is averaged over (decoder-only LM labels are shifted by the model)."""
+    if config.head == "lm" and config.family == "decoder":
+        labels = labels[:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def count_tokens(batch: Batch) -> int:
+    """Real (non-padding) input tokens of a batch."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "segment_ids" in batch:
+        return int((batch["segment_ids"] > 0).sum())
+    return batch["input_ids"].numel()
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if "labels" not in batch:
+        raise ValueError(f"a training batch has no labels (keys: {sorted(batch)}): turn token "
+                         "rows into model inputs with an objective (lmkit.objectives)")
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _loss_sum(out: Any, n: int) -> torch.Tensor:
+    """The summed per-token loss of a micro-batch (zero, still in the graph, if it has no
+    targets: the mean is then NaN)."""
+    return out.loss * n if n else out.logits.sum() * 0.0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], precision: str = "fp32",
+             env: DistEnv | None = None) -> dict[str, float]:
+    """Mean loss per target token over `batches` (summed over all processes, each giving its
+    own share) and its perplexity exp(loss)."""
+    model = unwrap(model)
+    env = env or DistEnv(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=env.device)
+    try:
+        for batch in batches:
+            batch = _to(batch, env.device)
+            with autocast(precision, env.device):
+                out = model(**batch)
+            n = count_targets(model.config, batch["labels"])
+            if n:
+                sums += torch.stack([out.loss.double() * n, out.loss.new_tensor(n).double()])
+    finally:
+        model.train(was_training)
+    all_reduce_sum(sums, env)
+    total, n = sums.tolist()
+    if not n:
+        raise ValueError("the evaluation batches have no target tokens to score")
+    loss = total / n
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag the loop reads at the end of each step (a second Ctrl-C
+    stops at once)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _resume_source(out_dir: Path, resume: bool | str | Path) -> Path | None:
+    if resume is False or resume is None:
+        if list_checkpoints(out_dir):
+            raise ValueError(f"{out_dir} already holds checkpoints of a run: resume it "
+                             f"(`lmkit pretrain --resume {out_dir}`, or resume=True) or "
+                             "choose a new output folder")
+        return None
+    if resume is True:
+        found = latest_checkpoint(out_dir)
+        if found is None:
+            raise ValueError(f"no checkpoint to resume from in {out_dir}/checkpoints")
+        return found
+    path = Path(resume)
+    if (path / "checkpoints").is_dir():  # a run folder: its latest checkpoint
+        found = latest_checkpoint(path)
+        if found is not None:
+            return found
+    return path
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir: str | Path,
+          eval_batches: Iterable[Batch] | None = None, *, resume: bool | str | Path = False,
+          max_steps: int | None = None,
+          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train `model` (an lmkit.Model) on `batches` for `cfg.steps` optimizer steps.
+
+    batches: an iterable of input dicts with labels (see lmkit.objectives); give a
+        `BatchStream` (or anything with state_dict/load_state_dict) for exact resume.
+    eval_batches: a re-iterable of input dicts (a list), scored every `cfg.eval_every` steps.
+    resume: True = continue from the latest checkpoint in `out_dir`; or a checkpoint folder.
+    max_steps: stop this call at that global step (saving a checkpoint); the schedule still
+        runs to `cfg.steps`.
+    on_step: called as on_step(step, record) after every step, on every process.
+
+    Writes to `out_dir` (rank 0 only): checkpoints/step-N/, metrics.jsonl, tensorboard/,
+    compute.json, loss.png and, once cfg.steps are done, the final model (config.json,
+    model.safetensors, tokenizer.json)."""
+    cfg.validate()
+    env = init_distributed(cfg.device)
+    out_dir = Path(out_dir)
+    model.to(env.device)
+    model.train()
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                cfg.eps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps,
+                                cfg.min_lr_ratio)
+    source = _resume_source(out_dir, resume)
+    state: dict[str, Any] = {}
+    if source is not None:
+        state = load_checkpoint(source, model, optimizer, scheduler, batches, env)
+    else:
+        seed_everything(cfg.seed + env.rank)
+    step = start_step = int(state.get("step", 0))
+    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+    compute = ComputeMeter(model.config, state.get("compute"))
+    result = TrainResult(out_dir, step, start_step, checkpoint=source)
+    net = wrap_model(model, env)
+    logger = MetricsLogger(out_dir, env.is_main, cfg.tensorboard,
+                           start_step if source is not None else None)
+    if env.is_main:
+        log.info("training %s parameters on %s from step %d to %d", f"{model.num_parameters():,}",
+                 describe_device(env.device, env.world_size), step, end)
+    evals_on = eval_batches is not None and cfg.eval_every > 0
+
+    def run_eval() -> None:
+        record = {"split": "valid", "step": step,
+                  **evaluate(model, eval_batches, cfg.precision, env)}
+        logger.log(record)
+        result.evals.append(record)
+        if env.is_main and cfg.progress:
+            tqdm.write(f"step {step}: validation loss {record['loss']:.4f}, "
+                       f"perplexity {record['perplexity']:.2f}")
+
+    def checkpoint() -> Path:
+        extra = {"compute": compute.state_dict()}
+        path = save_checkpoint(out_dir, step, model, optimizer, scheduler, batches, env,
+                               cfg.keep_checkpoints, extra)
+        result.checkpoint = path
+        if env.is_main:
+            compute.write(out_dir, **_compute_extra(cfg, env, step))
+        return path
+
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (env.is_main and cfg.progress))
+    data = iter(batches)
+    session_start, session_tokens = time.perf_counter(), 0
+    window: list[float] = []
+    try:
+        with _StopSignals() as signals:
+            if evals_on and source is None:
+                run_eval()
+            while step < end:
+                try:
+                    micro = [_to(next(data), env.device) for _ in range(cfg.grad_accum)]
+                except StopIteration:
+                    result.stopped = "data_exhausted"
+                    if env.is_main:
+                        log.warning("the training data ran out at step %d of %d", step,
+                                    cfg.steps)
+                    break
+                targets = [count_targets(model.config, b["labels"]) for b in micro]
+                counts = torch.tensor([sum(targets), sum(map(count_tokens, micro))],
+                                      dtype=torch.float64, device=env.device)
+                n_targets, n_tokens = all_reduce_sum(counts, env).tolist()
+                scale = env.world_size / max(n_targets, 1.0)
+                total = torch.zeros((), device=env.device)
+                for i, (batch, n) in enumerate(zip(micro, targets, strict=True)):
+                    last = i == len(micro) - 1
+                    sync = net.no_sync() if env.distributed and not last else \
+                        contextlib.nullcontext()
+                    with sync:
+                        with autocast(cfg.precision, env.device):
+                            out = net(**batch)
+                        loss_sum = _loss_sum(out, n)
+                        (loss_sum * scale).backward()
+                    total += loss_sum.detach().float()
+                stats = torch.stack([total, total.new_tensor(float(signals.signum is not None))])
+                all_reduce_sum(stats, env)
+                loss = (stats[0] / max(n_targets, 1.0)).item()
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(_diverged("loss", loss, step + 1, out_dir))
+                grad_norm = float(clip_gradients(model, cfg.grad_clip))
+                if not math.isfinite(grad_norm):
+                    raise TrainingDiverged(_diverged("gradient norm", grad_norm, step + 1,
+                                                     out_dir))
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step = result.step = step + 1
+                result.losses.append(loss)
+                window.append(loss)
+                compute.add(int(n_tokens), micro[0]["input_ids"].shape[1])
+                session_tokens += int(n_tokens)
+                elapsed = time.perf_counter() - session_start
+                record = {"split": "train", "step": step, "loss": loss, "lr": lr,
+                          "grad_norm": grad_norm, "tokens": compute.tokens,
+                          "flops": compute.flops, "tokens_per_s": session_tokens / elapsed,
+                          "elapsed_s": compute.wall_time_s}
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                refresh=False)
+                if step % cfg.log_every == 0 or step == end:
+                    logger.log({**record, "loss": sum(window) / len(window)})
+                    window.clear()
+                if stats[1].item() > 0:
+                    path = checkpoint()
+                    name = signal.Signals(signals.signum or signal.SIGINT).name
+                    message = (f"{name} received: stopped at step {step}; checkpoint saved to "
+                               f"{path}. Continue with `lmkit pretrain --resume {out_dir}` "
+                               "(or train(..., resume=True)).")
+                    if env.is_main:
+                        tqdm.write(message)
+                    raise TrainingInterrupted(message, path)
+                if evals_on and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    run_eval()
+                if (cfg.save_every and step % cfg.save_every == 0) or step == end:
+                    checkpoint()
+                if on_step is not None:
+                    on_step(step, record)
+            if result.stopped == "data_exhausted" and step > start_step:
+                checkpoint()
+        if step >= cfg.steps or result.stopped == "data_exhausted":
+            if env.is_main:
+                save(unwrap(model), out_dir)
+        elif step == end:
+            result.stopped = "max_steps"
+    finally:
+        bar.close()
+        logger.close()
+        if env.is_main:
+            compute.write(out_dir, **_compute_extra(cfg, env, step))
+            if cfg.plot:
+                try:
+                    plot_curves(out_dir)
+                except Exception as e:  # a plot must never hide the real outcome
+                    log.warning("could not draw the loss curve: %s", e)
+    result.compute = compute.summary(**_compute_extra(cfg, env, step))
+    return result
+
+
+def _compute_extra(cfg: TrainConfig, env: DistEnv, step: int) -> dict[str, Any]:
+    return {"steps": step, "device": describe_device(env.device, env.world_size),
+            "world_size": env.world_size, "precision": cfg.precision}
+
+
+def _diverged(what: str, value: float, step: int, out_dir: Path) -> str:
+    last = latest_checkpoint(out_dir)
+    where = (f"the last good checkpoint is {last}; resume from it with a lower learning rate "
+             "(e.g. --set lr=...) or a stronger grad_clip"
+             if last is not None else "no checkpoint had been saved yet")
+    return (f"the training {what} is {value} at step {step}: training stopped and that step "
+            f"was not applied; {where}")

@@ -1,0 +1,165 @@
+"""Run records: metrics.jsonl + TensorBoard, the loss-curve PNG, compute accounting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("lmkit")
+METRICS, COMPUTE, CURVE, TENSORBOARD = "metrics.jsonl", "compute.json", "loss.png", "tensorboard"
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file (a run folder or the file itself)."""
+    path = Path(path)
+    file = path / METRICS if path.is_dir() else path
+    if not file.exists():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+class MetricsLogger:
+    """Appends one JSON record per line to `out_dir/metrics.jsonl` and mirrors the numbers
+    to TensorBoard under `split/name`. When resuming from `resume_step`, records of later
+    steps (written after that checkpoint by the interrupted run) are dropped first.
+    Disabled (writes nothing) on ranks other than 0."""
+
+    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = out_dir / METRICS
+        kept = [r for r in read_metrics(self.file) if r.get("step", 0) <= resume_step] \
+            if resume_step is not None else []
+        self.file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.fh = open(self.file, "a")  # noqa: SIM115 (open for the logger's lifetime)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                log.warning("tensorboard is not installed: metrics go to %s only", self.file)
+            else:
+                purge = resume_step + 1 if resume_step is not None else None
+                self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=purge)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            split, step = record.get("split", "train"), record["step"]
+            for k, v in record.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_curves(out_dir: str | Path, file: str | Path | None = None) -> Path | None:
+    """Draw train and validation loss against step from metrics.jsonl into loss.png."""
+    out_dir = Path(out_dir)
+    records = read_metrics(out_dir)
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    valid = [(r["step"], r["loss"]) for r in records if r.get("split") == "valid"]
+    if not train and not valid:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation", linewidth=1.5, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(out_dir.resolve().name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(file) if file is not None else out_dir / CURVE
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def describe_device(device: torch.device, world_size: int = 1) -> str:
+    """A short description of the hardware a run used."""
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"CPU {platform.processor() or platform.machine()}, " \
+               f"{torch.get_num_threads()} threads"
+    return f"{world_size} x {what}" if world_size > 1 else what
+
+
+class ComputeMeter:
+    """Tokens, training FLOPs (config.flops_per_token(seq_len) x tokens: the Kaplan 6N
+    approximation plus attention) and wall time, summed over every session of a run (a
+    resumed run starts from the totals saved in its checkpoint)."""
+
+    def __init__(self, config: Any, state: dict[str, Any] | None = None):
+        self.config = config
+        state = state or {}
+        self.tokens = int(state.get("tokens", 0))
+        self.flops = float(state.get("flops", 0.0))
+        self._wall_before = float(state.get("wall_time_s", 0.0))
+        self._start = time.perf_counter()
+        self.sessions = int(state.get("sessions", 0)) + 1
+        self._per_token: dict[int, float] = {}
+
+    @property
+    def wall_time_s(self) -> float:
+        return self._wall_before + time.perf_counter() - self._start
+
+    def flops_per_token(self, seq_len: int) -> float:
+        if seq_len not in self._per_token:
+            self._per_token[seq_len] = float(self.config.flops_per_token(seq_len))
+        return self._per_token[seq_len]
+
+    def add(self, tokens: int, seq_len: int) -> float:
+        """Count `tokens` trained on in rows of `seq_len`; returns their FLOPs."""
+        flops = tokens * self.flops_per_token(seq_len)
+        self.tokens += tokens
+        self.flops += flops
+        return flops
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "flops": self.flops, "wall_time_s": self.wall_time_s,
+                "sessions": self.sessions}
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        cfg, wall = self.config, self.wall_time_s
+        return {**self.state_dict(),
+                "tokens_per_s": self.tokens / wall if wall else 0.0,
+                "flops_per_s": self.flops / wall if wall else 0.0,
+                "parameters": cfg.num_parameters(),
+                "non_embedding_parameters": cfg.num_parameters(include_embeddings=False),
+                **extra}
+
+    def write(self, out_dir: str | Path, **extra: Any) -> Path:
+        path = Path(out_dir) / COMPUTE
+        tmp = path.with_name(f".{COMPUTE}.tmp")
+        tmp.write_text(json.dumps(self.summary(**extra), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
