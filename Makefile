@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	LMKIT_DATA=$(DATA) PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash examples/main.sh
+	$(PY) examples/transfer_sst2.py --data $(DATA)
 
 test: setup
 	$(PY) -m pytest tests

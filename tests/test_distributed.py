@@ -4,7 +4,6 @@ global batch (same data and seed), and only rank 0 writes."""
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,13 @@ def settings(tmp: Path, out: str, batch_size: int) -> dict:
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     write_corpus(tmp_path / "corpus.txt")
-    script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(f"""
-        from lmkit.train import load_config, pretrain
-        pretrain(load_config(None, {settings(tmp_path, "two", batch_size=2)!r}))
-    """))
+    # the same command as a single run: `torchrun ... -m lmkit.cli pretrain --set ...`
+    sets = [f"{k}={','.join(v) if isinstance(v, list) else v}"
+            for k, v in settings(tmp_path, "two", batch_size=2).items()]
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)],
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m",
+                           "lmkit.cli", "pretrain", *(a for s in sets for a in ("--set", s))],
                           capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -111,3 +111,24 @@ def test_layerwise_lr_decay():
     assert scales["encoder.layers.0.attn.q.weight"] == 0.25
     assert scales["tokens.weight"] == scales["encoder.positions.weight"] == 0.125
     assert set(lr_scales(classifier(), decay=None).values()) == {1.0}
+
+
+def test_layer_decay_sets_each_parameters_learning_rate():
+    """The optimizer gives every parameter lr x its scale, and the schedule scales them all."""
+    from lmkit.train.optim import build_optimizer, build_scheduler
+
+    model = classifier()
+    scales = lr_scales(model, decay=0.5)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, layer_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert group["lr"] == pytest.approx(1e-3 * scales[names[id(p)]])
+            seen.add(names[id(p)])
+    assert seen == set(scales)
+    sched = build_scheduler(opt, "constant", warmup_steps=2, total_steps=10)
+    low = min(g["lr"] for g in opt.param_groups)
+    assert low == pytest.approx(1e-3 * 0.125 / 2)  # warmup step 0 of 2 halves every rate
+    sched.step()
+    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(1e-3 * 0.125)

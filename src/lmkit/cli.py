@@ -36,7 +36,6 @@ def info(args: argparse.Namespace) -> None:
           f"({config.num_parameters(include_embeddings=False):,} without embeddings)")
 
 
-
 def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint folder (lmkit or Hugging Face) or .gguf file")
     p.add_argument("--prompt", action="append", required=True,
@@ -68,7 +67,6 @@ def generate(args: argparse.Namespace) -> None:
         prompt = args.prompt[i // per_prompt]
         sep = "" if model.config.family == "decoder" else " => "
         print(f"{prompt}{sep}{text}" + (f"   [score {score:.3f}]" if per_prompt > 1 else ""))
-
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
@@ -137,6 +135,65 @@ def predict(args: argparse.Namespace) -> None:
         print(json.dumps({"input": text, "prediction": prediction}, ensure_ascii=False))
 
 
+def _pretrain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of PretrainConfig fields (examples/pretrain/)")
+    p.add_argument("--preset", help="model preset (lmkit info PRESET) or a config.json path")
+    p.add_argument("--data", action="append", help="training text / JSONL file (repeatable)")
+    p.add_argument("--tokenizer", help="bpe:8000 | wordpiece:N | unigram:N | a tokenizer path")
+    p.add_argument("--objective", help="auto | causal | mlm | span | infilling")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--precision", help="fp32 | bf16")
+    p.add_argument("--out", help="run folder")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any PretrainConfig field, model.* for the architecture "
+                   "(e.g. --set model.hidden_size=128); repeatable")
+
+
+@command("pretrain", "train a language model from scratch on text files (works under torchrun)",
+         _pretrain_args)
+def pretrain(args: argparse.Namespace) -> None:
+    from lmkit.train import load_config, parse_set, resume
+    from lmkit.train import pretrain as run
+
+    flags = {"preset": args.preset, "data": args.data, "tokenizer": args.tokenizer,
+             "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
+             "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
+             "out": args.out}
+    overrides = {**flags, **parse_set(args.set)}
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume continues with the run's own saved config: drop "
+                             "--config (change single fields with --set or flags)")
+        out = resume(args.resume, {k: v for k, v in overrides.items() if v is not None})
+    else:
+        out = run(load_config(args.config, overrides))
+    print(f"model saved in {out} (lmkit generate {out} --prompt ...)")
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="checkpoint: lmkit or Hugging Face folder, or a .gguf file")
+    p.add_argument("dst", help="folder to write")
+    p.add_argument("--to", choices=("hf", "lmkit"), default="hf")
+    p.add_argument("--model-type", help="HF model_type to write (default: the natural one "
+                   "for the architecture)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow reading pytorch_model.bin (torch.load with weights_only=True)")
+
+
+@command("convert", "convert a checkpoint to a Hugging Face folder or an lmkit folder",
+         _convert_args)
+def convert(args: argparse.Namespace) -> None:
+    from lmkit.convert import convert as run
+
+    out = run(args.src, args.dst, to=args.to, model_type=args.model_type,
+              allow_pickle=args.allow_pickle)
+    print(f"wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,11 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lmkit.train.loop import TrainingDiverged, TrainingInterrupted
+
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"lmkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"lmkit {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        print(f"lmkit {args.command}: interrupted: {e}", file=sys.stderr)
+        return 130
     return 0
 
 

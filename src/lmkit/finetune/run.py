@@ -19,12 +19,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from lmkit.checkpoint import load
-from lmkit.finetune.schemes import apply_scheme
+from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
@@ -78,6 +78,21 @@ class FinetuneConfig(TrainConfig):
     max_length: int | None = None  # truncate inputs (default: the model's max positions)
     num_beams: int = 4  # generation tasks: beam width when scoring the dev set
     max_new_tokens: int | None = None
+
+    PATH_FIELDS: ClassVar = ("train", "dev", "out")
+
+    def validate(self) -> None:
+        """The TrainConfig checks (steps=0 and warmup_steps=-1 mean 'from the data') plus
+        the task and the scheme."""
+        TrainConfig.validate(dataclasses.replace(self, steps=max(1, self.steps),
+                                                 warmup_steps=max(0, self.warmup_steps)))
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {sorted(TASKS)}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown fine-tuning scheme {self.scheme!r}; choose one of "
+                             f"{SCHEMES}")
+        if self.steps <= 0 and self.epochs <= 0:
+            raise ValueError("give a positive number of --steps or --epochs")
 
     def options(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}

@@ -6,40 +6,18 @@
     lora      low-rank adapters on chosen layers + the head train; the body is frozen
 
 Layer-wise learning-rate decay (ELECTRA, BEiT) is independent of the scheme: the head keeps
-the base rate and each layer below gets `decay` times the rate of the layer above it.
+the base rate and each layer below gets `decay` times the rate of the layer above it
+(`layer_decay` in the training config; `lr_scales` in lmkit.train.optim).
 """
 
 from __future__ import annotations
 
-import re
-
 from torch import nn
 
 from lmkit.model.lora import LoRAConfig, apply_lora
+from lmkit.train.optim import layer_depth, lr_scales  # noqa: F401  (re-exported)
 
 SCHEMES = ("full", "frozen", "top-k", "lora")
-
-
-def layer_depth(name: str, num_layers: int, encoder_layers: int) -> int:
-    """0 for embeddings, 1..L for blocks (encoder first, then decoder), L+1 for the rest
-    (final norms, head)."""
-    m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.", name)
-    if m:
-        offset = encoder_layers if m.group(1) == "decoder" else 0
-        return offset + int(m.group(2)) + 1
-    if name.startswith("tokens.") or re.match(r"(encoder|decoder)\.(positions|types|embed_norm|"
-                                              r"relative_bias)\.", name):
-        return 0
-    return num_layers + 1
-
-
-def lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:
-    """Per-parameter multipliers of the base learning rate (all 1.0 without decay)."""
-    cfg = model.config
-    total = cfg.encoder_layers + cfg.decoder_layers
-    return {name: 1.0 if not decay else
-            decay ** (total + 1 - layer_depth(name, total, cfg.encoder_layers))
-            for name, _ in model.named_parameters()}
 
 
 def apply_scheme(model: nn.Module, scheme: str = "full", *, top_k: int = 1,

@@ -63,6 +63,7 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     weight_decay: float = 0.1  # not applied to norms, biases, embeddings
+    layer_decay: float = 0.0  # layer-wise lr decay: each block below gets this x the rate
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -88,6 +89,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay must be in [0, 1] (0 = off), got {self.layer_decay}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of "
                              f"{PRECISIONS}")
@@ -256,7 +259,7 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
     model.to(env.device)
     model.train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                cfg.eps)
+                                cfg.eps, cfg.layer_decay)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps,
                                 cfg.min_lr_ratio)
     source = _resume_source(out_dir, resume)

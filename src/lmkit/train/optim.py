@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import torch
@@ -11,27 +12,56 @@ from torch import nn
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices decay; norms, biases and embeddings do not (each shared
-    parameter, a tied embedding say, is counted once)."""
+def layer_depth(name: str, num_layers: int, encoder_layers: int) -> int:
+    """0 for embeddings, 1..L for blocks (encoder first, then decoder), L+1 for the rest
+    (final norms, head)."""
+    m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.", name)
+    if m:
+        offset = encoder_layers if m.group(1) == "decoder" else 0
+        return offset + int(m.group(2)) + 1
+    if name.startswith("tokens.") or re.match(r"(encoder|decoder)\.(positions|types|embed_norm|"
+                                              r"relative_bias)\.", name):
+        return 0
+    return num_layers + 1
+
+
+def lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:
+    """Per-parameter multipliers of the base learning rate (all 1.0 without decay)."""
+    cfg = model.config
+    total = cfg.encoder_layers + cfg.decoder_layers
+    return {name: 1.0 if not decay else
+            decay ** (total + 1 - layer_depth(name, total, cfg.encoder_layers))
+            for name, _ in model.named_parameters()}
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float,
+                 layer_decay: float = 0.0) -> list[dict]:
+    """AdamW groups: matrices decay; norms, biases and embeddings do not (each shared
+    parameter, a tied embedding say, is counted once). With `layer_decay` in (0, 1) the
+    groups are split further by depth, each with its own learning rate (`lr_scales`)."""
     no_decay: set[int] = set()
     for module in model.modules():
         if isinstance(module, (nn.Embedding, nn.LayerNorm, nn.RMSNorm)):
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, keep = [], []
-    for _, p in model.named_parameters():  # shared parameters appear once
+    scales = lr_scales(model, layer_decay) if hasattr(model, "config") else {}
+    groups: dict[tuple[bool, float], list] = {}
+    for name, p in model.named_parameters():  # shared parameters appear once
         if not p.requires_grad:
             continue
-        (keep if p.ndim < 2 or id(p) in no_decay else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": keep, "weight_decay": 0.0}]
+        decays = p.ndim >= 2 and id(p) not in no_decay
+        groups.setdefault((decays, scales.get(name, 1.0)), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr * scale}
+            for (decays, scale), params in sorted(groups.items(), key=lambda kv: kv[0],
+                                                  reverse=True)]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
-                    betas: tuple[float, float] = (0.9, 0.95),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)`."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
+                    layer_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, weight_decay, lr, layer_decay)`."""
+    return torch.optim.AdamW(param_groups(model, weight_decay, lr, layer_decay), lr=lr,
+                             betas=betas, eps=eps)
 
 
 def lr_factor(schedule: str, warmup_steps: int, total_steps: int,
