@@ -8,12 +8,14 @@ every tensor's name, shape and dtype before anything is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import uuid
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,13 +52,10 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     Tied weights are stored once. `tokenizer` (or the model's attached one) is saved as
     tokenizer.json. `extra_files` maps file names to text (a model card, say)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     tied = model.tied_names()
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with atomic_folder(path) as staging:
         meta = {"format": "pt", "lmkit.crc32": _crc(tensors)}
         save_file(tensors, staging / WEIGHTS, metadata=meta)
         model.config.to_json(staging / CONFIG)
@@ -64,13 +63,24 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
             tokenizer.save(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a staging folder next to `path`; once the block has written it, its files are
+    flushed to disk and moved into place. An error leaves `path` as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _move_into_place(staging, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return path
 
 
 def _move_into_place(staging: Path, path: Path) -> None:

@@ -20,10 +20,7 @@ import dataclasses
 import importlib
 import json
 import logging
-import os
 import re
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, _move_into_place, build, read_tensors
+from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, atomic_folder, build, read_tensors
 from lmkit.config import ModelConfig
 from lmkit.model import Model
 
@@ -491,20 +488,11 @@ def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
     stored = {v: k for k, v in DTYPES.items()}.get(model.tokens.weight.dtype)
     hf["dtype"] = stored or hf["dtype"]  # what the file holds (load(dtype=...) may differ)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with atomic_folder(path) as staging:
         save_file(tensors, staging / SAFETENSORS, metadata={"format": "pt"})
         (staging / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(staging)
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _move_into_place(staging, path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
