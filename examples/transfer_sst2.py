@@ -6,7 +6,7 @@
    model passed the scratch model's final accuracy;
 4. save the fine-tuned checkpoint and classify a few sentences with it.
 
-    python examples/transfer_sst2.py [--data ../shared/data] [--steps 600] [--out DIR]
+    python examples/transfer_sst2.py [--data ../shared/data] [--steps 1000] [--out DIR]
 
 Each run writes a new folder (runs/sst2/<date-time>/ by default), so it can be run again.
 """
@@ -39,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("LMKIT_DATA", "../shared/data"))
     ap.add_argument("--out", default=f"runs/sst2/{time.strftime('%Y%m%d-%H%M%S')}")
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps for each model")
+    ap.add_argument("--steps", type=int, default=1000, help="optimizer steps for each model")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--metric-every", type=int, default=100)
