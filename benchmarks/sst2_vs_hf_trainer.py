@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+import lmkit
+
 LR, BATCH, MAX_LEN, WD, WARMUP = 1e-4, 32, 64, 0.01, 0.06
 
 
@@ -46,8 +48,11 @@ def run_lmkit(model_dir: Path, sst2: Path, steps: int, out: Path) -> dict:
         warmup_steps=int(WARMUP * steps), schedule="linear", min_lr_ratio=0.0, grad_clip=1.0,
         precision="bf16", max_length=MAX_LEN, pooling="first", progress=False,
         tensorboard=False, plot=False))
+    total = time.perf_counter() - start
+    texts, _ = read_tsv(sst2 / "dev.tsv")  # predictions, to compare with the Trainer's
+    predictions = [int(p["label"]) for p in lmkit.pipeline("classification", out)(texts)]
     return {"accuracy": result.metrics["accuracy"], "train_s": result.compute["wall_time_s"],
-            "total_s": time.perf_counter() - start}
+            "total_s": total, "predictions": predictions}
 
 
 def run_hf(model_dir: Path, sst2: Path, steps: int, out: Path) -> dict:
@@ -83,7 +88,8 @@ def run_hf(model_dir: Path, sst2: Path, steps: int, out: Path) -> dict:
     logits = trainer.predict(dev).predictions
     logits = logits[0] if isinstance(logits, tuple) else logits
     accuracy = 100.0 * float((logits.argmax(-1) == [d["labels"] for d in dev]).mean())
-    return {"accuracy": accuracy, "train_s": train_s, "total_s": time.perf_counter() - start}
+    return {"accuracy": accuracy, "train_s": train_s, "total_s": time.perf_counter() - start,
+            "predictions": logits.argmax(-1).tolist()}
 
 
 def main() -> None:
@@ -105,8 +111,14 @@ def main() -> None:
                 torch.manual_seed(0)
                 res = fn(model_dir, sst2, args.steps, Path(tmp) / f"{name}-{r}")
                 results[name].append(res)
-                print(name, json.dumps(res), flush=True)
-    med = {name: {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+                shown = {k: v for k, v in res.items() if k != "predictions"}
+                print(name, json.dumps(shown), flush=True)
+            same = [a == b for a, b in zip(results["lmkit"][r]["predictions"],
+                                           results["hf"][r]["predictions"], strict=True)]
+            print(f"the two models agree on {100 * sum(same) / len(same):.1f}% of the dev "
+                  "sentences", flush=True)
+    med = {name: {k: statistics.median(x[k] for x in runs) for k in runs[0]
+                  if k != "predictions"}
            for name, runs in results.items()}
     print(f"\nSST-2 dev, all-MiniLM-L6-v2, {args.steps} steps x {BATCH}, bf16, "
           f"{args.threads} threads, median of {args.repeats}:")
