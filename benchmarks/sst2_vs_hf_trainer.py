@@ -17,7 +17,6 @@ tokenization and the dev pass) for each, and the HF/lmkit time ratios (median ov
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import tempfile
@@ -27,15 +26,15 @@ from pathlib import Path
 import torch
 
 import lmkit
+from lmkit.tasks import read_classification
 
 LR, BATCH, MAX_LEN, WD, WARMUP = 1e-4, 32, 64, 0.01, 0.06
 
 
-def read_tsv(path: Path) -> tuple[list[str], list[int]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    text = next(k for k in rows[0] if k != "label")
-    return [r[text] for r in rows], [int(r["label"]) for r in rows]
+def read_sst2(path: Path) -> tuple[list[str], list[int]]:
+    """Texts and integer labels, read by lmkit's own classification reader."""
+    examples = read_classification(path)
+    return [e.text for e in examples], [int(e.label) for e in examples]
 
 
 def run_lmkit(model_dir: Path, sst2: Path, steps: int, out: Path) -> dict:
@@ -49,7 +48,7 @@ def run_lmkit(model_dir: Path, sst2: Path, steps: int, out: Path) -> dict:
         precision="bf16", max_length=MAX_LEN, pooling="first", progress=False,
         tensorboard=False, plot=False))
     total = time.perf_counter() - start
-    texts, _ = read_tsv(sst2 / "dev.tsv")  # predictions, to compare with the Trainer's
+    texts, _ = read_sst2(sst2 / "dev.tsv")  # predictions, to compare with the Trainer's
     predictions = [int(p["label"]) for p in lmkit.pipeline("classification", out)(texts)]
     return {"accuracy": result.metrics["accuracy"], "train_s": result.compute["wall_time_s"],
             "total_s": total, "predictions": predictions}
@@ -69,7 +68,7 @@ def run_hf(model_dir: Path, sst2: Path, steps: int, out: Path) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
 
     def encode(path: Path) -> list[dict]:
-        texts, labels = read_tsv(path)
+        texts, labels = read_sst2(path)
         enc = tok(texts, truncation=True, max_length=MAX_LEN)
         return [{"input_ids": i, "attention_mask": m, "labels": y}
                 for i, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]

@@ -67,9 +67,11 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
+def atomic_folder(path: Path, swap: bool = False) -> Iterator[Path]:
     """Yield a staging folder next to `path`; once the block has written it, its files are
-    flushed to disk and moved into place. An error leaves `path` as it was."""
+    flushed to disk and moved into place. An error leaves `path` as it was. An existing
+    `path` keeps its other files (a run folder's logs), or with `swap` is replaced whole
+    (a training checkpoint, which must never mix two saves)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -78,21 +80,26 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _move_into_place(staging, path)
+        _move_into_place(staging, path, swap)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _move_into_place(staging: Path, path: Path) -> None:
-    """A new folder is renamed in one step. An existing folder (a run folder that also holds
-    logs, say) has each fully written file renamed over the old one."""
+def _move_into_place(staging: Path, path: Path, swap: bool) -> None:
+    """A new folder is renamed in one step; so is a swapped one (the old one is renamed
+    aside first, then dropped). Otherwise each fully written file is renamed over the old."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder: choose another path")
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}" if swap else None
+    if old is not None and path.exists():
+        path.rename(old)
     if not path.exists():
         staging.rename(path)
-        return
-    if not path.is_dir():
-        raise CheckpointError(f"{path} exists and is not a folder: choose another path")
-    for f in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG):  # config.json last
-        os.replace(f, path / f.name)
+    else:
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == CONFIG):  # config last
+            os.replace(f, path / f.name)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_tensors(file: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:

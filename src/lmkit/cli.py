@@ -168,7 +168,7 @@ def pretrain(args: argparse.Namespace) -> None:
         if args.config:
             raise ValueError("--resume continues with the run's own saved config: drop "
                              "--config (change single fields with --set or flags)")
-        out = resume(args.resume, {k: v for k, v in overrides.items() if v is not None})
+        out = resume(args.resume, overrides)
     else:
         out = run(load_config(args.config, overrides))
     print(f"model saved in {out} (lmkit generate {out} --prompt ...)")

@@ -10,8 +10,9 @@ from lmkit.finetune.run import (
                                 pipeline,
                                 predict,
 )
-from lmkit.finetune.schemes import SCHEMES, apply_scheme, lr_scales
+from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
+from lmkit.train.optim import lr_scales
 
 __all__ = ["SCHEMES", "FinetuneConfig", "FinetuneResult", "LoRAConfig", "Pipeline",
            "apply_lora", "apply_scheme", "evaluate_run", "finetune", "load_adapter",

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
 from lmkit.tasks.batching import collate, length_grouped_batches
+from lmkit.train.distributed import launch_ranks
 from lmkit.train.loop import TrainConfig, train
 
 log = logging.getLogger("lmkit")
@@ -110,8 +110,7 @@ class TaskBatches:
         self.features, self.pad_id, self.seed = features, pad_id, seed
         self.batch_size, self.max_tokens = (None, max_tokens) if max_tokens else (batch_size,
                                                                                   None)
-        self.rank = int(os.environ.get("RANK", 0))
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank, self.world, _ = launch_ranks()
         self.epoch = self.index = 0
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -194,14 +193,10 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
              f"{counts['total']:,}", cfg.scheme)
     features = [task.features(e) for e in train_examples]
     batches = TaskBatches(features, _pad_id(model), cfg.batch_size, cfg.max_tokens, cfg.seed)
-    train_cfg = dataclasses.replace(cfg)
-    if cfg.steps <= 0:
-        train_cfg.steps = max(1, math.ceil(cfg.epochs * len(batches) / cfg.grad_accum))
-    if cfg.warmup_steps < 0:
-        train_cfg.warmup_steps = int(0.06 * train_cfg.steps)
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    train_cfg = TrainConfig(**{k: v for k, v in dataclasses.asdict(train_cfg).items()
-                               if k in train_fields})
+    steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(batches)
+                                                             / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.06 * steps)
+    train_cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=warmup)
     dev_batches = None
     if dev_examples and cfg.eval_every:
         dev_feats = [task.features(e) for e in dev_examples]

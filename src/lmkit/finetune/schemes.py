@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from lmkit.model.lora import LoRAConfig, apply_lora
-from lmkit.train.optim import layer_depth, lr_scales  # noqa: F401  (re-exported)
+from lmkit.train.optim import layer_depth
 
 SCHEMES = ("full", "frozen", "top-k", "lora")
 

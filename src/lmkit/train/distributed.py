@@ -47,11 +47,16 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     return dev
 
 
+def launch_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun set them; (0, 1, 0) for a plain process.
+    Usable before the process group exists (to shard data, say)."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def init_distributed(device: str = "auto") -> DistEnv:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); idempotent."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = launch_ranks()
     dev = resolve_device(device, local_rank)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":

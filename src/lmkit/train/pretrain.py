@@ -88,9 +88,6 @@ class PretrainConfig(TrainConfig):
         if self.valid_batches < 1:
             raise ValueError(f"valid_batches must be at least 1, got {self.valid_batches}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def load_config(path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> PretrainConfig:

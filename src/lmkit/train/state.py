@@ -9,11 +9,9 @@ plain Python values only and is read with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit.checkpoint import CheckpointError, check_tensors, read_tensors, save
+from lmkit.checkpoint import CheckpointError, atomic_folder, check_tensors, read_tensors, save
 from lmkit.train.distributed import DistEnv, barrier, gather_objects
 
 CHECKPOINTS, STATE = "checkpoints", "trainer_state.pt"
@@ -68,11 +66,6 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
                     env: DistEnv, keep: int = 3, extra: dict[str, Any] | None = None
@@ -86,24 +79,12 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
     folder = Path(out_dir) / CHECKPOINTS
     final = folder / f"step-{step}"
     if env.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        staging = folder / f".step-{step}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
+        with atomic_folder(final, swap=True) as staging:  # the same step again: swapped
             save(model, staging)
             state = {"step": step, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "world_size": env.world_size,
                      "ranks": ranks, **(extra or {})}
             torch.save(state, staging / STATE)
-            _fsync(staging / STATE)
-            old = None
-            if final.exists():  # the same step saved again: swap, then drop the old one
-                old = folder / f".step-{step}.old-{uuid.uuid4().hex[:8]}"
-                final.rename(old)
-            staging.rename(final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         if keep > 0:
             for stale in list_checkpoints(out_dir)[:-keep]:
                 shutil.rmtree(stale, ignore_errors=True)
