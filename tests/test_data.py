@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lmkit.data import PackedDataset, TokenCache, iter_documents, pad_batch, tokenize_corpus
+from lmkit.errors import DataError
 from lmkit.tokenizer import Tokenizer
 
 DOCS = [f"Document number {i}: " + " ".join(["some words here"] * (i % 7 + 1)) for i in range(40)]
@@ -50,8 +51,11 @@ def test_iter_documents(files, tmp_path, monkeypatch):
     other = tmp_path / "records.json"
     other.write_text('{"body": "x y"}\n\n{"body": ""}\n{"body": "z"}\n')
     assert list(iter_documents(other, text_field="body")) == ["x y", "z"]
-    with pytest.raises(ValueError, match="line 1 of .* has no field 'text'"):
+    with pytest.raises(DataError, match="records.json:1: no field 'text'"):
         list(iter_documents(other, text_field="text"))
+    other.write_bytes(b'{"body": "x"}\n{"body": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match="records.json:2: not UTF-8"):
+        list(iter_documents(other, text_field="body"))
     # A block without blank lines is cut at a line boundary once it is long.
     monkeypatch.setattr("lmkit.data.corpus.MAX_DOC_CHARS", 10)
     long = tmp_path / "long.txt"

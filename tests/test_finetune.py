@@ -9,7 +9,7 @@ import torch
 
 import lmkit
 from lmkit.finetune import FinetuneConfig, evaluate_run, finetune, pipeline
-from lmkit.tasks import TaskDataError, bleu, read_classification, read_seq2seq
+from lmkit.tasks import DataError, bleu, read_classification, read_seq2seq
 from lmkit.tokenizer import Tokenizer
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
@@ -177,12 +177,12 @@ def test_frozen_body_keeps_pretrained_weights(tmp_path, data, encoder):
 def test_bad_input_names_file_and_line(tmp_path, data, encoder, decoder):
     dev = tmp_path / "dev.tsv"
     dev.write_text("sentence\tlabel\nfine day\tpos\nodd one\tneutral\n")
-    with pytest.raises(TaskDataError, match=r"dev.tsv:3.*'neutral'"):
+    with pytest.raises(DataError, match=r"dev.tsv:3.*'neutral'"):
         run(tmp_path, encoder, task="classification", train=str(data / "cls_train.tsv"),
             dev=str(dev), steps=1)
     broken = tmp_path / "broken.txt"
     broken.write_text("alice B-PER\nparis\n")
-    with pytest.raises(TaskDataError, match=r"broken.txt:2"):
+    with pytest.raises(DataError, match=r"broken.txt:2"):
         run(tmp_path, encoder, task="ner", train=str(broken), steps=1)
     with pytest.raises(ValueError, match="translation task needs a encoder-decoder or decoder"):
         run(tmp_path, encoder, task="translation", train=str(data / "mt_train.tsv"), steps=1)

@@ -12,7 +12,7 @@ from lmkit.tasks import (
     GenerationExample,
     Seq2SeqExample,
     Span,
-    TaskDataError,
+    DataError,
     TokenClassificationExample,
     align_labels,
     align_predictions,
@@ -86,7 +86,7 @@ def test_unknown_dev_label_names_file_line_label_and_known(tmp_path):
     train = read_classification(write(tmp_path / "train.tsv",
                                       "sentence\tlabel\ngood\tpositive\nbad\tnegative\n"))
     dev = write(tmp_path / "dev.tsv", "sentence\tlabel\nok\tpositive\nmeh\tneutral\n")
-    with pytest.raises(TaskDataError) as err:
+    with pytest.raises(DataError) as err:
         read_classification(dev, labels=label_names(train))
     msg = str(err.value)
     assert msg.startswith(f"{dev}:3:")
@@ -108,14 +108,14 @@ def test_unknown_dev_label_names_file_line_label_and_known(tmp_path):
     ("g.dat", "x", r"g\.dat: cannot tell the format"),
 ])
 def test_classification_errors_name_file_and_line(tmp_path, name, text, match):
-    with pytest.raises(TaskDataError, match=match):
+    with pytest.raises(DataError, match=match):
         read_classification(write(tmp_path / name, text))
 
 
 def test_non_utf8_line_is_named(tmp_path):
     f = tmp_path / "latin1.tsv"
     f.write_bytes("sentence\tlabel\ncaf\u00e9\t1\n".encode("latin-1"))
-    with pytest.raises(TaskDataError, match=r"latin1\.tsv:2: not UTF-8"):
+    with pytest.raises(DataError, match=r"latin1\.tsv:2: not UTF-8"):
         read_classification(f)
 
 
@@ -149,13 +149,13 @@ def test_conll_2003_four_columns(tmp_path):
     ("EU B-ORG\nGerman B-\n", r"bad\.txt:2: tag 'B-'"),
 ])
 def test_conll_errors_name_file_and_line(tmp_path, text, match):
-    with pytest.raises(TaskDataError, match=match):
+    with pytest.raises(DataError, match=match):
         read_token_classification(write(tmp_path / "bad.txt", text))
 
 
 def test_conll_dev_tag_unseen_in_training(tmp_path):
     dev = write(tmp_path / "dev.txt", "Paris B-LOC\n\nIBM B-ORG\n")
-    with pytest.raises(TaskDataError, match=r"dev\.txt:3: label 'B-ORG' was not seen.*O, B-LOC"):
+    with pytest.raises(DataError, match=r"dev\.txt:3: label 'B-ORG' was not seen.*O, B-LOC"):
         read_token_classification(dev, labels=["O", "B-LOC", "I-LOC"])
 
 
@@ -168,10 +168,10 @@ def test_tagging_jsonl_with_string_and_integer_tags(tmp_path):
                                         "ner_tags": [3, 0]}])
     names = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG"]
     assert read_token_classification(hf, tag_names=names)[0].tags == ["B-ORG", "O"]
-    with pytest.raises(TaskDataError, match=r"hf\.jsonl:1: integer tags need .*tag_names="):
+    with pytest.raises(DataError, match=r"hf\.jsonl:1: integer tags need .*tag_names="):
         read_token_classification(hf)
     short = jsonl(tmp_path / "short.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
-    with pytest.raises(TaskDataError, match=r"short\.jsonl:1: 'tags' must be a list with one"):
+    with pytest.raises(DataError, match=r"short\.jsonl:1: 'tags' must be a list with one"):
         read_token_classification(short)
 
 
@@ -184,10 +184,10 @@ def test_tatoeba_tsv_takes_first_two_columns(tmp_path):
     assert read_seq2seq(f) == [Seq2SeqExample("Go.", "Va !"), Seq2SeqExample("Hi.", "Salut !")]
     assert len(read_seq2seq(f, limit=1)) == 1
     bad = write(tmp_path / "bad.tsv", "Go.\tVa !\nHi.\n")
-    with pytest.raises(TaskDataError, match=r"bad\.tsv:2: one column"):
+    with pytest.raises(DataError, match=r"bad\.tsv:2: one column"):
         read_seq2seq(bad)
     empty = write(tmp_path / "empty.tsv", "Go.\t\n")
-    with pytest.raises(TaskDataError, match=r"empty\.tsv:1: empty target"):
+    with pytest.raises(DataError, match=r"empty\.tsv:1: empty target"):
         read_seq2seq(empty)
     headed = write(tmp_path / "headed.tsv", "fr\ten\nSalut\tHi\n")
     assert read_seq2seq(headed, header=True, source_field="en", target_field="fr") == [
@@ -203,7 +203,7 @@ def test_seq2seq_jsonl_dialogsum_and_nested_fields(tmp_path):
     wmt = jsonl(tmp_path / "wmt.jsonl", [{"translation": {"de": "Hallo", "en": "Hello"}}])
     assert read_seq2seq(wmt, source_field="translation.en", target_field="translation.de") == [
         Seq2SeqExample("Hello", "Hallo")]
-    with pytest.raises(TaskDataError, match=r"wmt\.jsonl:1: cannot tell .*source_field="):
+    with pytest.raises(DataError, match=r"wmt\.jsonl:1: cannot tell .*source_field="):
         read_seq2seq(wmt)
 
 
@@ -213,7 +213,7 @@ def test_generation_jsonl(tmp_path):
     assert read_generation(f) == [GenerationExample("Q: 2+2?\nA:", " 4"),
                                   GenerationExample("", "Once upon a time")]
     bad = jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": ["y"]}])
-    with pytest.raises(TaskDataError, match=r"bad\.jsonl:1: field 'completion' is a list"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'completion' is a list"):
         read_generation(bad)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from tokenizers import pre_tokenizers
 
+from lmkit.errors import TokenizerError
 from lmkit.tokenizer import Tokenizer
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven",
@@ -129,7 +130,7 @@ def test_train_on_jsonl(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     tok = Tokenizer.train([path], "bpe", 300, text_field="body")
     assert tok.decode(tok.encode("document 7 about houses")) == "document 7 about houses"
-    with pytest.raises(ValueError, match="has no field 'text'"):
+    with pytest.raises(ValueError, match="docs.jsonl:1: no field 'text'"):
         Tokenizer.train([path], "bpe", 300)
 
 
@@ -144,8 +145,18 @@ def test_train_errors(tmp_path, corpus):
     empty.write_text("\n  \n")
     with pytest.raises(ValueError, match="has no text"):
         Tokenizer.train([empty], "bpe", 300)
-    with pytest.raises(ValueError, match="vocab_size=50 leaves no room"):
+    with pytest.raises(TokenizerError, match="vocab_size=50 is too small.*at least 106"):
         Tokenizer.train([corpus], "unigram", 50, family="encoder-decoder")
+    # byte-level BPE holds all 256 bytes: a smaller vocabulary is an error, not 257 tokens
+    with pytest.raises(TokenizerError, match="vocab_size=10 is too small.*256 byte tokens"):
+        Tokenizer.train([corpus], "bpe", 10)
+    with pytest.raises(TokenizerError, match="smaller than the corpus's characters"):
+        Tokenizer.train([corpus], "wordpiece", 8)
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text('{"version": "1.0", "model": ')
+    with pytest.raises(TokenizerError, match=r"tokenizer.json is not a readable tokenizer"):
+        Tokenizer.from_file(bad)
+    bad.unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
         Tokenizer.from_dir(tmp_path)
 

@@ -10,13 +10,22 @@
 Pretraining is `lmkit.train.pretrain`, fine-tuning `lmkit.finetune.finetune`.
 """
 
-from lmkit.checkpoint import CheckpointError, load, save
+from lmkit.checkpoint import load, save
 from lmkit.config import PRESETS, ModelConfig, preset
+from lmkit.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    LmkitError,
+    StorageError,
+    TokenizerError,
+)
 from lmkit.generate import Generation, generate
 from lmkit.model import Model, ModelOutput
 
-__all__ = ["PRESETS", "CheckpointError", "Generation", "Model", "ModelConfig", "ModelOutput",
-           "generate", "load", "pipeline", "preset", "save"]
+__all__ = ["PRESETS", "CheckpointError", "ConfigError", "DataError", "Generation", "LmkitError",
+           "Model", "ModelConfig", "ModelOutput", "StorageError", "TokenizerError", "generate",
+           "load", "pipeline", "preset", "save"]
 __version__ = "0.1.0"
 
 

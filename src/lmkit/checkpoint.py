@@ -9,7 +9,6 @@ every tensor's name, shape and dtype before anything is used.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -23,17 +22,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmkit.config import ModelConfig
+from lmkit.config import ModelConfig, read_json
+from lmkit.errors import CheckpointError, storage, write_error
 from lmkit.model import Model
 
 log = logging.getLogger("lmkit")
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be used as it is; the message says why and
-    what to do."""
 
 
 def _crc(tensors: dict[str, torch.Tensor]) -> str:
@@ -71,16 +66,23 @@ def atomic_folder(path: Path, swap: bool = False) -> Iterator[Path]:
     """Yield a staging folder next to `path`; once the block has written it, its files are
     flushed to disk and moved into place. An error leaves `path` as it was. An existing
     `path` keeps its other files (a run folder's logs), or with `swap` is replaced whole
-    (a training checkpoint, which must never mix two saves)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    (a training checkpoint, which must never mix two saves). A failed write (permission,
+    read-only or full disk) raises a StorageError naming `path`."""
+    with storage("write", path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
     try:
         yield staging
         for f in staging.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _move_into_place(staging, path, swap)
+    except Exception as e:  # writers hide ENOSPC in their own exceptions
+        err = write_error(e, path)
+        if err is e:
+            raise
+        raise err from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -192,13 +194,12 @@ def load(path: str | Path, *, head: str | None = None, labels: list[str] | None 
                               f"{CONFIG} and {WEIGHTS}")
     if not (path / CONFIG).exists():
         raise CheckpointError(f"{path} has no {CONFIG}: it is not a checkpoint folder")
-    raw = json.loads((path / CONFIG).read_text())
-    if "model_type" in raw:  # a Hugging Face folder: translated at the edge
+    if "model_type" in read_json(path / CONFIG):  # a Hugging Face folder: translated at the edge
         from lmkit.convert import load_hf
 
         return load_hf(path, head=head, labels=labels, dtype=dtype, device=device,
                        allow_pickle=allow_pickle)
-    config = ModelConfig.from_dict(raw)
+    config = ModelConfig.from_json(path / CONFIG)
     new: tuple[str, ...] = ()
     if head is not None and (head != config.head or (labels and labels != config.labels)):
         config = config.replace(head=head, labels=list(labels or config.labels))

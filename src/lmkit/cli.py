@@ -1,14 +1,70 @@
 """The `lmkit` command: a thin face over the Python API (each command calls the same public
-function a Python user would)."""
+function a Python user would).
+
+Option values are checked at parse time by the same rules the API applies. Bad input, I/O
+failures and interruptions end with one line `lmkit: error: ...` (or `stopped:` /
+`interrupted:`) and a non-zero exit status; `--debug` shows the traceback instead. Anything
+else is a bug in lmkit and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
 COMMANDS: dict[str, Any] = {}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of the command."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"lmkit: error: {message} (see {self.prog} --help)\n")
+
+
+def _value(kind: type, check: Callable[[str, Any], None], name: str) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)`, then `check(name, value)` (a ValueError becomes the
+    usage error). So a flag is checked by the rule the API applies to the same value."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        try:
+            check(name, value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its own messages
+    return parse
+
+
+def _config_field(cls_path: str) -> Callable[[str, Any], None]:
+    """A check of one field of the run config class at `cls_path` ("module:Class"): its
+    defaults with that field changed must pass the class's `validate`."""
+    def check(name: str, value: Any) -> None:
+        import importlib
+
+        module, cls = cls_path.split(":")
+        defaults = getattr(importlib.import_module(module), cls)()
+        dataclasses.replace(defaults, **{name: value}).validate()
+    return check
+
+
+def _generate_option(name: str, value: Any) -> None:
+    from lmkit.generate import check_option
+
+    check_option(name, value)
+
+
+_PRETRAIN = _config_field("lmkit.train.pretrain:PretrainConfig")
+_FINETUNE = _config_field("lmkit.finetune.run:FinetuneConfig")
 
 
 def command(name: str, help: str, arguments: Any):
@@ -40,15 +96,20 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint folder (lmkit or Hugging Face) or .gguf file")
     p.add_argument("--prompt", action="append", required=True,
                    help="text to continue (or translate); repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=_value(int, _generate_option, "max_new_tokens"),
+                   default=40)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--temperature", type=_value(float, _generate_option, "temperature"),
+                   default=1.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=_value(int, _generate_option, "top_k"))
+    p.add_argument("--top-p", type=_value(float, _generate_option, "top_p"))
     p.add_argument("--seed", type=int)
-    p.add_argument("--beams", type=int, default=1, help="beam width (1 = no beam search)")
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--n-best", type=int, default=1)
+    p.add_argument("--beams", type=_value(int, _generate_option, "num_beams"), default=1,
+                   help="beam width (1 = no beam search)")
+    p.add_argument("--length-penalty", type=_value(float, _generate_option, "length_penalty"),
+                   default=1.0)
+    p.add_argument("--n-best", type=_value(int, _generate_option, "num_return_sequences"),
+                   default=1)
 
 
 @command("generate", "continue a prompt (decoder) or transform a source (encoder-decoder)",
@@ -77,10 +138,11 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev", help="dev file, scored with the task's metric at the end")
     p.add_argument("--out", help="run folder (becomes the fine-tuned checkpoint)")
     p.add_argument("--scheme", help="full | frozen | top-k | lora")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=_value(float, _FINETUNE, "epochs"))
+    p.add_argument("--steps", type=_value(int, _FINETUNE, "steps"),
+                   help="optimizer steps (overrides --epochs)")
+    p.add_argument("--lr", type=_value(float, _FINETUNE, "lr"))
+    p.add_argument("--batch-size", type=_value(int, _FINETUNE, "batch_size"))
     p.add_argument("--precision", help="fp32 | bf16")
     p.add_argument("--config", help="YAML file of FinetuneConfig fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -109,7 +171,8 @@ def finetune(args: argparse.Namespace) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a fine-tuned folder (from lmkit finetune)")
     p.add_argument("--data", required=True, help="labelled file in the task's format")
-    p.add_argument("--limit", type=int, help="score only the first N examples")
+    p.add_argument("--limit", type=_value(int, _FINETUNE, "dev_limit"),
+                   help="score only the first N examples")
 
 
 @command("evaluate", "score a fine-tuned model on labelled data with its task's metric",
@@ -139,12 +202,14 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of PretrainConfig fields (examples/pretrain/)")
     p.add_argument("--preset", help="model preset (lmkit info PRESET) or a config.json path")
     p.add_argument("--data", action="append", help="training text / JSONL file (repeatable)")
-    p.add_argument("--tokenizer", help="bpe:8000 | wordpiece:N | unigram:N | a tokenizer path")
-    p.add_argument("--objective", help="auto | causal | mlm | span | infilling")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--tokenizer", type=_value(str, _PRETRAIN, "tokenizer"),
+                   help="bpe:8000 | wordpiece:N | unigram:N | a tokenizer path")
+    p.add_argument("--objective", type=_value(str, _PRETRAIN, "objective"),
+                   help="auto | causal | mlm | span | infilling")
+    p.add_argument("--steps", type=_value(int, _PRETRAIN, "steps"))
+    p.add_argument("--batch-size", type=_value(int, _PRETRAIN, "batch_size"))
+    p.add_argument("--seq-len", type=_value(int, _PRETRAIN, "seq_len"))
+    p.add_argument("--lr", type=_value(float, _PRETRAIN, "lr"))
     p.add_argument("--precision", help="fp32 | bf16")
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
@@ -195,30 +260,46 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmkit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="lmkit", description=__doc__.splitlines()[0])
+    debug = {"action": "store_true", "help": "show the traceback of an error"}
+    parser.add_argument("--debug", **debug)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (fn, help, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
         arguments(p)
+        p.add_argument("--debug", **debug, default=argparse.SUPPRESS)  # after the command too
         p.set_defaults(func=fn)
     return parser
 
 
+def error_line(e: BaseException) -> tuple[str, int] | None:
+    """The one line `lmkit` prints for the exception `e` and its exit status, or None when
+    `e` is a bug (not bad input, an I/O failure or an interruption)."""
+    from lmkit.errors import TrainingDiverged, storage_error
+
+    if isinstance(e, TrainingDiverged):
+        return f"stopped: {e}", 1
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C, SIGTERM (TrainingInterrupted)
+        return f"interrupted: {e or 'Ctrl-C'}", 130
+    if isinstance(e, OSError):
+        e = storage_error(e, "use") if e.errno is not None else e
+    elif not isinstance(e, ValueError):  # lmkit's input errors are all ValueErrors
+        return None
+    return "error: " + "; ".join(s.strip() for s in str(e).splitlines() if s.strip()), 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from lmkit.train.loop import TrainingDiverged, TrainingInterrupted
-
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
-        print(f"lmkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"lmkit {args.command}: stopped: {e}", file=sys.stderr)
-        return 1
-    except TrainingInterrupted as e:
-        print(f"lmkit {args.command}: interrupted: {e}", file=sys.stderr)
-        return 130
+    except BaseException as e:
+        report = error_line(e) if not isinstance(e, SystemExit) else None
+        if report is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"lmkit: {report[0]}", file=sys.stderr)
+        return report[1]
     return 0
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmkit.errors import ConfigError, LmkitError, storage
+
 FAMILIES = ("encoder", "decoder", "encoder-decoder")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
@@ -171,11 +173,12 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
+        """Read a config.json; any problem is a ConfigError naming the file."""
+        data = read_json(path)
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); is the checkpoint complete?") from e
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{path}: {e}; fix the file or re-save the checkpoint") from e
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
@@ -257,3 +260,22 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def read_json(path: str | Path, error: type[LmkitError] = ConfigError) -> dict[str, Any]:
+    """The JSON object in the file `path`. Bad JSON raises `error` naming file:line; a failed
+    read raises a StorageError."""
+    path = Path(path)
+    with storage("read", path):
+        text = path.read_bytes()
+    try:
+        data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the file is "
+                    "corrupted: copy it again or re-save it") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); the file "
+                    "is truncated or corrupted: copy it again or re-save it") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object ({{...}}), got {type(data).__name__}")
+    return data

@@ -9,11 +9,33 @@ are computed at the first step and reused.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+from lmkit.errors import ConfigError
 from lmkit.model import Model
+
+# The range of each option of `generate` (checked there and by the CLI at parse time).
+OPTION_RANGES = {
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "temperature": (lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 1, "at least 1 (leave it out for no top-k filter)"),
+    "top_p": (lambda v: 0 < v <= 1, "in (0, 1] (1 = no top-p filter)"),
+    "num_beams": (lambda v: v >= 1, "at least 1 (1 = no beam search)"),
+    "length_penalty": (lambda v: True, "a number"),
+    "num_return_sequences": (lambda v: v >= 1, "at least 1"),
+}
+
+
+def check_option(name: str, value: float | None) -> None:
+    """Raise ConfigError when a `generate` option is outside its range (None = not set)."""
+    if value is None:
+        return
+    ok, rule = OPTION_RANGES[name]
+    if not (math.isfinite(value) and ok(value)):
+        raise ConfigError(f"{name} must be {rule}, got {value}")
 
 
 @dataclass
@@ -187,7 +209,14 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
 
     prompts: text (encoded with the model's tokenizer), lists of token ids of any lengths, or
     a padded tensor with `attention_mask`. Stops at EOS (`eos_id`, default the config's) or
-    after `max_new_tokens`. `num_beams` > 1 runs beam search and may return the n best."""
+    after `max_new_tokens`. `num_beams` > 1 runs beam search and may return the n best.
+    `temperature=0` means greedy decoding, also with `do_sample` (the usual convention)."""
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+                   num_return_sequences=num_return_sequences)
+    for name, value in options.items():
+        check_option(name, value)
+    do_sample = do_sample and temperature > 0
     cfg = model.config
     if cfg.head != "lm":
         raise ValueError(f"generation needs an LM head; this model has head={cfg.head!r}")

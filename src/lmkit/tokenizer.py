@@ -26,6 +26,7 @@ usual GPT-2, BERT, T5 and BART files. Sentinels are the special tokens named
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -36,10 +37,13 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmkit.config import read_json
 from lmkit.data.corpus import check_files, iter_documents
+from lmkit.errors import LmkitError, TokenizerError, reading
 
 PathLike = str | os.PathLike
 KINDS = ("bpe", "wordpiece", "unigram")
+BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
 FAMILIES = ("decoder", "encoder", "encoder-decoder")
 NUM_SENTINELS = 100
 ROLES = ("pad", "bos", "eos", "unk", "mask", "cls", "sep")
@@ -139,14 +143,14 @@ class Tokenizer:
         if family not in FAMILIES:
             raise ValueError(f"unknown model family '{family}': use one of {FAMILIES}")
         paths = check_files(files)
-        specials = list(FAMILY_SPECIALS[family])
-        unk = next((t for t in ROLE_NAMES["unk"] if t in specials), None)
-        if kind != "bpe" and unk is None:  # WordPiece and Unigram need an unknown token
-            unk = "<unk>"
-            specials.append(unk)
-        if vocab_size <= len(specials):
-            raise ValueError(f"vocab_size={vocab_size} leaves no room beside the "
-                             f"{len(specials)} special tokens: use a larger vocab_size")
+        specials, unk = _specials(kind, family)
+        need = min_vocab_size(kind, family)
+        if vocab_size < need:
+            raise TokenizerError(
+                f"vocab_size={vocab_size} is too small for a {kind} tokenizer: its "
+                f"{len(specials)} special tokens"
+                + (f" and {BYTE_ALPHABET} byte tokens" if kind == "bpe" else "")
+                + f" need at least {need}: use a larger vocab_size")
 
         backend, trainer = _BUILDERS[kind](vocab_size, min_frequency, specials, unk, lowercase)
         num_docs = 0
@@ -158,11 +162,21 @@ class Tokenizer:
                     num_docs += 1
                     yield doc
 
-        backend.train_from_iterator(texts(), trainer)
+        names = ", ".join(f"'{p}'" for p in paths)
+        try:
+            backend.train_from_iterator(texts(), trainer)
+        except (LmkitError, OSError):  # from reading the corpus: already names the file
+            raise
+        except Exception as e:  # the trainer's own bare Exception
+            raise TokenizerError(f"training a {kind} tokenizer of vocab_size={vocab_size} on "
+                                 f"{names} failed: {e} (a larger vocab_size may fit)") from e
         if num_docs == 0:
-            names = ", ".join(f"'{p}'" for p in paths)
             raise ValueError(f"corpus {names} has no text to train a tokenizer on: "
                              "check the files (and text_field for JSONL)")
+        if backend.get_vocab_size() > vocab_size:  # the corpus's alphabet did not fit
+            raise TokenizerError(
+                f"vocab_size={vocab_size} is smaller than the corpus's characters and the "
+                f"special tokens need ({backend.get_vocab_size()}): use a larger vocab_size")
         tok = cls(backend)
         tok._set_post_processor(family, byte_level=kind == "bpe")
         return tok
@@ -194,8 +208,9 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file '{path}' does not exist: pass the path "
                                     "of a tokenizer.json (or its folder to from_dir)")
-        backend = tokenizers.Tokenizer.from_file(str(path))
-        return cls(backend, _read_roles(path.parent, backend))
+        with _reading(path):
+            backend = tokenizers.Tokenizer.from_file(str(path))
+            return cls(backend, _read_roles(path.parent, backend))
 
     @classmethod
     def from_dir(cls, path: PathLike) -> Tokenizer:
@@ -218,7 +233,9 @@ class Tokenizer:
         for p in (vocab_json, merges_txt):
             if not Path(p).is_file():
                 raise FileNotFoundError(f"GPT-2 tokenizer file '{p}' does not exist")
-        backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab_json), str(merges_txt)))
+        with _reading(vocab_json):
+            backend = tokenizers.Tokenizer(models.BPE.from_file(str(vocab_json),
+                                                                str(merges_txt)))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         if backend.token_to_id("<|endoftext|>") is not None:
@@ -232,14 +249,16 @@ class Tokenizer:
         """BERT WordPiece from a ``vocab.txt`` (one token a line, id = line number)."""
         if not Path(vocab_txt).is_file():
             raise FileNotFoundError(f"BERT vocabulary '{vocab_txt}' does not exist")
-        backend = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab_txt),
-                                                                  unk_token="[UNK]"))
+        with _reading(vocab_txt):
+            backend = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab_txt),
+                                                                      unk_token="[UNK]"))
         _bert_pipeline(backend, lowercase)
         present = [t for t in FAMILY_SPECIALS["encoder"] if backend.token_to_id(t) is not None]
         backend.add_special_tokens(present)
         missing = {"[CLS]", "[SEP]"} - set(present)
         if missing:
-            raise ValueError(f"'{vocab_txt}' lacks {sorted(missing)}: not a BERT vocabulary")
+            raise TokenizerError(f"'{vocab_txt}' lacks {sorted(missing)}: not a BERT "
+                                 "vocabulary")
         tok = cls(backend)
         tok._set_post_processor("encoder", byte_level=False)
         return tok
@@ -391,9 +410,36 @@ def _unigram(vocab_size: int, min_frequency: int, specials: list[str], unk: str 
 _BUILDERS = {"bpe": _bpe, "wordpiece": _wordpiece, "unigram": _unigram}
 
 
+def _specials(kind: str, family: str) -> tuple[list[str], str | None]:
+    """The special tokens of a `kind` tokenizer for a model `family`, and its unknown token."""
+    specials = list(FAMILY_SPECIALS[family])
+    unk = next((t for t in ROLE_NAMES["unk"] if t in specials), None)
+    if kind != "bpe" and unk is None:  # WordPiece and Unigram need an unknown token
+        unk = "<unk>"
+        specials.append(unk)
+    return specials, unk
+
+
+def min_vocab_size(kind: str, family: str | None = None) -> int:
+    """The smallest vocab_size `Tokenizer.train` accepts (for the family with the fewest
+    special tokens when `family` is None): byte-level BPE holds all 256 bytes plus the
+    specials; WordPiece and Unigram need room for one token beside the specials (their
+    alphabet is checked after training)."""
+    families = [family] if family else list(FAMILIES)
+    specials = min(len(_specials(kind, f)[0]) for f in families)
+    return BYTE_ALPHABET + specials if kind == "bpe" else specials + 1
+
+
+def _reading(path: PathLike) -> contextlib.AbstractContextManager:
+    """Errors of the tokenizers library (a bare Exception without the file's name) while
+    reading `path` become a TokenizerError naming it."""
+    return reading(path, TokenizerError, "tokenizer file", "it is truncated or corrupted: "
+                   "copy it again or re-save the tokenizer")
+
+
 def _read_config(folder: Path) -> dict:
     file = folder / CONFIG_FILE
-    return json.loads(file.read_text()) if file.is_file() else {}
+    return read_json(file, TokenizerError) if file.is_file() else {}
 
 
 def _read_roles(folder: Path, backend: tokenizers.Tokenizer) -> dict[str, str]:

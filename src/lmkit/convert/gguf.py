@@ -9,6 +9,7 @@ from the file's `tokenizer.ggml.*` metadata.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from lmkit.checkpoint import DTYPES, CheckpointError, build
 from lmkit.config import ModelConfig
 from lmkit.convert.hf import Table, check_vocab, expand, new_head_parts, retarget, to_lmkit_names
+from lmkit.errors import reading
 from lmkit.model import Model
 
 log = logging.getLogger("lmkit")
@@ -167,10 +169,21 @@ def _read(path: Path, head: str | None, labels: list[str] | None,
     The reader (its memory-mapped file and per-field arrays, ~2.5x the file for SmolLM2) lives
     only inside this function, so it is gone before the model is built."""
     gguf = _import_gguf()
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({e})") from e
+    with _reading(path):
+        return _read_file(gguf, path, head, labels, dtype)
+
+
+def _reading(path: Path) -> contextlib.AbstractContextManager:
+    """The gguf reader's own errors on a malformed file (IndexError, ZeroDivisionError, ...)
+    become a CheckpointError naming it."""
+    return reading(path, CheckpointError, "GGUF file", "it is truncated or corrupted, or not "
+                   "a GGUF file: copy it again or re-export it with llama.cpp's tools")
+
+
+def _read_file(gguf: Any, path: Path, head: str | None, labels: list[str] | None,
+               dtype: torch.dtype) -> tuple[ModelConfig, ModelConfig, dict[str, torch.Tensor],
+                                            dict]:
+    reader = gguf.GGUFReader(path)
     meta = read_metadata(reader)
     reader.fields.clear()  # ~100k small arrays for the vocabulary; `meta` has the values
     gc.collect()
@@ -213,7 +226,8 @@ def load_gguf(path: str | Path, *, head: str | None = None, labels: list[str] | 
     except CheckpointError as e:
         raise CheckpointError(f"{path} (GGUF): {e}") from None
     del tensors
-    tokenizer = tokenizer_from_gguf(meta)
+    with _reading(path):
+        tokenizer = tokenizer_from_gguf(meta)
     if tokenizer is not None:
         check_vocab(tokenizer, cfg, path)
     model.tokenizer = tokenizer

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, atomic_folder, build, read_tensors
-from lmkit.config import ModelConfig
+from lmkit.checkpoint import CONFIG, DTYPES, atomic_folder, build, read_tensors
+from lmkit.config import ModelConfig, read_json
+from lmkit.errors import CheckpointError, ConfigError, reading
 from lmkit.model import Model
 
 log = logging.getLogger("lmkit")
@@ -189,7 +190,11 @@ def read_weights(path: Path, allow_pickle: bool = False) -> Tensors:
         if (path / index_name).exists():
             if index_name == PICKLE_INDEX and not allow_pickle:
                 raise _pickle_error(path, index_name)
-            weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            weight_map = read_json(path / index_name, CheckpointError).get("weight_map")
+            if not (isinstance(weight_map, dict) and all(
+                    isinstance(v, str) for v in weight_map.values())):
+                raise CheckpointError(f"{path / index_name} has no weight_map of tensor names "
+                                      "to shard files: download the index again")
             tensors: Tensors = {}
             for shard in sorted(set(weight_map.values())):
                 tensors.update(_read_file(path / shard))
@@ -312,10 +317,12 @@ def load_hf(path: str | Path, *, head: str | None = None, labels: list[str] | No
 
     `head` / `labels` put a new task head on the body (see `lmkit.load`)."""
     path = Path(path)
-    raw = json.loads((path / CONFIG).read_text())
+    raw = read_json(path / CONFIG)
     spec = _spec_for(raw.get("model_type"))
     tensors = _strip_prefix(read_weights(path, allow_pickle), spec.prefix)
-    source = config_from_hf(raw, set(tensors))
+    with reading(path / CONFIG, ConfigError, f"{spec.model_type} config", "a field is "
+                 "missing or has the wrong type: fix it or download the file again"):
+        source = config_from_hf(raw, set(tensors))
     cfg = retarget(source, head, labels)
     if spec.from_hf is not None:
         tensors = spec.from_hf(tensors, cfg)

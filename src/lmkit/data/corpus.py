@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lmkit.errors import DataError
+
 if TYPE_CHECKING:  # only for type hints: lmkit.tokenizer imports this module
     from lmkit.tokenizer import Tokenizer
 
@@ -46,6 +48,22 @@ def check_files(files: Sequence[PathLike] | PathLike) -> list[Path]:
         if not p.is_file():
             raise FileNotFoundError(f"corpus file '{p}' does not exist: check the --data path")
     return paths
+
+
+def read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its newline) of a UTF-8 file, decoded line by line
+    so that an encoding error names its line (a byte-order mark is dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file '{path}' does not exist: check the path")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, number, f"not UTF-8 ({e.reason} at byte {e.start}): "
+                                "convert the file to UTF-8") from None
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
 
 
 def is_jsonl(path: Path, text_field: str | None) -> bool:
@@ -70,39 +88,38 @@ def iter_documents(path: PathLike, text_field: str | None = None) -> Iterator[st
 def _iter_blocks(path: Path) -> Iterator[str]:
     block: list[str] = []
     size = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                block.append(line)
-                size += len(line)
-                if size < MAX_DOC_CHARS:
-                    continue
-            if block:
-                yield "".join(block).rstrip("\n")
-            block, size = [], 0
+    for _, line in read_lines(path):
+        line = line.replace("\r\n", "\n")
+        if line.strip():
+            block.append(line)
+            size += len(line)
+            if size < MAX_DOC_CHARS:
+                continue
+        if block:
+            yield "".join(block).rstrip("\n")
+        block, size = [], 0
     if block:
         yield "".join(block).rstrip("\n")
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"line {lineno} of '{path}' is not valid JSON ({e}): "
-                                 "JSONL files need one JSON object per line") from e
-            if not isinstance(record, dict) or field not in record:
-                raise ValueError(f"line {lineno} of '{path}' has no field '{field}': pass "
-                                 "text_field= naming the field that holds the text")
-            text = record[field]
-            if not isinstance(text, str):
-                raise TypeError(f"field '{field}' on line {lineno} of '{path}' is not a "
-                                 f"string but {type(text).__name__}: point text_field at text")
-            if text.strip():
-                yield text
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno}): "
+                            "JSONL files need one JSON object per line") from None
+        if not isinstance(record, dict) or field not in record:
+            raise DataError(path, lineno, f"no field '{field}': pass text_field= naming "
+                            "the field that holds the text")
+        text = record[field]
+        if not isinstance(text, str):
+            raise DataError(path, lineno, f"field '{field}' is not a string but "
+                            f"{type(text).__name__}: point text_field at text")
+        if text.strip():
+            yield text
 
 
 class TokenCache:

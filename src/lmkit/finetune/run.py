@@ -91,6 +91,16 @@ class FinetuneConfig(TrainConfig):
         if self.scheme not in SCHEMES:
             raise ValueError(f"unknown fine-tuning scheme {self.scheme!r}; choose one of "
                              f"{SCHEMES}")
+        for name in ("top_k", "lora_rank", "num_beams", "max_tokens", "max_length",
+                     "max_new_tokens", "train_limit", "dev_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.steps < 0 or self.epochs < 0:
+            raise ValueError(f"steps and epochs must be >= 0 (0 steps = use epochs), got "
+                             f"steps={self.steps}, epochs={self.epochs}")
         if self.steps <= 0 and self.epochs <= 0:
             raise ValueError("give a positive number of --steps or --epochs")
 

@@ -13,10 +13,10 @@
 from lmkit.tasks.batching import collate, length_grouped_batches, padding_fraction
 from lmkit.tasks.formats import (
     ClassificationExample,
+    DataError,
     GenerationExample,
     Seq2SeqExample,
     Span,
-    TaskDataError,
     TokenClassificationExample,
     align_labels,
     align_predictions,
@@ -36,7 +36,7 @@ __all__ = [
     "GenerationExample",
     "Seq2SeqExample",
     "Span",
-    "TaskDataError",
+    "DataError",
     "TokenClassificationExample",
     "accuracy",
     "align_labels",

@@ -1,7 +1,7 @@
 """Task data formats: files -> lists of examples, and NER tags <-> subwords <-> spans.
 
 Readers (all stream their file line by line, stop after ``limit`` examples, and raise
-:class:`TaskDataError` naming the file and line of any bad input):
+:class:`DataError` naming the file and line of any bad input):
 
 - :func:`read_classification`: TSV / CSV with a header row, or JSONL; a text (and
   optionally a second text) and a label per row;
@@ -33,6 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmkit.data.corpus import read_lines
+from lmkit.errors import DataError
+
 if TYPE_CHECKING:
     from lmkit.tokenizer import Encoding, Tokenizer
 
@@ -49,14 +52,6 @@ TOKEN_FIELDS = ("tokens", "words")
 TAG_FIELDS = ("tags", "ner_tags", "labels")
 SEQ2SEQ_FIELDS = (("source", "target"), ("src", "tgt"), ("dialogue", "summary"),
                   ("document", "summary"), ("article", "highlights"), ("input", "output"))
-
-
-class TaskDataError(ValueError):
-    """Bad task data; the message starts with ``file:line:`` (or ``file:`` alone)."""
-
-    def __init__(self, path: PathLike, line: int | None, message: str):
-        self.path, self.line = str(path), line
-        super().__init__(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
 
 @dataclass
@@ -95,43 +90,28 @@ class GenerationExample:
 # ---- reading lines and rows ------------------------------------------------------------------
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line with its newline) of a UTF-8 file, decoded line by line
-    so that an encoding error names its line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data file '{path}' does not exist: check the path")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TaskDataError(path, number, f"not UTF-8 ({e.reason} at byte "
-                                    f"{e.start}): convert the file to UTF-8") from None
-            yield number, line.removeprefix("\ufeff") if number == 1 else line
-
-
 def _format(path: Path, fmt: str | None, default: str | None = None) -> str:
     if fmt is not None and fmt not in ("tsv", "csv", "jsonl"):
-        raise TaskDataError(path, None, f"unknown format {fmt!r}: use 'tsv', 'csv' or 'jsonl'")
+        raise DataError(path, None, f"unknown format {fmt!r}: use 'tsv', 'csv' or 'jsonl'")
     fmt = fmt or {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
         path.suffix.lower(), default)
     if fmt is None:
-        raise TaskDataError(path, None, "cannot tell the format from the file name: pass "
+        raise DataError(path, None, "cannot tell the format from the file name: pass "
                             "format='tsv', 'csv' or 'jsonl'")
     return fmt
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in _lines(path):
+    for number, line in read_lines(path):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise TaskDataError(path, number, f"invalid JSON ({e.msg} at column {e.colno})"
+            raise DataError(path, number, f"invalid JSON ({e.msg} at column {e.colno})"
                                 ) from None
         if not isinstance(record, dict):
-            raise TaskDataError(path, number, f"expected a JSON object, got "
+            raise DataError(path, number, f"expected a JSON object, got "
                                 f"{type(record).__name__}")
         yield number, record
 
@@ -148,7 +128,7 @@ def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] 
     if fmt == "csv":
         rows = _csv_rows(path)
     else:
-        rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in _lines(path))
+        rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in read_lines(path))
     names = None
     for number, row in rows:
         if not any(cell.strip() for cell in row):
@@ -157,20 +137,20 @@ def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] 
             names = [c.strip() for c in row]
             continue
         if names is not None and len(row) != len(names):
-            raise TaskDataError(path, number, f"{len(row)} columns but the header has "
+            raise DataError(path, number, f"{len(row)} columns but the header has "
                                 f"{len(names)} ({', '.join(names)})")
         yield number, dict(zip(names, row)) if names is not None else row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    reader = csv.reader(line for _, line in _lines(path))
+    reader = csv.reader(line for _, line in read_lines(path))
     while True:
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise TaskDataError(path, reader.line_num, f"bad CSV ({e})") from None
+            raise DataError(path, reader.line_num, f"bad CSV ({e})") from None
         yield reader.line_num, row  # the line the row ends on
 
 
@@ -178,15 +158,15 @@ def _field(record: dict | list, key: str | int, path: Path, number: int) -> Any:
     """``record[key]``; in JSON a dotted key walks nested objects ("translation.fr")."""
     if isinstance(record, list):
         if not isinstance(key, int):
-            raise TaskDataError(path, number, f"column {key!r} named but the file has no "
+            raise DataError(path, number, f"column {key!r} named but the file has no "
                                 "header: pass header=True or a column number")
         if key >= len(record):
-            raise TaskDataError(path, number, f"no column {key}: the row has {len(record)}")
+            raise DataError(path, number, f"no column {key}: the row has {len(record)}")
         return record[key]
     value: Any = record
     for part in str(key).split(".") if key not in record else [key]:
         if not isinstance(value, dict) or part not in value:
-            raise TaskDataError(path, number, f"no field {key!r} (fields: "
+            raise DataError(path, number, f"no field {key!r} (fields: "
                                 f"{', '.join(map(str, record))})")
         value = value[part]
     return value
@@ -195,7 +175,7 @@ def _field(record: dict | list, key: str | int, path: Path, number: int) -> Any:
 def _text(record: dict | list, key: str | int, path: Path, number: int) -> str:
     value = _field(record, key, path, number)
     if not isinstance(value, str):
-        raise TaskDataError(path, number, f"field {key!r} is a {type(value).__name__}, "
+        raise DataError(path, number, f"field {key!r} is a {type(value).__name__}, "
                             "expected a string")
     return value
 
@@ -207,13 +187,13 @@ def _detect(names: Iterable[str], candidates: Sequence, what: str, path: Path,
         wanted = [c for c in (cand if isinstance(cand, tuple) else (cand,)) if c]
         if all(c in names for c in wanted):
             return cand
-    raise TaskDataError(path, number, f"cannot tell which column holds the {what} "
+    raise DataError(path, number, f"cannot tell which column holds the {what} "
                         f"(columns: {', '.join(names)}): pass {hint}")
 
 
 def _check_label(label: str, known: Sequence[str] | None, path: Path, number: int) -> str:
     if known is not None and label not in known:
-        raise TaskDataError(path, number, f"label {label!r} was not seen in the training "
+        raise DataError(path, number, f"label {label!r} was not seen in the training "
                             f"data (known labels: {', '.join(known)}): fix the data, or "
                             "train on data that has this label")
     return label
@@ -222,12 +202,12 @@ def _check_label(label: str, known: Sequence[str] | None, path: Path, number: in
 def _label(value: Any, path: Path, number: int) -> str:
     """A label as a string: strings as they are (stripped), integers in decimal."""
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise TaskDataError(path, number, f"label {value!r} is a {type(value).__name__}: "
+        raise DataError(path, number, f"label {value!r} is a {type(value).__name__}: "
                             "labels must be strings or integers (regression is not a "
                             "classification task)")
     label = str(value).strip()
     if not label:
-        raise TaskDataError(path, number, "empty label")
+        raise DataError(path, number, "empty label")
     return label
 
 
@@ -271,7 +251,7 @@ def read_classification(path: PathLike, *, text_column: str | int | None = None,
                 label_column = _detect(row, LABEL_COLUMNS, "label", path, number,
                                        "label_column=")
             if text_column is None or label_column is None:
-                raise TaskDataError(path, number, "a file without a header needs "
+                raise DataError(path, number, "a file without a header needs "
                                     "text_column= and label_column= (column numbers)")
             label = _label(_field(row, label_column, path, number), path, number)
             yield ClassificationExample(
@@ -330,13 +310,13 @@ def read_token_classification(path: PathLike, *, format: str | None = None,
     elif format == "jsonl":
         sentences = _tagged_jsonl(path, tokens_field, tags_field, tag_names)
     else:
-        raise TaskDataError(path, None, f"unknown format {format!r}: use 'conll' or 'jsonl'")
+        raise DataError(path, None, f"unknown format {format!r}: use 'conll' or 'jsonl'")
 
     def examples() -> Iterator[TokenClassificationExample]:
         for tokens, tags, numbers in sentences:
             for tag, number in zip(tags, numbers):
                 if not TAG.fullmatch(tag):
-                    raise TaskDataError(path, number, f"tag {tag!r} is not O, B-TYPE or "
+                    raise DataError(path, number, f"tag {tag!r} is not O, B-TYPE or "
                                         "I-TYPE (BIO tagging)")
                 _check_label(tag, labels, path, number)
             yield TokenClassificationExample(tokens, tags)
@@ -348,7 +328,7 @@ def _conll(path: Path) -> Iterator[tuple[list[str], list[str], list[int]]]:
     tokens: list[str] = []
     tags: list[str] = []
     numbers: list[int] = []
-    for number, line in _lines(path):
+    for number, line in read_lines(path):
         parts = line.split()
         if parts and parts[0] == "-DOCSTART-":
             continue
@@ -358,7 +338,7 @@ def _conll(path: Path) -> Iterator[tuple[list[str], list[str], list[int]]]:
             tokens, tags, numbers = [], [], []
             continue
         if len(parts) < 2:
-            raise TaskDataError(path, number, f"one column ({line.strip()!r}): expected "
+            raise DataError(path, number, f"one column ({line.strip()!r}): expected "
                                 "'token TAG' or 'token ... TAG' separated by whitespace")
         tokens.append(parts[0])
         tags.append(parts[-1])
@@ -378,9 +358,9 @@ def _tagged_jsonl(path: Path, tokens_field: str | None, tags_field: str | None,
         tokens = _field(record, tokens_field, path, number)
         tags = _field(record, tags_field, path, number)
         if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
-            raise TaskDataError(path, number, f"{tokens_field!r} must be a list of strings")
+            raise DataError(path, number, f"{tokens_field!r} must be a list of strings")
         if not isinstance(tags, list) or len(tags) != len(tokens):
-            raise TaskDataError(path, number, f"{tags_field!r} must be a list with one tag "
+            raise DataError(path, number, f"{tags_field!r} must be a list with one tag "
                                 f"per token ({len(tokens)} tokens)")
         tags = [_tag_name(t, tag_names, path, number) for t in tags]
         if tokens:
@@ -392,13 +372,13 @@ def _tag_name(tag: Any, tag_names: Sequence[str] | None, path: Path, number: int
         return tag
     if isinstance(tag, int) and not isinstance(tag, bool):
         if tag_names is None:
-            raise TaskDataError(path, number, "integer tags need their names: pass "
+            raise DataError(path, number, "integer tags need their names: pass "
                                 "tag_names=[...] (the dataset's label list, in id order)")
         if not 0 <= tag < len(tag_names):
-            raise TaskDataError(path, number, f"tag id {tag} is outside tag_names "
+            raise DataError(path, number, f"tag id {tag} is outside tag_names "
                                 f"(0..{len(tag_names) - 1})")
         return tag_names[tag]
-    raise TaskDataError(path, number, f"tag {tag!r} is neither a string nor an integer")
+    raise DataError(path, number, f"tag {tag!r} is neither a string nor an integer")
 
 
 # ---- seq2seq and generation ------------------------------------------------------------------
@@ -424,7 +404,7 @@ def read_seq2seq(path: PathLike, *, source_field: str | int | None = None,
         nonlocal source_field, target_field
         for number, row in rows:
             if fmt != "jsonl" and len(row) < 2:
-                raise TaskDataError(path, number, "one column: expected source<TAB>target")
+                raise DataError(path, number, "one column: expected source<TAB>target")
             if source_field is None or target_field is None:
                 if isinstance(row, list):
                     source_field, target_field = 0, 1
@@ -438,7 +418,7 @@ def read_seq2seq(path: PathLike, *, source_field: str | int | None = None,
                                   _text(row, target_field, path, number))
             for name, value in dataclasses.asdict(pair).items():
                 if not value.strip():
-                    raise TaskDataError(path, number, f"empty {name}")
+                    raise DataError(path, number, f"empty {name}")
             yield pair
 
     return _limited(examples(), limit)
@@ -456,7 +436,7 @@ def read_generation(path: PathLike, *, prompt_field: str = "prompt",
             prompt = _text(record, prompt_field, path, number)
             completion = _text(record, completion_field, path, number)
             if not completion.strip():
-                raise TaskDataError(path, number, f"empty {completion_field!r}")
+                raise DataError(path, number, f"empty {completion_field!r}")
             yield GenerationExample(prompt, completion)
 
     return _limited(examples(), limit)

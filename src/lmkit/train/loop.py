@@ -18,6 +18,7 @@ at the end of the current step and then raises `TrainingInterrupted`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -33,6 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmkit.checkpoint import save
+from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lmkit.train.distributed import DistEnv, all_reduce_sum, init_distributed, unwrap, wrap_model
 from lmkit.train.metrics import ComputeMeter, MetricsLogger, describe_device, plot_curves
 from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
@@ -80,6 +82,10 @@ class TrainConfig:
     plot: bool = True  # loss.png at the end
 
     def validate(self) -> None:
+        for f in dataclasses.fields(self):  # NaN passes every comparison below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -89,6 +95,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.eps <= 0:
+            raise ConfigError(f"eps must be positive, got {self.eps}")
         if not 0.0 <= self.layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in [0, 1] (0 = off), got {self.layer_decay}")
         if self.precision not in PRECISIONS:
@@ -97,18 +110,6 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of "
                              f"{SCHEDULES}")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or the gradient norm) became NaN or infinite; the step was not applied."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Stopped by SIGINT/SIGTERM after saving a checkpoint (`.checkpoint`)."""
-
-    def __init__(self, message: str, checkpoint: Path):
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 @dataclass

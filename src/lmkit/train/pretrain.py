@@ -33,7 +33,7 @@ from lmkit.data.corpus import TokenCache, check_files, tokenize_corpus
 from lmkit.data.packing import PackedDataset
 from lmkit.model import Model
 from lmkit.objectives import CausalLM, MaskedLM, Objective, SpanCorruption, TextInfilling
-from lmkit.tokenizer import Tokenizer
+from lmkit.tokenizer import Tokenizer, min_vocab_size
 from lmkit.train import options
 from lmkit.train.batches import BatchStream, fixed_batches
 from lmkit.train.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
@@ -87,6 +87,11 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.valid_batches < 1:
             raise ValueError(f"valid_batches must be at least 1, got {self.valid_batches}")
+        match = TOKENIZER_SPEC.fullmatch(self.tokenizer.lower())
+        if match and int(match.group(2)) < min_vocab_size(match.group(1)):
+            raise ValueError(f"tokenizer={self.tokenizer!r}: a {match.group(1)} vocabulary "
+                             f"needs at least {min_vocab_size(match.group(1))} tokens (the "
+                             "alphabet and the special tokens)")
 
 
 def load_config(path: str | Path | None = None,

@@ -9,6 +9,7 @@ plain Python values only and is read with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit.checkpoint import CheckpointError, atomic_folder, check_tensors, read_tensors, save
+from lmkit.checkpoint import atomic_folder, check_tensors, read_tensors, save
+from lmkit.errors import CheckpointError, reading
 from lmkit.train.distributed import DistEnv, barrier, gather_objects
 
 CHECKPOINTS, STATE = "checkpoints", "trainer_state.pt"
@@ -109,7 +111,22 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     if not (folder / STATE).exists():
         raise CheckpointError(f"{folder} is not a training checkpoint (no {STATE}): give a "
                               "checkpoints/step-N folder or the run folder")
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    with _reading(folder / STATE):
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        return _restore(folder, state, model, optimizer, scheduler, data, env)
+
+
+def _reading(file: Path) -> contextlib.AbstractContextManager:
+    """torch.load's errors (a damaged zip, a refused pickle) and a state of the wrong
+    structure (KeyError, TypeError, ...) become a CheckpointError naming the file."""
+    return reading(file, CheckpointError, "training state", "it is damaged or was not "
+                   "written by lmkit: resume from an earlier checkpoints/step-N folder "
+                   "(delete this one)")
+
+
+def _restore(folder: Path, state: dict[str, Any], model: nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
+             env: DistEnv) -> dict[str, Any]:
     if state["world_size"] != env.world_size:
         raise ValueError(
             f"{folder} was written by {state['world_size']} process(es) but this run has "
