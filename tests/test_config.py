@@ -46,6 +46,9 @@ def test_unknown_fields_and_presets():
 
 
 def test_bad_json(tmp_path):
-    (tmp_path / "c.json").write_text("{")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    (tmp_path / "c.json").write_text('{"family": "decoder",\n"hidden_size": }')
+    with pytest.raises(lmkit.ConfigError, match=r"c.json:2: invalid JSON"):
+        ModelConfig.from_json(tmp_path / "c.json")
+    (tmp_path / "c.json").write_text('{"family": "decoder", "hidden_size": "64"}')
+    with pytest.raises(lmkit.ConfigError, match=r"c.json: "):  # a string, not a number
         ModelConfig.from_json(tmp_path / "c.json")
