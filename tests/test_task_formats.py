@@ -147,6 +147,8 @@ def test_conll_2003_four_columns(tmp_path):
     ("EU B-ORG\nrejects\n", r"bad\.txt:2: one column \('rejects'\)"),
     ("EU B-ORG\n\nGerman X-MISC\n", r"bad\.txt:3: tag 'X-MISC' is not O, B-TYPE or I-TYPE"),
     ("EU B-ORG\nGerman B-\n", r"bad\.txt:2: tag 'B-'"),
+    # a lost NER column must not turn the chunk tag into an entity type
+    ("EU NNP B-NP B-ORG\n\nGerman JJ B-NP\n", r"bad\.txt:3: 3 columns .* line 1 has 4"),
 ])
 def test_conll_errors_name_file_and_line(tmp_path, text, match):
     with pytest.raises(DataError, match=match):
@@ -183,8 +185,11 @@ def test_tatoeba_tsv_takes_first_two_columns(tmp_path):
               "Hi.\tSalut !\tCC-BY 2.0 (France) Attribution: #538123\n")
     assert read_seq2seq(f) == [Seq2SeqExample("Go.", "Va !"), Seq2SeqExample("Hi.", "Salut !")]
     assert len(read_seq2seq(f, limit=1)) == 1
-    bad = write(tmp_path / "bad.tsv", "Go.\tVa !\nHi.\n")
-    with pytest.raises(DataError, match=r"bad\.tsv:2: one column"):
+    bad = write(tmp_path / "bad.tsv", "Go.\nHi.\tSalut !\n")
+    with pytest.raises(DataError, match=r"bad\.tsv:1: one column"):
+        read_seq2seq(bad)
+    bad = write(tmp_path / "bad.tsv", "Go.\tVa !\nHi.\n")  # every row as wide as the first
+    with pytest.raises(DataError, match=r"bad\.tsv:2: 1 columns but line 1 has 2"):
         read_seq2seq(bad)
     empty = write(tmp_path / "empty.tsv", "Go.\t\n")
     with pytest.raises(DataError, match=r"empty\.tsv:1: empty target"):

@@ -97,7 +97,7 @@ def _format(path: Path, fmt: str | None, default: str | None = None) -> str:
         path.suffix.lower(), default)
     if fmt is None:
         raise DataError(path, None, "cannot tell the format from the file name: pass "
-                            "format='tsv', 'csv' or 'jsonl'")
+                        "format='tsv', 'csv' or 'jsonl'")
     return fmt
 
 
@@ -109,10 +109,10 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(path, number, f"invalid JSON ({e.msg} at column {e.colno})"
-                                ) from None
+                            ) from None
         if not isinstance(record, dict):
             raise DataError(path, number, f"expected a JSON object, got "
-                                f"{type(record).__name__}")
+                            f"{type(record).__name__}")
         yield number, record
 
 
@@ -129,7 +129,7 @@ def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] 
         rows = _csv_rows(path)
     else:
         rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in read_lines(path))
-    names = None
+    names = width = None
     for number, row in rows:
         if not any(cell.strip() for cell in row):
             continue
@@ -138,7 +138,11 @@ def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] 
             continue
         if names is not None and len(row) != len(names):
             raise DataError(path, number, f"{len(row)} columns but the header has "
-                                f"{len(names)} ({', '.join(names)})")
+                            f"{len(names)} ({', '.join(names)})")
+        width = width or (len(row), number)
+        if names is None and len(row) != width[0]:
+            raise DataError(path, number, f"{len(row)} columns but line {width[1]} has "
+                            f"{width[0]}: every row needs the same columns")
         yield number, dict(zip(names, row)) if names is not None else row
 
 
@@ -159,7 +163,7 @@ def _field(record: dict | list, key: str | int, path: Path, number: int) -> Any:
     if isinstance(record, list):
         if not isinstance(key, int):
             raise DataError(path, number, f"column {key!r} named but the file has no "
-                                "header: pass header=True or a column number")
+                            "header: pass header=True or a column number")
         if key >= len(record):
             raise DataError(path, number, f"no column {key}: the row has {len(record)}")
         return record[key]
@@ -167,7 +171,7 @@ def _field(record: dict | list, key: str | int, path: Path, number: int) -> Any:
     for part in str(key).split(".") if key not in record else [key]:
         if not isinstance(value, dict) or part not in value:
             raise DataError(path, number, f"no field {key!r} (fields: "
-                                f"{', '.join(map(str, record))})")
+                            f"{', '.join(map(str, record))})")
         value = value[part]
     return value
 
@@ -176,7 +180,7 @@ def _text(record: dict | list, key: str | int, path: Path, number: int) -> str:
     value = _field(record, key, path, number)
     if not isinstance(value, str):
         raise DataError(path, number, f"field {key!r} is a {type(value).__name__}, "
-                            "expected a string")
+                        "expected a string")
     return value
 
 
@@ -188,14 +192,14 @@ def _detect(names: Iterable[str], candidates: Sequence, what: str, path: Path,
         if all(c in names for c in wanted):
             return cand
     raise DataError(path, number, f"cannot tell which column holds the {what} "
-                        f"(columns: {', '.join(names)}): pass {hint}")
+                    f"(columns: {', '.join(names)}): pass {hint}")
 
 
 def _check_label(label: str, known: Sequence[str] | None, path: Path, number: int) -> str:
     if known is not None and label not in known:
         raise DataError(path, number, f"label {label!r} was not seen in the training "
-                            f"data (known labels: {', '.join(known)}): fix the data, or "
-                            "train on data that has this label")
+                        f"data (known labels: {', '.join(known)}): fix the data, or "
+                        "train on data that has this label")
     return label
 
 
@@ -203,8 +207,8 @@ def _label(value: Any, path: Path, number: int) -> str:
     """A label as a string: strings as they are (stripped), integers in decimal."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise DataError(path, number, f"label {value!r} is a {type(value).__name__}: "
-                            "labels must be strings or integers (regression is not a "
-                            "classification task)")
+                        "labels must be strings or integers (regression is not a "
+                        "classification task)")
     label = str(value).strip()
     if not label:
         raise DataError(path, number, "empty label")
@@ -252,7 +256,7 @@ def read_classification(path: PathLike, *, text_column: str | int | None = None,
                                        "label_column=")
             if text_column is None or label_column is None:
                 raise DataError(path, number, "a file without a header needs "
-                                    "text_column= and label_column= (column numbers)")
+                                "text_column= and label_column= (column numbers)")
             label = _label(_field(row, label_column, path, number), path, number)
             yield ClassificationExample(
                 text=_text(row, text_column, path, number),
@@ -317,7 +321,7 @@ def read_token_classification(path: PathLike, *, format: str | None = None,
             for tag, number in zip(tags, numbers):
                 if not TAG.fullmatch(tag):
                     raise DataError(path, number, f"tag {tag!r} is not O, B-TYPE or "
-                                        "I-TYPE (BIO tagging)")
+                                    "I-TYPE (BIO tagging)")
                 _check_label(tag, labels, path, number)
             yield TokenClassificationExample(tokens, tags)
 
@@ -328,6 +332,7 @@ def _conll(path: Path) -> Iterator[tuple[list[str], list[str], list[int]]]:
     tokens: list[str] = []
     tags: list[str] = []
     numbers: list[int] = []
+    columns = None  # every token line has as many columns as the first
     for number, line in read_lines(path):
         parts = line.split()
         if parts and parts[0] == "-DOCSTART-":
@@ -339,7 +344,12 @@ def _conll(path: Path) -> Iterator[tuple[list[str], list[str], list[int]]]:
             continue
         if len(parts) < 2:
             raise DataError(path, number, f"one column ({line.strip()!r}): expected "
-                                "'token TAG' or 'token ... TAG' separated by whitespace")
+                        "'token TAG' or 'token ... TAG' separated by whitespace")
+        columns = columns or (len(parts), number)
+        if len(parts) != columns[0]:
+            raise DataError(path, number, f"{len(parts)} columns ({line.strip()!r}) but line "
+                            f"{columns[1]} has {columns[0]}: every token line needs the same "
+                            "columns, the tag last")
         tokens.append(parts[0])
         tags.append(parts[-1])
         numbers.append(number)
@@ -361,7 +371,7 @@ def _tagged_jsonl(path: Path, tokens_field: str | None, tags_field: str | None,
             raise DataError(path, number, f"{tokens_field!r} must be a list of strings")
         if not isinstance(tags, list) or len(tags) != len(tokens):
             raise DataError(path, number, f"{tags_field!r} must be a list with one tag "
-                                f"per token ({len(tokens)} tokens)")
+                            f"per token ({len(tokens)} tokens)")
         tags = [_tag_name(t, tag_names, path, number) for t in tags]
         if tokens:
             yield tokens, tags, [number] * len(tags)
@@ -373,10 +383,10 @@ def _tag_name(tag: Any, tag_names: Sequence[str] | None, path: Path, number: int
     if isinstance(tag, int) and not isinstance(tag, bool):
         if tag_names is None:
             raise DataError(path, number, "integer tags need their names: pass "
-                                "tag_names=[...] (the dataset's label list, in id order)")
+                            "tag_names=[...] (the dataset's label list, in id order)")
         if not 0 <= tag < len(tag_names):
             raise DataError(path, number, f"tag id {tag} is outside tag_names "
-                                f"(0..{len(tag_names) - 1})")
+                            f"(0..{len(tag_names) - 1})")
         return tag_names[tag]
     raise DataError(path, number, f"tag {tag!r} is neither a string nor an integer")
 
