@@ -48,6 +48,9 @@ class StorageError(LmkitError, OSError):
     """Reading or writing a file failed at the operating-system level (permission, read-only
     file system, no space left); the message names the path, the reason and the fix."""
 
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] ..." layout
+        return str(self.args[0]) if self.args else ""
+
 
 class TrainingDiverged(LmkitError, RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the step was not applied."""
@@ -77,10 +80,11 @@ _FIXES = {
 
 def storage_error(e: OSError, action: str, path: str | os.PathLike | None = None
                   ) -> StorageError:
-    """A StorageError for the OSError `e` raised while `action` ("write", "read") `path`."""
+    """A StorageError for the OSError `e` raised while `action` ("write", "read") `path`
+    (the path the user gave, rather than a staging file inside it)."""
     if isinstance(e, StorageError):
         return e
-    where = e.filename if e.filename is not None else path
+    where = path if path is not None else e.filename
     reason = _FIXES.get(e.errno) or e.strerror or str(e)
     err = StorageError(f"cannot {action} {where}: {reason}" if where is not None
                        else f"{action} failed: {reason}")
