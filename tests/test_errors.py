@@ -104,12 +104,11 @@ def small_disk(tmp_path: Path, size: str = "2m"):
 
 def fill(folder: Path) -> None:
     """Write zeros under `folder` until its file system is full."""
-    with open(folder / "filler", "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-                os.fsync(f.fileno())
+    with open(folder / "filler", "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def test_read_only_folder_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):

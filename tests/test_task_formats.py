@@ -9,10 +9,10 @@ import torch
 
 from lmkit.tasks import (
     ClassificationExample,
+    DataError,
     GenerationExample,
     Seq2SeqExample,
     Span,
-    DataError,
     TokenClassificationExample,
     align_labels,
     align_predictions,
