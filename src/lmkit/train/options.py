@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lmkit.errors import ConfigError, LmkitError, storage
+
 C = TypeVar("C")
 
 
@@ -105,16 +107,43 @@ def load_config(cls: type[C], path: str | Path | None = None,
     """An instance of the dataclass `cls` from its defaults, a YAML file and overrides (an
     override of None is ignored: an argparse option that was not given). Validated when the
     class has a `validate` method."""
+    values = read_yaml(path) if path is not None else {}
+    given = {k for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return _build(cls, values, overrides)
+    except (ValueError, TypeError) as e:  # name the file the value came from (or may have)
+        if isinstance(e, LmkitError) and not isinstance(e, ConfigError):
+            raise
+        if path is None:
+            raise ConfigError(str(e)) from e
+        where = f"{path}: {e}" if not given else f"{e} (in {path} or the overrides)"
+        raise ConfigError(where) from e
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file; syntax errors name file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    with storage("read", path):
+        raw = path.read_bytes()
+    try:
+        loaded = yaml.safe_load(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the file "
+                          "is corrupted: fix or rewrite it") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: invalid YAML ({problem}); fix the file") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of config fields (key: value lines)")
+    return loaded
+
+
+def _build(cls: type[C], values: dict[str, Any], overrides: dict[str, Any] | None) -> C:
     nested: dict[str, type] = getattr(cls, "NESTED", {})
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of config fields (key: value lines)")
-        values.update(loaded)
     for name in nested:
         values[name] = dict(values.get(name) or {})
     for key, value in (overrides or {}).items():

@@ -113,7 +113,15 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
                               "checkpoints/step-N folder or the run folder")
     with _reading(folder / STATE):
         state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-        return _restore(folder, state, model, optimizer, scheduler, data, env)
+        if state["world_size"] != env.world_size:
+            raise ValueError(
+                f"{folder} was written by {state['world_size']} process(es) but this run has "
+                f"{env.world_size}: resume with the same number of processes (torchrun "
+                f"--nproc_per_node {state['world_size']}) so every data shard continues "
+                "exactly")
+    load_weights(model, folder)
+    with _reading(folder / STATE):
+        return _restore(state, optimizer, scheduler, data, env)
 
 
 def _reading(file: Path) -> contextlib.AbstractContextManager:
@@ -124,15 +132,8 @@ def _reading(file: Path) -> contextlib.AbstractContextManager:
                    "(delete this one)")
 
 
-def _restore(folder: Path, state: dict[str, Any], model: nn.Module,
-             optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
-             env: DistEnv) -> dict[str, Any]:
-    if state["world_size"] != env.world_size:
-        raise ValueError(
-            f"{folder} was written by {state['world_size']} process(es) but this run has "
-            f"{env.world_size}: resume with the same number of processes (torchrun "
-            f"--nproc_per_node {state['world_size']}) so every data shard continues exactly")
-    load_weights(model, folder)
+def _restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
+             data: Any, env: DistEnv) -> dict[str, Any]:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     mine = state["ranks"][env.rank]
