@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint fuzz clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest tests
+
+fuzz: setup  # the full fuzz corpus (~2000 mutated inputs): outcomes per input kind
+	$(PY) tests/fuzzing.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks examples
