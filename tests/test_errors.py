@@ -102,68 +102,78 @@ def small_disk(tmp_path: Path, size: str = "2m"):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def fill(folder: Path) -> None:
-    """Write zeros under `folder` until its file system is full."""
-    with open(folder / "filler", "wb") as f, contextlib.suppress(OSError):
+def fill(folder: Path, leave: int = 0) -> None:
+    """Write zeros under `folder` until its file system is full, then free `leave` bytes."""
+    with open(folder / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
         while True:
-            f.write(b"\0" * 65536)
+            f.write(b"\0" * 4096)
             f.flush()
             os.fsync(f.fileno())
+    size = (folder / "filler").stat().st_size
+    os.truncate(folder / "filler", max(0, size - leave))
 
 
-def test_read_only_folder_is_one_line_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+@pytest.fixture
+def saved(tmp_path):
+    """(a checkpoint to convert, a small disk, whether it is a real tmpfs, a checkpoint on
+    it, that checkpoint's file digests)."""
     src = tmp_path / "src"
     small_model().save(src)
     with small_disk(tmp_path) as (disk, real):
         dst = disk / "ckpt"
         small_model().save(dst)
-        before = digest(dst)
-        if real:
-            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-            line = one_line_error(lmkit_cli("convert", src, dst, "--to", "lmkit"))
-            assert str(dst) in line and "read-only file system" in line
-        else:  # not root: the OS error is mocked where the staging folder is made
-            def refuse(self, *a, **k):
-                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
-            monkeypatch.setattr(Path, "mkdir", refuse)
-            with pytest.raises(StorageError, match="read-only file system"):
-                lmkit.save(small_model(), dst)
-            monkeypatch.undo()
-        assert digest(dst) == before
+        yield src, disk, real, dst, digest(dst)
 
 
-def test_full_disk_is_one_line_and_keeps_the_checkpoints(tmp_path, monkeypatch):
-    src = tmp_path / "src"
-    small_model().save(src)
-    with small_disk(tmp_path) as (disk, real):
-        dst = disk / "ckpt"
-        small_model().save(dst)
-        before = digest(dst)
-        # a training checkpoint (torch.save hides ENOSPC in a RuntimeError)
-        model = small_model()
-        opt = build_optimizer(model, lr=1e-3)
-        sched = build_scheduler(opt, "constant", 0, 10)
-        model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
-        opt.step()
-        run = disk / "run"
-        step1 = save_checkpoint(run, 1, model, opt, sched, None, DistEnv())
-        state_before = digest(step1)
-        if real:
-            fill(disk)
-            line = one_line_error(lmkit_cli("convert", src, dst, "--to", "lmkit"))
-            assert str(dst) in line and "no space left on device" in line
-        else:  # not root: the writer reports ENOSPC as safetensors does
-            def no_space(*args, **kwargs):
-                raise RuntimeError("I/O error: No space left on device (os error 28)")
-            monkeypatch.setattr("lmkit.checkpoint.save_file", no_space)
-        with pytest.raises(StorageError, match="no space left on device") as err:
-            save_checkpoint(run, 2, model, opt, sched, None, DistEnv())
-        assert str(run) in str(err.value)
+def test_read_only_folder_is_one_line_and_keeps_the_checkpoint(saved, monkeypatch):
+    src, disk, real, dst, before = saved
+    if real:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        line = one_line_error(lmkit_cli("convert", src, dst, "--to", "lmkit"))
+        assert str(dst) in line and "read-only file system" in line
+    else:  # not root: the OS error is mocked where the staging folder is made
+        def refuse(self, *a, **k):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        monkeypatch.setattr(Path, "mkdir", refuse)
+        with pytest.raises(StorageError, match="read-only file system"):
+            lmkit.save(small_model(), dst)
         monkeypatch.undo()
-        assert digest(dst) == before and digest(step1) == state_before
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
-        fresh = small_model()
-        fresh_opt = build_optimizer(fresh, lr=1e-3)
-        load_checkpoint(step1, fresh, fresh_opt, build_scheduler(fresh_opt, "constant", 0, 10),
-                        None, DistEnv())  # the previous checkpoint still loads
-        assert (step1 / STATE).exists()
+    assert digest(dst) == before
+
+
+def test_full_disk_is_one_line_and_keeps_the_checkpoints(saved, monkeypatch):
+    src, disk, real, dst, before = saved
+    # a training checkpoint (torch.save hides ENOSPC in a RuntimeError)
+    model = small_model()
+    opt = build_optimizer(model, lr=1e-3)
+    sched = build_scheduler(opt, "constant", 0, 10)
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    run = disk / "run"
+    step1 = save_checkpoint(run, 1, model, opt, sched, None, DistEnv())
+    state_before = digest(step1)
+    if real:
+        fill(disk)
+        line = one_line_error(lmkit_cli("convert", src, dst, "--to", "lmkit"))
+        assert str(dst) in line and "no space left on device" in line
+        # room for the model files but not for trainer_state.pt (twice their size)
+        fill(disk, leave=sum(p.stat().st_size for p in step1.iterdir() if p.name != STATE)
+             + 3 * 4096)
+    else:  # not root: the writer reports ENOSPC as torch.save does
+        def no_space(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        monkeypatch.setattr("lmkit.train.state.torch.save", no_space)
+        monkeypatch.setattr("lmkit.errors.os.statvfs", lambda p: os.statvfs_result(
+            (4096, 4096, 100, 0, 0, 100, 0, 0, 0, 255, 0)))
+    with pytest.raises(StorageError, match="no space left on device") as err:
+        save_checkpoint(run, 2, model, opt, sched, None, DistEnv())
+    assert str(run) in str(err.value)
+    assert "unexpected pos" in str(err.value.__cause__)  # it was torch.save that failed
+    monkeypatch.undo()
+    assert digest(dst) == before and digest(step1) == state_before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
+    fresh = small_model()
+    fresh_opt = build_optimizer(fresh, lr=1e-3)
+    load_checkpoint(step1, fresh, fresh_opt, build_scheduler(fresh_opt, "constant", 0, 10),
+                    None, DistEnv())  # the previous checkpoint still loads
+    assert (step1 / STATE).exists()

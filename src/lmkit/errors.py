@@ -146,8 +146,11 @@ def disk_full(e: BaseException, path: str | os.PathLike) -> bool:
         return e.errno in (errno.ENOSPC, errno.EDQUOT)
     if os.strerror(errno.ENOSPC) in str(e):  # safetensors: "... (os error 28)"
         return True
-    try:  # torch.save: "unexpected pos 576 vs 534"; the folder is (nearly) full
-        st = os.statvfs(path)
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)  # `path` itself may not exist yet
+    try:  # torch.save: "unexpected pos 576 vs 534"; the file system is (nearly) full
+        st = os.statvfs(folder)
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < 1 << 20

@@ -103,15 +103,8 @@ def _iter_blocks(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    for lineno, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, lineno, f"invalid JSON ({e.msg} at column {e.colno}): "
-                            "JSONL files need one JSON object per line") from None
-        if not isinstance(record, dict) or field not in record:
+    for lineno, record in read_jsonl(path):
+        if field not in record:
             raise DataError(path, lineno, f"no field '{field}': pass text_field= naming "
                             "the field that holds the text")
         text = record[field]
@@ -120,6 +113,23 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
                             f"{type(text).__name__}: point text_field at text")
         if text.strip():
             yield text
+
+
+def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line of a JSON-lines file; anything but
+    one JSON object on a line is a DataError naming file:line."""
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, number, f"invalid JSON ({e.msg} at column {e.colno}): "
+                            "JSONL files need one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"expected a JSON object, got "
+                            f"{type(record).__name__}")
+        yield number, record
 
 
 class TokenCache:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import re
 from bisect import bisect_right
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmkit.data.corpus import read_lines
+from lmkit.data.corpus import read_jsonl, read_lines
 from lmkit.errors import DataError
 
 if TYPE_CHECKING:
@@ -101,21 +100,6 @@ def _format(path: Path, fmt: str | None, default: str | None = None) -> str:
     return fmt
 
 
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(path, number, f"invalid JSON ({e.msg} at column {e.colno})"
-                            ) from None
-        if not isinstance(record, dict):
-            raise DataError(path, number, f"expected a JSON object, got "
-                            f"{type(record).__name__}")
-        yield number, record
-
-
 def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] | dict]]:
     """Rows of a TSV / CSV / JSONL file: dicts (JSONL, or a table with a header) or lists.
 
@@ -123,7 +107,7 @@ def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] 
     the usual quoting rules. The header row itself is not yielded.
     """
     if fmt == "jsonl":
-        yield from _jsonl(path)
+        yield from read_jsonl(path)
         return
     if fmt == "csv":
         rows = _csv_rows(path)
@@ -360,7 +344,7 @@ def _conll(path: Path) -> Iterator[tuple[list[str], list[str], list[int]]]:
 def _tagged_jsonl(path: Path, tokens_field: str | None, tags_field: str | None,
                   tag_names: Sequence[str] | None
                   ) -> Iterator[tuple[list[str], list[str], list[int]]]:
-    for number, record in _jsonl(path):
+    for number, record in read_jsonl(path):
         tokens_field = tokens_field or _detect(record, TOKEN_FIELDS, "tokens", path, number,
                                                "tokens_field=")
         tags_field = tags_field or _detect(record, TAG_FIELDS, "tags", path, number,
@@ -442,7 +426,7 @@ def read_generation(path: PathLike, *, prompt_field: str = "prompt",
     path = Path(path)
 
     def examples() -> Iterator[GenerationExample]:
-        for number, record in _jsonl(path):
+        for number, record in read_jsonl(path):
             prompt = _text(record, prompt_field, path, number)
             completion = _text(record, completion_field, path, number)
             if not completion.strip():

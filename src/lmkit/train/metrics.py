@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from lmkit.data.corpus import read_lines
-from lmkit.errors import DataError
+from lmkit.data.corpus import read_jsonl
 
 log = logging.getLogger("lmkit")
 METRICS, COMPUTE, CURVE, TENSORBOARD = "metrics.jsonl", "compute.json", "loss.png", "tensorboard"
@@ -25,16 +24,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     file = path / METRICS if path.is_dir() else path
     if not file.exists():
         return []
-    records = []
-    for number, line in read_lines(file):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(file, number, f"invalid JSON ({e.msg}); the run's log is damaged: "
-                            "fix or delete that line") from None
-    return records
+    return [record for _, record in read_jsonl(file)]
 
 
 class MetricsLogger:
