@@ -23,7 +23,7 @@ run: setup
 test: setup
 	$(PY) -m pytest tests
 
-fuzz: setup  # the full fuzz corpus (~2000 mutated inputs): outcomes per input kind
+fuzz: setup  # the full fuzz corpus (3000 mutated inputs): outcomes per input kind
 	$(PY) tests/fuzzing.py
 
 lint: setup

@@ -777,7 +777,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="the subset the tests run")
-    p.add_argument("--per-kind", type=int, help="cases per input kind (default 100; quick 14)")
+    p.add_argument("--per-kind", type=int, help="cases per input kind (default 150; quick 14)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per case")
@@ -788,7 +788,7 @@ def main() -> None:
         cases_file, results_file, seeds, mem = args.worker
         worker(Path(cases_file), Path(results_file), Path(seeds), int(mem))
         return
-    per_kind = args.per_kind or (14 if args.quick else 100)
+    per_kind = args.per_kind or (14 if args.quick else 150)
     start = time.time()
     cases, results = fuzz(per_kind, args.seed, args.jobs, args.timeout, args.mem_mb)
     print(table(cases, results))
