@@ -177,3 +177,14 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoints(saved, monkeypatch):
     load_checkpoint(step1, fresh, fresh_opt, build_scheduler(fresh_opt, "constant", 0, 10),
                     None, DistEnv())  # the previous checkpoint still loads
     assert (step1 / STATE).exists()
+
+
+def test_unreadable_file_is_a_storage_error_naming_it(tmp_path, monkeypatch):
+    small_model().save(tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+
+    def denied(file, *args, **kwargs):  # root reads anything: the OS error is mocked
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+    monkeypatch.setattr("lmkit.checkpoint.safe_open", denied)
+    with pytest.raises(StorageError, match=f"cannot read {weights}: permission denied"):
+        lmkit.load(tmp_path / "ckpt")

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lmkit.config import ModelConfig, read_json
-from lmkit.errors import CheckpointError, storage, write_error
+from lmkit.errors import CheckpointError, storage, storage_error, write_error
 from lmkit.model import Model
 
 log = logging.getLogger("lmkit")
@@ -114,7 +114,9 @@ def read_tensors(file: str | Path, verify: bool = True) -> tuple[dict[str, torch
         with safe_open(file, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+    except OSError as e:  # permission, I/O: not the file's fault
+        raise storage_error(e, "read", file) from e
+    except (SafetensorError, RuntimeError, ValueError) as e:
         raise CheckpointError(
             f"{file} is not a readable safetensors file ({e}); it is probably truncated or "
             "corrupted: copy or download it again, or re-save it from the source model") from e

@@ -132,12 +132,13 @@ def generate(args: argparse.Namespace) -> None:
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
-    p.add_argument("--task", help="classification | ner | translation | summarization | "
-                   "generation")
+    p.add_argument("--task", type=_value(str, _FINETUNE, "task"),
+                   help="classification | ner | translation | summarization | generation")
     p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
     p.add_argument("--dev", help="dev file, scored with the task's metric at the end")
     p.add_argument("--out", help="run folder (becomes the fine-tuned checkpoint)")
-    p.add_argument("--scheme", help="full | frozen | top-k | lora")
+    p.add_argument("--scheme", type=_value(str, _FINETUNE, "scheme"),
+                   help="full | frozen | top-k | lora")
     p.add_argument("--epochs", type=_value(float, _FINETUNE, "epochs"))
     p.add_argument("--steps", type=_value(int, _FINETUNE, "steps"),
                    help="optimizer steps (overrides --epochs)")

@@ -104,6 +104,12 @@ class TrainConfig:
             raise ConfigError(f"eps must be positive, got {self.eps}")
         if not 0.0 <= self.layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in [0, 1] (0 = off), got {self.layer_decay}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"device={self.device!r} is not a device: use auto, cpu, "
+                                  "cuda or cuda:N") from None
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r} is not supported; choose one of "
                              f"{PRECISIONS}")
