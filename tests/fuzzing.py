@@ -217,9 +217,9 @@ def _mutation(rng: random.Random, file: Path) -> dict[str, Any]:
     if name.endswith(".gguf"):
         ops += ["gguf_count", "gguf_count", "gguf_len", "bitflip_head", "bitflip_head"]
     if name.endswith(".json") and not name.startswith("ner") and name != "cls.jsonl":
-        ops += ["json"] * 8
+        ops += ["json"] * 8 + ["json_huge"]
     if name.endswith(".yaml"):
-        ops += ["yaml"] * 8
+        ops += ["yaml"] * 8 + ["yaml_huge"]
     if name == "trainer_state.pt":
         ops += ["state"] * 8 + ["evil_pickle", "evil_pickle_raw"]
     if file.parent.name == "data":
@@ -232,11 +232,15 @@ def _mutation(rng: random.Random, file: Path) -> dict[str, Any]:
         args["value"] = rng.choice([0, 1, 7, 2 ** 31, 2 ** 40, 2 ** 63 - 1, 2 ** 64 - 1])
     elif op == "gguf_len":  # the first key's string length
         args["pos"], args["value"] = 24, rng.choice([0, 3, 2 ** 20, 2 ** 62])
-    elif op == "json" or op == "yaml":
-        data = json.loads(file.read_text()) if op == "json" else _yaml_load(file)
+    elif op in ("json", "yaml", "json_huge", "yaml_huge"):
+        data = json.loads(file.read_text()) if op.startswith("json") else _yaml_load(file)
         args["path"] = _json_path(rng, data)
         args["how"] = rng.choice(["set", "set", "set", "del", "add"])
         args["value"] = rng.choice(JSON_VALUES)
+        sizes = [path for path, v in _flat(data) if type(v) is int]
+        if op.endswith("_huge") and sizes:  # a config of 10^6..10^9 layers, heads, ...
+            args["path"], args["how"] = list(rng.choice(sizes)), "set"
+            args["value"] = rng.choice([10 ** 6, 10 ** 9])
     elif op == "state":
         args["edit"] = rng.choice(STATE_EDITS)
     elif op == "line":
@@ -301,11 +305,11 @@ def mutate(file: Path, op: str, a: dict[str, Any]) -> None:
         struct.pack_into("<Q", data, a["pos"], a["value"])
     elif op == "st_header":
         data = bytearray(_safetensors_header_edit(bytes(data), rnd))
-    elif op == "json":
+    elif op in ("json", "json_huge"):
         obj = json.loads(data)
         _edit(obj, a["path"], a["how"], a["value"])
         data = bytearray(json.dumps(obj).encode())
-    elif op == "yaml":
+    elif op in ("yaml", "yaml_huge"):
         import yaml
 
         obj = yaml.safe_load(bytes(data))

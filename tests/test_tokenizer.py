@@ -156,6 +156,12 @@ def test_train_errors(tmp_path, corpus):
     bad.write_text('{"version": "1.0", "model": ')
     with pytest.raises(TokenizerError, match=r"tokenizer.json is not a readable tokenizer"):
         Tokenizer.from_file(bad)
+    # a corrupted id would make the tokenizers library allocate 10^9 entries and abort
+    data = json.loads(Tokenizer.train([corpus], "bpe", 300).backend.to_str())
+    data["model"]["vocab"][next(iter(data["model"]["vocab"]))] = 10 ** 9
+    bad.write_text(json.dumps(data))
+    with pytest.raises(TokenizerError, match="token id 1000000000 is out of range"):
+        Tokenizer.from_file(bad)
     bad.unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer in"):
         Tokenizer.from_dir(tmp_path)

@@ -33,6 +33,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -209,7 +210,9 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer file '{path}' does not exist: pass the path "
                                     "of a tokenizer.json (or its folder to from_dir)")
         with _reading(path):
-            backend = tokenizers.Tokenizer.from_file(str(path))
+            text = path.read_text(encoding="utf-8")
+            _check_ids(path, json.loads(text))
+            backend = tokenizers.Tokenizer.from_str(text)
             return cls(backend, _read_roles(path.parent, backend))
 
     @classmethod
@@ -435,6 +438,21 @@ def _reading(path: PathLike) -> contextlib.AbstractContextManager:
     reading `path` become a TokenizerError naming it."""
     return reading(path, TokenizerError, "tokenizer file", "it is truncated or corrupted: "
                    "copy it again or re-save the tokenizer")
+
+
+def _check_ids(path: Path, data: Any) -> None:
+    """Refuse token ids far beyond the number of tokens: the tokenizers library allocates a
+    table as large as the largest id, so one corrupted id (10^9) would abort the process."""
+    model = data.get("model") if isinstance(data, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    ids = list(vocab.values()) if isinstance(vocab, dict) else []
+    ids += [t.get("id") for t in data.get("added_tokens") or [] if isinstance(t, dict)]
+    ids = [i for i in ids if isinstance(i, int)]
+    limit = 2 * len(ids) + 256  # real vocabularies are dense: ids 0..n-1
+    bad = next((i for i in ids if not 0 <= i < limit), None)
+    if bad is not None:
+        raise TokenizerError(f"{path}: token id {bad} is out of range for {len(ids)} tokens; "
+                             "the file is corrupted: copy it again or re-save the tokenizer")
 
 
 def _read_config(folder: Path) -> dict:
