@@ -231,7 +231,7 @@ def _pickle_error(path: Path, name: str) -> CheckpointError:
 
 def _spec_for(model_type: Any) -> Spec:
     specs = registry()
-    if model_type not in specs:
+    if not isinstance(model_type, str) or model_type not in specs:
         raise CheckpointError(f"Hugging Face model_type {model_type!r} is not supported; "
                               f"lmkit converts: {', '.join(sorted(specs))}")
     return specs[model_type]
