@@ -16,21 +16,24 @@ NO_SILENT_CHANGE = {"lmkit weights (crc)", "cli values", *DATA}
 NOT_YET = {
     # a crafted optimizer tensor of the wrong shape: the fused AdamW writes out of bounds
     "training state": {"crash"},
-    # 10^9 layers in a config: the model is built before any tensor is checked
+    # values of the wrong type fail inside the model build; with 10^9 layers the model is
+    # built (for minutes) before any tensor is checked
     "lmkit config.json": {"crash", "hang"},
     "hf config.json": {"crash", "hang"},
-    "gguf": {"crash", "hang"},
-    "run config yaml": {"crash", "hang"},
 }
+# Not a defect: a huge but valid value (grad_accum: 10^9) makes a resumed run take that long.
+SLOW_BY_DESIGN = {"run config yaml": {"hang"}}
 
 
 def test_fuzz_subset():
-    cases, results = fuzz(per_kind=14, seed=0, jobs=2, timeout=10.0, mem_mb=2048)
+    cases, results = fuzz(per_kind=14, seed=0, jobs=2, timeout=20.0, mem_mb=2048)
     print("\n" + table(cases, results))
     counts = collections.Counter((c["kind"], r["outcome"]) for c, r in zip(cases, results))
     bad = [f"{c['kind']}: {r['outcome']} ({c['op']} {c['args']}): {r['detail']}"
            for c, r in zip(cases, results)
-           if (r["outcome"] in ("crash", "hang") and r["outcome"] not in NOT_YET.get(c["kind"], ()))
+           if (r["outcome"] in ("crash", "hang")
+               and r["outcome"] not in NOT_YET.get(c["kind"], set()) | SLOW_BY_DESIGN.get(
+                   c["kind"], set()))
            or (r["outcome"] == "silent change" and c["kind"] in NO_SILENT_CHANGE)]
     assert not bad, "\n".join(bad)
     for kind in KINDS:  # every kind was exercised and most of its bad inputs were refused
