@@ -29,10 +29,11 @@ from typing import Any, ClassVar, TypeVar
 import torch.distributed as dist
 
 from lmkit.config import PRESETS, ModelConfig
-from lmkit.data.corpus import TokenCache, check_files, tokenize_corpus
+from lmkit.data.corpus import TokenCache, tokenize_corpus
 from lmkit.data.packing import PackedDataset
 from lmkit.model import Model
 from lmkit.objectives import CausalLM, MaskedLM, Objective, SpanCorruption, TextInfilling
+from lmkit.textfiles import check_files
 from lmkit.tokenizer import Tokenizer
 from lmkit.train import options
 from lmkit.train.batches import BatchStream, fixed_batches
