@@ -26,14 +26,15 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 @command("info", "show a preset's or a checkpoint's architecture and size", _info_args)
 def info(args: argparse.Namespace) -> None:
     import lmkit
+    from lmkit.flops import num_parameters
 
     if args.model in lmkit.PRESETS:
         config = lmkit.preset(args.model)
     else:
         config = lmkit.load(args.model).config
     print(json.dumps(config.to_dict(), indent=2))
-    print(f"parameters: {config.num_parameters():,} "
-          f"({config.num_parameters(include_embeddings=False):,} without embeddings)")
+    print(f"parameters: {num_parameters(config):,} "
+          f"({num_parameters(config, include_embeddings=False):,} without embeddings)")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

@@ -181,26 +181,6 @@ class ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    # ---- compute accounting ----------------------------------------------------------------
-    def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Parameter count, computed from the config alone (no model needed)."""
-        import torch  # local: config stays importable as plain data
-
-        from lmkit.model import Model
-
-        with torch.device("meta"):
-            model = Model(self)
-        return model.num_parameters(include_embeddings)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), Kaplan/Chinchilla style:
-        6 * non-embedding params + attention score and value terms."""
-        d_attn = self.num_heads * self.dim_per_head
-        layers = self.encoder_layers + self.decoder_layers
-        attention = 2 * 2 * layers * seq_len * d_attn  # QK^T and AV, forward
-        return 6 * self.num_parameters(include_embeddings=False) + 3 * attention + \
-            6 * self.hidden_size * self.vocab_size * (self.head in ("lm", "mlm"))
-
 
 # Named architectures. tiny-* are for tests (widths 32-64, a few layers).
 PRESETS: dict[str, dict[str, Any]] = {
