@@ -155,7 +155,7 @@ def test_gguf_new_head(tmp_path):
 def test_gguf_converts_to_a_transformers_folder(tmp_path):
     import transformers as tf
 
-    from lmkit.convert import convert
+    from lmkit.loading import convert
 
     write_gguf(tmp_path / "m.gguf", _model(tie_embeddings=False))
     out = convert(tmp_path / "m.gguf", tmp_path / "hf", to="hf")

@@ -10,9 +10,10 @@
 Pretraining is `lmkit.train.pretrain`, fine-tuning `lmkit.finetune.finetune`.
 """
 
-from lmkit.checkpoint import CheckpointError, load, save
+from lmkit.checkpoint import CheckpointError, save
 from lmkit.config import PRESETS, ModelConfig, preset
 from lmkit.generate import Generation, generate
+from lmkit.loading import load
 from lmkit.model import Model, ModelOutput
 
 __all__ = ["PRESETS", "CheckpointError", "Generation", "Model", "ModelConfig", "ModelOutput",

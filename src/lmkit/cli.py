@@ -188,7 +188,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 @command("convert", "convert a checkpoint to a Hugging Face folder or an lmkit folder",
          _convert_args)
 def convert(args: argparse.Namespace) -> None:
-    from lmkit.convert import convert as run
+    from lmkit.loading import convert as run
 
     out = run(args.src, args.dst, to=args.to, model_type=args.model_type,
               allow_pickle=args.allow_pickle)

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
 import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from lmkit.checkpoint import DTYPES, CheckpointError, build
+from lmkit.checkpoint import DTYPES, CheckpointError
 from lmkit.config import ModelConfig
 from lmkit.convert.hf import Table, check_vocab, expand, new_head_parts, retarget, to_lmkit_names
-from lmkit.model import Model
+from lmkit.model import Model, build
+from lmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("lmkit")
 ARCHITECTURES = ("llama",)
@@ -114,11 +117,6 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
     """An lmkit Tokenizer from `tokenizer.ggml.*` metadata (byte-level BPE, model 'gpt2'), with
     control tokens as special tokens and bos/eos/pad/unk from their ids; None (with a warning)
     for tokenizer models lmkit cannot rebuild yet."""
-    import tokenizers
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-
-    from lmkit.tokenizer import Tokenizer
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         log.warning("GGUF tokenizer model %r is not supported (only byte-level BPE 'gpt2'); "

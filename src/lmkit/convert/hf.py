@@ -4,7 +4,7 @@ A family module (hf_bert, hf_gpt2, hf_llama, hf_bart, hf_t5) describes each of i
 `model_type`s with a `Spec`: config translation both ways, a table of tensor names, and the few
 tensor transforms the format needs. This module does the rest once: read a folder (single or
 sharded safetensors, or a pickle only when allowed), apply a table in either direction, build
-the model through `lmkit.checkpoint.build` (meta device + adopt, so weights are in memory once),
+the model through `lmkit.model.build` (meta device + adopt, so weights are in memory once),
 and write a folder that `transformers` loads.
 
 Tables map lmkit names to HF names. An entry names either a whole tensor or a module (then its
@@ -29,9 +29,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, atomic_folder, build, read_tensors
+from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, atomic_folder, read_tensors
 from lmkit.config import ModelConfig
-from lmkit.model import Model
+from lmkit.model import Model, build
+from lmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("lmkit")
 
@@ -349,8 +350,6 @@ def attach_tokenizer(path: Path, cfg: ModelConfig) -> Any:
     """The folder's tokenizer (tokenizer.json or vocab/merges files), or None if it has none.
     A tokenizer with more ids than the embedding has rows is an error: those ids would crash
     the model (or silently read another token's row)."""
-    from lmkit.tokenizer import Tokenizer
-
     try:
         tok = Tokenizer.from_dir(path)
     except FileNotFoundError:
@@ -494,19 +493,3 @@ def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
         if tokenizer is not None:
             tokenizer.save(staging)
     return path
-
-
-def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str | None = None,
-            allow_pickle: bool = False) -> Path:
-    """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
-    (`to="hf"`) or an lmkit folder (`to="lmkit"`) at `dst`. Returns `dst`."""
-    from lmkit.checkpoint import load
-
-    if to not in ("hf", "lmkit"):
-        raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder) or 'lmkit'")
-    model = load(src, allow_pickle=allow_pickle)
-    if to == "hf":
-        return save_hf(model, dst, model_type=model_type)
-    from lmkit.checkpoint import save
-
-    return save(model, dst)

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from lmkit.checkpoint import load
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
+from lmkit.loading import load
 from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task

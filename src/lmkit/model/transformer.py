@@ -10,6 +10,7 @@ What differs between BERT, GPT-2, Llama, BART, T5 or Marian is only the ModelCon
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkit.checkpoint import DTYPES, check_tensors, save
 from lmkit.config import ModelConfig
 from lmkit.model.attention import (
     Attention,
@@ -33,6 +35,7 @@ from lmkit.model.heads import HEADS, pool
 from lmkit.model.layers import MLP, make_norm, sinusoidal
 from lmkit.model.lora import LoRAConfig, apply_lora
 
+log = logging.getLogger("lmkit")
 IGNORE_INDEX = -100
 
 
@@ -278,13 +281,26 @@ class Model(nn.Module):
     # ---- conveniences ------------------------------------------------------------------------
     def save(self, path: Any, tokenizer: Any = None) -> None:
         """Write a checkpoint folder: config.json + model.safetensors (+ tokenizer.json)."""
-        from lmkit.checkpoint import save
-
         save(self, path, tokenizer=tokenizer)
 
-    @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """See `lmkit.generate.generate`."""
-        from lmkit.generate import generate
 
-        return generate(self, *args, **kwargs)
+def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[str, ...] = (),
+          dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Model:
+    """A model of `config` holding `tensors` (adopted, not copied); parameters named under
+    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers."""
+    with torch.device("meta"):
+        model = Model(config)
+    fresh = check_tensors(model, tensors, new=new)
+    dtype = dtype or DTYPES[config.dtype]
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
+                          strict=False, assign=True)
+    for prefix in new if fresh else ():  # materialise and initialise the new modules
+        module = model.get_submodule(prefix.rstrip("."))
+        module.to_empty(device=device)
+        model.reset_parameters(module)
+        module.to(dtype)
+    model.tie_weights()
+    if fresh:
+        log.info("initialised new tensors (not in the checkpoint): %s", ", ".join(fresh))
+    model.new_tensors = fresh
+    return model

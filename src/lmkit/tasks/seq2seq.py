@@ -13,9 +13,11 @@ from pathlib import Path
 from lmkit.generate import generate
 from lmkit.model import Model
 from lmkit.objectives import IGNORE_INDEX
+from lmkit.tasks.batching import collate
 from lmkit.tasks.formats import GenerationExample, Seq2SeqExample, read_generation, read_seq2seq
 from lmkit.tasks.metrics import bleu, chrf, rouge
 from lmkit.tasks.task import Features, Task
+from lmkit.train.loop import evaluate
 
 
 class Seq2SeqTask(Task):
@@ -114,9 +116,6 @@ class GenerationTask(Seq2SeqTask):
         return self.pair(example.prompt, example.completion)
 
     def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
-        from lmkit.tasks.batching import collate
-        from lmkit.train.loop import evaluate
-
         feats = [self.features(e) for e in examples]
         pad = model.config.pad_id if model.config.pad_id is not None else self.eos
         batches = [collate(feats[i:i + batch_size], pad)
