@@ -9,16 +9,14 @@ from pathlib import Path
 import torch
 
 from lmkit.model import Model
-from lmkit.tasks.formats import (
-    TokenClassificationExample,
+from lmkit.tasks.alignment import (
     align_labels,
     align_predictions,
     encode_words,
-    label_names,
-    read_token_classification,
     split_words,
     tags_to_spans,
 )
+from lmkit.tasks.formats import TokenClassificationExample, label_names, read_token_classification
 from lmkit.tasks.metrics import entity_scores
 from lmkit.tasks.task import Features, Task, forward_batches
 
