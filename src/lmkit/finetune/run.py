@@ -22,12 +22,12 @@ from typing import Any, ClassVar
 
 import torch
 
+from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.loading import load
 from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
-from lmkit.tasks.batching import collate, length_grouped_batches
 from lmkit.train.distributed import launch_ranks
 from lmkit.train.loop import TrainConfig, train
 
@@ -98,46 +98,6 @@ class FinetuneConfig(TrainConfig):
         return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
 
 
-class TaskBatches:
-    """Endless, resumable length-grouped batches of features, padded per batch (never to a
-    fixed maximum), reshuffled every epoch; under torchrun each process takes every
-    world_size-th batch."""
-
-    def __init__(self, features: list[dict], pad_id: int, batch_size: int | None,
-                 max_tokens: int | None = None, seed: int = 0):
-        if not features:
-            raise ValueError("no training examples")
-        self.features, self.pad_id, self.seed = features, pad_id, seed
-        self.batch_size, self.max_tokens = (None, max_tokens) if max_tokens else (batch_size,
-                                                                                  None)
-        self.rank, self.world, _ = launch_ranks()
-        self.epoch = self.index = 0
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        lengths = [len(f["input_ids"]) for f in self.features]
-        batches = length_grouped_batches(lengths, self.batch_size, max_tokens=self.max_tokens,
-                                         seed=self.seed + epoch)
-        return batches[self.rank:len(batches) - len(batches) % self.world:self.world]
-
-    def __len__(self) -> int:
-        return len(self.epoch_batches(0))
-
-    def __iter__(self):
-        while True:
-            batches = self.epoch_batches(self.epoch)
-            while self.index < len(batches):
-                idx = batches[self.index]
-                self.index += 1
-                yield collate([self.features[i] for i in idx], self.pad_id)
-            self.epoch, self.index = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
 @dataclass
 class FinetuneResult:
     out_dir: Path
@@ -192,7 +152,9 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
              ", ".join(model.new_tensors) or "none", f"{counts['trainable']:,}",
              f"{counts['total']:,}", cfg.scheme)
     features = [task.features(e) for e in train_examples]
-    batches = TaskBatches(features, _pad_id(model), cfg.batch_size, cfg.max_tokens, cfg.seed)
+    rank, world, _ = launch_ranks()
+    batches = TaskBatches(features, _pad_id(model), cfg.batch_size, cfg.max_tokens, cfg.seed,
+                          rank, world)
     steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(batches)
                                                              / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.06 * steps)

@@ -3,13 +3,14 @@
 - data formats (``formats``): readers for classification (TSV/CSV/JSONL), token
   classification (CoNLL/JSONL), seq2seq (TSV/JSONL) and prompt/completion (JSONL) files;
 - NER alignment (``alignment``): word <-> subword <-> character-span;
-- batching (``batching``): length-grouped variable-length batches and padding;
+- batching: length-grouped variable-length batches and padding (``lmkit.data.batches``);
 - metrics (``metrics``): accuracy, macro-F1, entity F1 (seqeval), BLEU / chrF (sacrebleu),
   ROUGE (rouge-score), all on a 0-100 scale;
 - the tasks themselves (``TASKS``): each turns examples into features, evaluates with its
   metric and predicts from raw inputs (``task.Task`` is the interface).
 """
 
+from lmkit.data.batches import collate, length_grouped_batches, padding_fraction
 from lmkit.tasks.alignment import (
     Span,
     align_labels,
@@ -18,7 +19,6 @@ from lmkit.tasks.alignment import (
     split_words,
     tags_to_spans,
 )
-from lmkit.tasks.batching import collate, length_grouped_batches, padding_fraction
 from lmkit.tasks.formats import (
     ClassificationExample,
     GenerationExample,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmkit.data.batches import collate
 from lmkit.generate import generate
 from lmkit.model import Model
 from lmkit.objectives import IGNORE_INDEX
-from lmkit.tasks.batching import collate
 from lmkit.tasks.formats import GenerationExample, Seq2SeqExample, read_generation, read_seq2seq
 from lmkit.tasks.metrics import bleu, chrf, rouge
 from lmkit.tasks.task import Features, Task

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from lmkit.data.batches import collate, length_grouped_batches
 from lmkit.model import Model
-from lmkit.tasks.batching import collate, length_grouped_batches
 
 Features = dict[str, Any]
 

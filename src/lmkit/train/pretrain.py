@@ -29,6 +29,7 @@ from typing import Any, ClassVar, TypeVar
 import torch.distributed as dist
 
 from lmkit.config import PRESETS, ModelConfig
+from lmkit.data.batches import BatchStream, fixed_batches
 from lmkit.data.corpus import TokenCache, tokenize_corpus
 from lmkit.data.packing import PackedDataset
 from lmkit.model import Model
@@ -36,7 +37,6 @@ from lmkit.objectives import CausalLM, MaskedLM, Objective, SpanCorruption, Text
 from lmkit.textfiles import check_files
 from lmkit.tokenizer import Tokenizer
 from lmkit.train import options
-from lmkit.train.batches import BatchStream, fixed_batches
 from lmkit.train.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
 from lmkit.train.loop import TrainConfig, train
 from lmkit.train.state import list_checkpoints, seed_everything
