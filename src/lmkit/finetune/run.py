@@ -5,8 +5,9 @@
 loads the pretrained body with a new task head (saying which tensors are new), applies the
 scheme (full, frozen body, top-k, LoRA), trains with the same loop as pretraining on
 length-grouped, dynamically padded batches, scores the dev set with the task's metric, and
-writes a checkpoint folder with `task.json`, `eval.json`, `compute.json` and a model card.
-`evaluate_run`, `predict` and `pipeline` use such a folder. The CLI calls these functions.
+writes a checkpoint folder with `task.json`, `eval.json`, `compute.json` and a model card
+(`card.py`). `evaluate_run`, `predict` and `pipeline` (`pipeline.py`) use such a folder. The
+CLI calls these functions.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any, ClassVar
 import torch
 
 from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
+from lmkit.finetune.card import model_card
+from lmkit.finetune.pipeline import TASK_FILE
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.loading import load
 from lmkit.model import Model
@@ -32,7 +35,7 @@ from lmkit.train.distributed import launch_ranks
 from lmkit.train.loop import TrainConfig, train
 
 log = logging.getLogger("lmkit")
-TASK_FILE, EVAL_FILE = "task.json", "eval.json"
+EVAL_FILE = "eval.json"
 # Task options a user may set; they are stored in task.json so evaluate/predict reuse them.
 OPTION_FIELDS = ("text_column", "pair_column", "label_column", "source_field", "target_field",
                  "max_length", "num_beams", "max_new_tokens")
@@ -200,76 +203,5 @@ def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, tas
     (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
     (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "curve": curve},
                                             indent=2) + "\n")
-    scores = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-    card = f"""---
-library: lmkit
-task: {task.name}
-base_model: {checkpoint if not cfg.from_scratch else "none (trained from scratch)"}
----
-# {out.name}
-
-Fine-tuned by lmkit for **{task.name}** from `{checkpoint}` ({cfg.scheme} scheme,
-{counts['trainable']:,} of {counts['total']:,} parameters trained).
-
-- training data: `{cfg.train}` ({n_train:,} examples)
-- dev data: `{cfg.dev}`: {scores or "not scored"}
-- compute: {compute.get('flops', 0):.3g} training FLOPs, {compute.get('tokens', 0):,} tokens,
-  {wall:.0f} s wall time on {compute.get('device', '?')} ({compute.get('precision', '?')})
-
-Load it with `lmkit.load("{out}")` or `lmkit.pipeline("{task.name}", "{out}")`.
-"""
+    card = model_card(out, checkpoint, cfg, task.name, metrics, counts, n_train, compute, wall)
     (out / "README.md").write_text(card)
-
-
-def _run_task(run_dir: str | Path, task_name: str | None = None,
-              **options: Any) -> tuple[Model, Task]:
-    run_dir = Path(run_dir)
-    model = load(run_dir)
-    info = json.loads((run_dir / TASK_FILE).read_text()) if (run_dir / TASK_FILE).exists() \
-        else {}
-    name = task_name or info.get("task") or _task_for(model)
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    task = TASKS[name](model.tokenizer, model.config, **{**info.get("options", {}), **options})
-    if task.head != model.config.head:
-        raise ValueError(f"{run_dir} has a {model.config.head!r} head but the {name} task "
-                         f"needs {task.head!r}: fine-tune it for {name} first")
-    return model.eval(), task
-
-
-def _task_for(model: Model) -> str:
-    head, family = model.config.head, model.config.family
-    return {"classification": "classification", "token-classification": "ner",
-            "mlm": "fill-mask"}.get(head, "translation" if family == "encoder-decoder"
-                                    else "generation")
-
-
-def evaluate_run(run_dir: str | Path, data: str | Path, limit: int | None = None,
-                 batch_size: int = 32) -> dict[str, float]:
-    """Score a fine-tuned folder on a labelled file with its task's metric."""
-    model, task = _run_task(run_dir)
-    examples = task.read(data, labels=model.config.labels or None, limit=limit)
-    return task.evaluate(model, examples, batch_size)
-
-
-class Pipeline:
-    """`pipeline(text)` or `pipeline([texts])`: the task's predictions (with scores)."""
-
-    def __init__(self, model: Model, task: Task):
-        self.model, self.task = model, task
-
-    def __call__(self, inputs: Any, batch_size: int = 32) -> Any:
-        single = isinstance(inputs, (str, tuple))
-        out = self.task.predict(self.model, [inputs] if single else list(inputs), batch_size)
-        return out[0] if single else out
-
-
-def pipeline(task: str | None, path: str | Path, **options: Any) -> Pipeline:
-    """A ready-to-call predictor: `lmkit.pipeline("ner", "runs/ner")("Ada lives in Paris")`.
-    `task` may be None to use the folder's own (task.json, or inferred from its head)."""
-    return Pipeline(*_run_task(path, task, **options))
-
-
-def predict(run_dir: str | Path, inputs: list[Any], task: str | None = None,
-            **options: Any) -> list:
-    return pipeline(task, run_dir, **options)(inputs)
