@@ -21,7 +21,8 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 
 from lmkit.checkpoint import DTYPES, CheckpointError
 from lmkit.config import ModelConfig
-from lmkit.convert.hf import Table, check_vocab, expand, new_head_parts, retarget, to_lmkit_names
+from lmkit.convert.hf import check_vocab, new_head_parts, retarget
+from lmkit.convert.tables import Table, expand, to_lmkit_names
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 

@@ -5,13 +5,10 @@ A family module (hf_bert, hf_gpt2, hf_llama, hf_bart, hf_t5) describes each of i
 tensor transforms the format needs. This module does the rest once: read a folder (single or
 sharded safetensors, or a pickle only when allowed), apply a table in either direction, build
 the model through `lmkit.model.build` (meta device + adopt, so weights are in memory once),
-and write a folder that `transformers` loads.
+and write a folder that `transformers` loads. Applying a table is `lmkit.convert.tables`.
 
-Tables map lmkit names to HF names. An entry names either a whole tensor or a module (then its
-`.weight` / `.bias` follow). HF names are written without the base-model prefix ("bert.",
-"model.", "transformer."); it is stripped on reading and added on writing for head models. An
-entry may give several HF names for one tensor: the first is written, any is read (tied copies
-such as `encoder.embed_tokens` beside `shared`).
+HF names in the tables are written without the base-model prefix ("bert.", "model.",
+"transformer."); it is stripped on reading and added on writing for head models.
 """
 
 from __future__ import annotations
@@ -31,13 +28,11 @@ from safetensors.torch import save_file
 
 from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, atomic_folder, read_tensors
 from lmkit.config import ModelConfig
+from lmkit.convert.tables import Table, Tensors, expand, to_hf_names, to_lmkit_names
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("lmkit")
-
-Table = list[tuple[str, str | tuple[str, ...]]]
-Tensors = dict[str, torch.Tensor]
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -117,67 +112,6 @@ def _labels(hf: dict[str, Any]) -> list[str]:
     if id2label:
         return [id2label[k] for k in sorted(id2label, key=int)]
     return [f"LABEL_{i}" for i in range(hf.get("num_labels", 2))]
-
-
-# ---- tables ------------------------------------------------------------------------------------
-def expand(table: Table, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-    """Table templates with `{i}` written out for every layer of their stack."""
-    out: dict[str, tuple[str, ...]] = {}
-    for lm, hf in table:
-        alts = (hf,) if isinstance(hf, str) else tuple(hf)
-        if "{i}" not in lm:
-            out[lm] = alts
-            continue
-        n = cfg.encoder_layers if lm.startswith("encoder.") else cfg.decoder_layers
-        for i in range(n):
-            out[lm.format(i=i)] = tuple(a.format(i=i) for a in alts)
-    return out
-
-
-def _lookup(name: str, mapping: dict[str, Any]) -> tuple[Any, str] | None:
-    """The entry for a tensor name, whole or by its module (returning the leaf to append)."""
-    if name in mapping:
-        return mapping[name], ""
-    module, _, leaf = name.rpartition(".")
-    if module in mapping:
-        return mapping[module], "." + leaf
-    return None
-
-
-def to_lmkit_names(tensors: Tensors, table: dict[str, tuple[str, ...]], ignore: tuple[str, ...],
-                   tied: bool) -> Tensors:
-    """Rename HF tensors to lmkit names. Tied copies and ignored tensors are dropped; tensors
-    the table does not know keep their HF name, so `check_tensors` reports them."""
-    reverse = {alt: (lm, rank) for lm, alts in table.items() for rank, alt in enumerate(alts)}
-    out: Tensors = {}
-    rank_of: dict[str, int] = {}
-    unknown: Tensors = {}
-    for name in list(tensors):
-        hit = _lookup(name, reverse)
-        if hit is None:
-            if not any(re.fullmatch(p, name) for p in ignore):
-                unknown[name] = tensors[name]
-            continue
-        (lm, rank), leaf = hit
-        target = lm + leaf
-        if tied and target == "head.proj.weight":
-            continue  # a stored copy of the tied embedding
-        if target not in out or rank < rank_of[target]:  # prefer the first alternative
-            out[target], rank_of[target] = tensors[name], rank
-    return {**out, **unknown}
-
-
-def to_hf_names(tensors: Tensors, table: dict[str, tuple[str, ...]]) -> Tensors:
-    """Rename lmkit tensors to HF names (the first alternative of each entry)."""
-    out: Tensors = {}
-    for name, t in tensors.items():
-        hit = _lookup(name, table)
-        if hit is None:
-            raise CheckpointError(f"lmkit tensor {name} has no Hugging Face name in this "
-                                  "family's table: the config cannot be exported to it")
-        alts, leaf = hit
-        out[alts[0] + leaf] = t
-    return out
 
 
 # ---- reading ------------------------------------------------------------------------------------
