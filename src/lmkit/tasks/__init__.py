@@ -4,7 +4,7 @@
   classification (CoNLL/JSONL), seq2seq (TSV/JSONL) and prompt/completion (JSONL) files;
 - NER alignment (``alignment``): word <-> subword <-> character-span;
 - batching: length-grouped variable-length batches and padding (``lmkit.data.batches``);
-- metrics (``metrics``): accuracy, macro-F1, entity F1 (seqeval), BLEU / chrF (sacrebleu),
+- scores (``scores``): accuracy, macro-F1, entity F1 (seqeval), BLEU / chrF (sacrebleu),
   ROUGE (rouge-score), all on a 0-100 scale;
 - the tasks themselves (``TASKS``): each turns examples into features, evaluates with its
   metric and predicts from raw inputs (``task.Task`` is the interface).
@@ -31,7 +31,7 @@ from lmkit.tasks.formats import (
     read_seq2seq,
     read_token_classification,
 )
-from lmkit.tasks.metrics import accuracy, bleu, chrf, entity_scores, macro_f1, rouge
+from lmkit.tasks.scores import accuracy, bleu, chrf, entity_scores, macro_f1, rouge
 
 __all__ = [
     "ClassificationExample",

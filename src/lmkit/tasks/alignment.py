@@ -112,7 +112,7 @@ def tags_to_spans(words: Sequence[str], tags: Sequence[str],
                   text: str | None = None) -> list[Span]:
     """Entities of BIO-tagged words, with character offsets: an entity runs from its first
     word's start to its last word's end. Entities are decoded as :func:`~lmkit.tasks.
-    metrics.entity_scores` decodes them (seqeval, conlleval rules). The span text is
+    scores.entity_scores` decodes them (seqeval, conlleval rules). The span text is
     ``text[start:end]`` when the raw ``text`` is given, else its words joined by spaces."""
     if not len(words) == len(tags) == len(word_char_offsets):
         raise ValueError(f"{len(words)} words, {len(tags)} tags and "

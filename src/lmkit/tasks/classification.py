@@ -8,7 +8,7 @@ from typing import Any
 
 from lmkit.model import Model
 from lmkit.tasks.formats import ClassificationExample, label_names, read_classification
-from lmkit.tasks.metrics import accuracy, macro_f1
+from lmkit.tasks.scores import accuracy, macro_f1
 from lmkit.tasks.task import Features, Task, forward_batches
 
 

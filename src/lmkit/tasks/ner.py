@@ -17,7 +17,7 @@ from lmkit.tasks.alignment import (
     tags_to_spans,
 )
 from lmkit.tasks.formats import TokenClassificationExample, label_names, read_token_classification
-from lmkit.tasks.metrics import entity_scores
+from lmkit.tasks.scores import entity_scores
 from lmkit.tasks.task import Features, Task, forward_batches
 
 

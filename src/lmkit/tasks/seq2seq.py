@@ -15,7 +15,7 @@ from lmkit.generate import generate
 from lmkit.model import Model
 from lmkit.objectives import IGNORE_INDEX
 from lmkit.tasks.formats import GenerationExample, Seq2SeqExample, read_generation, read_seq2seq
-from lmkit.tasks.metrics import bleu, chrf, rouge
+from lmkit.tasks.scores import bleu, chrf, rouge
 from lmkit.tasks.task import Features, Task
 from lmkit.train.loop import evaluate
 

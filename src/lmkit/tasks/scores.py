@@ -1,4 +1,6 @@
-"""Task metrics as pure functions: predictions and references in, a plain dict out.
+"""Task scores (the metrics a task is judged by) as pure functions: predictions and
+references in, a plain dict out. Not to be confused with `lmkit.train.metrics`, the run
+records (loss curves, compute) of training.
 
 Every score is a percentage on a 0-100 scale (accuracy, F1, precision, recall, BLEU, chrF,
 ROUGE), the scale papers and leaderboards report. Corpus metrics come from the reference
