@@ -92,12 +92,12 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def finetune(args: argparse.Namespace) -> None:
     from lmkit.finetune.run import FinetuneConfig
     from lmkit.finetune.run import finetune as run
-    from lmkit.train.options import load_config, parse_set
+    from lmkit.train.options import parse_set, read_config
 
     flags = {"task": args.task, "train": args.train, "dev": args.dev, "out": args.out,
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
              "batch_size": args.batch_size, "precision": args.precision}
-    cfg = load_config(FinetuneConfig, args.config, {**flags, **parse_set(args.set)})
+    cfg = read_config(FinetuneConfig, args.config, {**flags, **parse_set(args.set)})
     if not cfg.train:
         raise ValueError("give the training data with --train FILE")
     result = run(args.checkpoint, cfg)

@@ -95,7 +95,7 @@ def load_config(path: str | Path | None = None,
     """A PretrainConfig from its defaults, a YAML file (flat keys plus a `model:` mapping of
     ModelConfig fields) and overrides (dotted keys: "model.hidden_size"); `$VARS` and ~ in
     paths are expanded ("$LMKIT_DATA/tinyshakespeare/input.txt")."""
-    return options.load_config(PretrainConfig, path, overrides)
+    return options.read_config(PretrainConfig, path, overrides)
 
 
 # ---- the steps --------------------------------------------------------------------------------
