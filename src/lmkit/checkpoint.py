@@ -143,5 +143,5 @@ def check_tensors(model: Model, tensors: dict[str, torch.Tensor], *,
         raise CheckpointError(
             "the weights do not fit the architecture in config.json:\n  " + "\n  ".join(problems)
             + "\nCheck that config.json belongs to these weights; to put a new task head on a "
-              "pretrained body, load with head=... (and labels=...).")
+              "pretrained body, load with head=... (and label_names=...).")
     return sorted(k for k in expected if k not in tensors)

@@ -20,6 +20,7 @@ POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 HEADS = ("none", "lm", "mlm", "classification", "token-classification")
 POOLINGS = ("first", "last", "mean", "eos")
 DTYPES = ("float32", "bfloat16", "float16")
+RENAMED = {"labels": "label_names"}  # config.json keys written by earlier versions -> fields
 
 
 @dataclass
@@ -67,7 +68,7 @@ class ModelConfig:
     dtype: str = "float32"
     # The task head on top of the body.
     head: str = "lm"
-    labels: list[str] = field(default_factory=list)  # class / tag names of task heads
+    label_names: list[str] = field(default_factory=list)  # class / tag names of task heads
     pooling: str = "first"  # how classification reduces a sequence to one vector
     classifier_hidden: bool = False  # dense + activation before the classifier (BERT pooler)
     classifier_activation: str = "tanh"
@@ -90,7 +91,7 @@ class ModelConfig:
 
     @property
     def num_labels(self) -> int:
-        return len(self.labels)
+        return len(self.label_names)
 
     @property
     def has_encoder(self) -> bool:
@@ -148,8 +149,8 @@ class ModelConfig:
                              "decoder token; often the pad or bos id)")
         if self.head == "mlm" and not self.has_encoder:
             raise ValueError("the masked-LM head needs an encoder; use head='lm' for decoders")
-        if self.head in ("classification", "token-classification") and not self.labels:
-            raise ValueError(f"a {self.head} head needs labels (the class names)")
+        if self.head in ("classification", "token-classification") and not self.label_names:
+            raise ValueError(f"a {self.head} head needs label_names (the class names)")
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -160,6 +161,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

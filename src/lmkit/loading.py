@@ -21,7 +21,7 @@ from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 
 
-def load(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+def load(path: str | Path, *, head: str | None = None, label_names: list[str] | None = None,
          dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          allow_pickle: bool = False) -> Model:
     """Load a checkpoint folder as a Model (with its tokenizer attached when it has one).
@@ -30,11 +30,12 @@ def load(path: str | Path, *, head: str | None = None, labels: list[str] | None 
     ending in .gguf), translated by `lmkit.convert`. `allow_pickle` lets a Hugging Face folder
     that has only pytorch_model.bin be read (with torch.load(weights_only=True)).
 
-    `head` / `labels` put a new task head on the pretrained body: every body tensor must be in
+    `head` / `label_names` put a new task head on the pretrained body: every body tensor must be in
     the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`."""
     path = Path(path)
     if path.suffix.lower() == ".gguf":
-        return load_gguf(path, head=head, labels=labels, dtype=dtype, device=device)
+        return load_gguf(path, head=head, label_names=label_names, dtype=dtype,
+                         device=device)
     if not path.is_dir():
         raise CheckpointError(f"no checkpoint folder at {path}: give a folder holding "
                               f"{CONFIG} and {WEIGHTS}")
@@ -42,20 +43,22 @@ def load(path: str | Path, *, head: str | None = None, labels: list[str] | None 
         raise CheckpointError(f"{path} has no {CONFIG}: it is not a checkpoint folder")
     raw = json.loads((path / CONFIG).read_text())
     if "model_type" in raw:  # a Hugging Face folder: translated at the edge
-        return load_hf(path, head=head, labels=labels, dtype=dtype, device=device,
+        return load_hf(path, head=head, label_names=label_names, dtype=dtype, device=device,
                        allow_pickle=allow_pickle)
-    return load_lmkit(path, head=head, labels=labels, dtype=dtype, device=device)
+    return load_lmkit(path, head=head, label_names=label_names, dtype=dtype, device=device)
 
 
-def load_lmkit(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+def load_lmkit(path: str | Path, *, head: str | None = None,
+               label_names: list[str] | None = None,
                dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu") -> Model:
-    """Load an lmkit checkpoint folder (`head` / `labels` as in `load`)."""
+    """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`)."""
     path = Path(path)
     config = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
     new: tuple[str, ...] = ()
-    if head is not None and (head != config.head or (labels and labels != config.labels)):
-        config = config.replace(head=head, labels=list(labels or config.labels))
+    names = label_names
+    if head is not None and (head != config.head or (names and names != config.label_names)):
+        config = config.replace(head=head, label_names=list(names or config.label_names))
         new = ("head.",)
     tensors, _ = read_tensors(path / WEIGHTS)
     if new:  # the old head's tensors have no place in the new model

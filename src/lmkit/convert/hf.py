@@ -81,12 +81,12 @@ def activation_from_hf(name: str) -> str:
 
 
 def common_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """Config keys every HF model has: special ids, labels, dtype."""
+    """Config keys every HF model has: special ids, label names, dtype."""
     out: dict[str, Any] = {"pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
                            "eos_token_id": cfg.eos_id, "dtype": cfg.dtype}
-    if cfg.labels:
-        out["id2label"] = {str(i): name for i, name in enumerate(cfg.labels)}
-        out["label2id"] = {name: i for i, name in enumerate(cfg.labels)}
+    if cfg.label_names:
+        out["id2label"] = {str(i): name for i, name in enumerate(cfg.label_names)}
+        out["label2id"] = {name: i for i, name in enumerate(cfg.label_names)}
     return out
 
 
@@ -107,7 +107,7 @@ def first_id(value: Any) -> int | None:
     return value
 
 
-def _labels(hf: dict[str, Any]) -> list[str]:
+def _label_names(hf: dict[str, Any]) -> list[str]:
     id2label = hf.get("id2label")
     if id2label:
         return [id2label[k] for k in sorted(id2label, key=int)]
@@ -204,8 +204,8 @@ def config_from_hf(raw: dict[str, Any], names: set[str] | None = None) -> ModelC
         fields = spec.config_from_hf(raw, names)
         cfg = ModelConfig(**fields, head="none")
         head = _head_of(spec, raw, names, cfg)
-        labels = _labels(raw) if head in ("classification", "token-classification") else []
-        return cfg.replace(head=head, labels=labels)
+        names = _label_names(raw) if head in ("classification", "token-classification") else []
+        return cfg.replace(head=head, label_names=names)
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
@@ -213,11 +213,13 @@ def config_from_hf(raw: dict[str, Any], names: set[str] | None = None) -> ModelC
                               ) from e
 
 
-def retarget(cfg: ModelConfig, head: str | None, labels: list[str] | None) -> ModelConfig:
+def retarget(cfg: ModelConfig, head: str | None,
+             label_names: list[str] | None) -> ModelConfig:
     """The config with a different task head, or the same config when none is asked for."""
-    if head is None or (head == cfg.head and (not labels or labels == cfg.labels)):
+    if head is None or (head == cfg.head and (not label_names or
+                                              label_names == cfg.label_names)):
         return cfg
-    return cfg.replace(head=head, labels=list(labels or cfg.labels))
+    return cfg.replace(head=head, label_names=list(label_names or cfg.label_names))
 
 
 def new_head_parts(cfg: ModelConfig, tensors: Tensors) -> tuple[str, ...]:
@@ -239,19 +241,20 @@ def new_head_parts(cfg: ModelConfig, tensors: Tensors) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def load_hf(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+def load_hf(path: str | Path, *, head: str | None = None,
+            label_names: list[str] | None = None,
             dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
             allow_pickle: bool = False) -> Model:
     """Load a Hugging Face checkpoint folder (config.json + weights, and its tokenizer when it
     has one) as an lmkit Model in eval mode, as `from_pretrained` returns it.
 
-    `head` / `labels` put a new task head on the body (see `lmkit.load`)."""
+    `head` / `label_names` put a new task head on the body (see `lmkit.load`)."""
     path = Path(path)
     raw = json.loads((path / CONFIG).read_text())
     spec = _spec_for(raw.get("model_type"))
     tensors = _strip_prefix(read_weights(path, allow_pickle), spec.prefix)
     source = config_from_hf(raw, set(tensors))
-    cfg = retarget(source, head, labels)
+    cfg = retarget(source, head, label_names)
     if spec.from_hf is not None:
         tensors = spec.from_hf(tensors, cfg)
     table = expand(spec.table(cfg), cfg)

@@ -42,7 +42,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, limit: int | None = None
                  batch_size: int = 32) -> dict[str, float]:
     """Score a fine-tuned folder on a labelled file with its task's metric."""
     model, task = _run_task(run_dir)
-    examples = task.read(data, labels=model.config.labels or None, limit=limit)
+    examples = task.read(data, label_names=model.config.label_names or None, limit=limit)
     return task.evaluate(model, examples, batch_size)
 
 

@@ -129,10 +129,11 @@ def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, l
     train_examples = task.read(cfg.train, limit=cfg.train_limit)
     if not train_examples:
         raise ValueError(f"{cfg.train} has no examples")
-    labels = task.label_names(train_examples) if task.labelled else None
-    dev_examples = task.read(cfg.dev, labels=labels, limit=cfg.dev_limit) if cfg.dev else []
+    label_names = task.label_names(train_examples) if task.labelled else None
+    dev_examples = task.read(cfg.dev, label_names=label_names, limit=cfg.dev_limit) \
+        if cfg.dev else []
     if task.labelled or task.head != base.config.head:
-        model = load(checkpoint, head=task.head, labels=labels)
+        model = load(checkpoint, head=task.head, label_names=label_names)
     else:
         model = base
     if cfg.pooling:

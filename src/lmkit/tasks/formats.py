@@ -11,7 +11,8 @@ Readers (all stream their file line by line, stop after ``limit`` examples, and 
 - :func:`read_generation`: JSONL prompt / completion pairs.
 
 Labels are strings (JSON integers become their decimal strings); :func:`label_names` gives
-the sorted label list whose positions are the label ids. Passing that list as ``labels``
+the sorted label list whose positions are the label ids. Passing that list as
+``label_names``
 when reading evaluation data makes a label never seen in training an error.
 
 NER tags are aligned with subwords and character spans in :mod:`lmkit.tasks.alignment`.
@@ -238,7 +239,7 @@ def _limited(items: Iterator, limit: int | None) -> list:
 def read_classification(path: PathLike, *, text_column: str | int | None = None,
                         pair_column: str | int | None = None,
                         label_column: str | int | None = None, format: str | None = None,
-                        header: bool = True, labels: Sequence[str] | None = None,
+                        header: bool = True, label_names: Sequence[str] | None = None,
                         limit: int | None = None) -> list[ClassificationExample]:
     """Read a sentence(-pair) classification file.
 
@@ -246,8 +247,8 @@ def read_classification(path: PathLike, *, text_column: str | int | None = None,
     a TSV / CSV names the columns (``header=False``: columns are numbers). Unnamed columns
     are found among the usual names: sentence1+sentence2, premise+hypothesis,
     question1+question2, question+sentence, text(+text_pair), sentence, text; and label,
-    gold_label, labels. ``labels`` (from :func:`label_names` on the training data) makes an
-    unseen label an error.
+    gold_label, labels. ``label_names`` (from :func:`label_names` on the training data) makes
+    an unseen label an error.
     """
     path = Path(path)
     rows = _table(path, _format(path, format), header)
@@ -268,7 +269,7 @@ def read_classification(path: PathLike, *, text_column: str | int | None = None,
             label = _label(_field(row, label_column, path, number), path, number)
             yield ClassificationExample(
                 text=_text(row, text_column, path, number),
-                label=_check_label(label, labels, path, number),
+                label=_check_label(label, label_names, path, number),
                 text_pair=None if pair_column is None else _text(row, pair_column, path,
                                                                  number))
 
@@ -303,7 +304,7 @@ def label_names(examples: Iterable[ClassificationExample | TokenClassificationEx
 def read_token_classification(path: PathLike, *, format: str | None = None,
                               tokens_field: str | None = None, tags_field: str | None = None,
                               tag_names: Sequence[str] | None = None,
-                              labels: Sequence[str] | None = None,
+                              label_names: Sequence[str] | None = None,
                               limit: int | None = None) -> list[TokenClassificationExample]:
     """Read NER / tagging data: CoNLL (default) or JSONL (``.jsonl``, ``format="jsonl"``).
 
@@ -312,7 +313,8 @@ def read_token_classification(path: PathLike, *, format: str | None = None,
     ends a sentence; ``-DOCSTART-`` lines are skipped. JSONL: a list of tokens
     (``tokens``/``words``) and a list of tags (``tags``/``ner_tags``/``labels``) per line;
     integer tags (as in Hugging Face datasets) need ``tag_names``. Every tag must be
-    ``O``, ``B-TYPE`` or ``I-TYPE``. ``labels`` makes a tag unseen in training an error.
+    ``O``, ``B-TYPE`` or ``I-TYPE``. ``label_names`` makes a tag unseen in training an
+    error.
     """
     path = Path(path)
     if format is None:
@@ -330,7 +332,7 @@ def read_token_classification(path: PathLike, *, format: str | None = None,
                 if not TAG.fullmatch(tag):
                     raise TaskDataError(path, number, f"tag {tag!r} is not O, B-TYPE or "
                                         "I-TYPE (BIO tagging)")
-                _check_label(tag, labels, path, number)
+                _check_label(tag, label_names, path, number)
             yield TokenClassificationExample(tokens, tags)
 
     return _limited(examples(), limit)

@@ -37,22 +37,22 @@ def accuracy(preds: Sequence[Hashable], golds: Sequence[Hashable]) -> dict[str, 
 
 
 def macro_f1(preds: Sequence[Hashable], golds: Sequence[Hashable],
-             labels: Sequence[Hashable] | None = None) -> dict[str, float]:
+             label_names: Sequence[Hashable] | None = None) -> dict[str, float]:
     """``{"macro_f1": unweighted mean over labels of each label's F1}`` (percent).
 
-    ``labels`` defaults to every label seen in ``preds`` or ``golds``. A label with no true
-    positive scores F1 = 0, including one listed in ``labels`` that occurs nowhere (the
+    ``label_names`` defaults to every label seen in ``preds`` or ``golds``. A label with no
+    true positive scores F1 = 0, including one listed in ``label_names`` that occurs nowhere (the
     convention of scikit-learn's ``f1_score(average="macro")``).
     """
     _check_pairs(preds, golds, "gold labels")
-    if labels is None:
-        labels = sorted(set(preds) | set(golds), key=str)
-    if not labels:
+    if label_names is None:
+        label_names = sorted(set(preds) | set(golds), key=str)
+    if not label_names:
         raise ValueError("macro_f1 needs at least one label")
     tp = Counter(p for p, g in zip(preds, golds) if p == g)
     predicted, gold = Counter(preds), Counter(golds)
     # F1 = 2TP / (2TP + FP + FN) = 2TP / (#predicted + #gold): no 0/0 when TP > 0.
-    f1s = [2 * tp[x] / (predicted[x] + gold[x]) if tp[x] else 0.0 for x in labels]
+    f1s = [2 * tp[x] / (predicted[x] + gold[x]) if tp[x] else 0.0 for x in label_names]
     return {"macro_f1": 100.0 * sum(f1s) / len(f1s)}
 
 

@@ -24,7 +24,7 @@ class Seq2SeqTask(Task):
     families = ("encoder-decoder", "decoder")
     default_new_tokens = 64
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[Seq2SeqExample]:
         return read_seq2seq(path, source_field=self.options.get("source_field"),
                             target_field=self.options.get("target_field"), limit=limit)
@@ -102,7 +102,7 @@ class GenerationTask(Seq2SeqTask):
     name = "generation"
     families = ("decoder",)
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[GenerationExample]:
         return read_generation(path, limit=limit)
 

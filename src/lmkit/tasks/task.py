@@ -40,7 +40,7 @@ class Task:
                               config.max_positions)
 
     # ---- to be implemented --------------------------------------------------------------
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list:
         raise NotImplementedError
 
