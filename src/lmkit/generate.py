@@ -33,14 +33,18 @@ class _Decoder:
 
     def __init__(self, model: Model, ids: torch.Tensor, mask: torch.Tensor | None):
         cfg = model.config
-        self.model, self.cache = model, model.new_cache()
+        self.model = model
+        self.cache = model.new_cache()
         if cfg.family == "encoder-decoder":
-            self.context, self.context_mask = model.encode(ids, mask), mask
-            self.mask = None
-            self.prefix = ids.new_full((ids.shape[0], 1), cfg.decoder_start_id)
+            self.context = model.encode(ids, mask)  # (B, S, d), encoded once
+            self.context_mask = mask  # (B, S) or None
+            self.mask = None  # the decoder's own tokens are never padded
+            self.prefix = ids.new_full((ids.shape[0], 1), cfg.decoder_start_id)  # (B, 1)
         else:
-            self.context = self.context_mask = None
-            self.mask, self.prefix = mask, ids
+            self.context = None
+            self.context_mask = None
+            self.mask = mask  # (B, T) left padding of the prompts, or None
+            self.prefix = ids  # (B, T) the prompts
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
