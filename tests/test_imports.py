@@ -108,6 +108,39 @@ def test_lmkit_has_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The layers of docs/ARCHITECTURE.md, bottom first: a module imports only lower layers and its
+# own unit (a module, or a package and its submodules).
+LAYERS = [
+    ["lmkit.config", "lmkit.checkpoint", "lmkit.textfiles"],
+    ["lmkit.model", "lmkit.tokenizer"],
+    ["lmkit.flops", "lmkit.generate", "lmkit.convert", "lmkit.data"],
+    ["lmkit.loading", "lmkit.objectives"],
+    ["lmkit.train"],
+    ["lmkit.tasks"],
+    ["lmkit.finetune"],
+    ["lmkit.cli", "lmkit"],
+]
+
+
+def _unit(module: str) -> tuple[int, str]:
+    for level, units in enumerate(LAYERS):
+        for unit in units:
+            if module == unit or (unit != "lmkit" and module.startswith(unit + ".")):
+                return level, unit
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS and docs/ARCHITECTURE.md")
+
+
+def test_imports_go_down_the_layers():
+    wrong = []
+    for module, targets in import_graph(ROOT, "lmkit").items():
+        level, unit = _unit(module)
+        for target in targets:
+            target_level, target_unit = _unit(target)
+            if target_unit != unit and target_level >= level:
+                wrong.append(f"{module} -> {target}")
+    assert not wrong, "imports that go up or sideways in the layers: " + ", ".join(wrong)
+
+
 def _write(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
