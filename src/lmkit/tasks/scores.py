@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import sacrebleu
 
@@ -112,24 +113,23 @@ def bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]],
     hypothesis (the same number for each). ``tokenize`` is sacrebleu's tokenizer: "13a"
     (default, WMT), "intl", "zh", "ja-mecab", "char", "flores200", "none".
     """
-    if not hyps:
-        raise ValueError("no hypotheses to score: pass at least one")
-    streams = _reference_streams(refs, len(hyps))
-    metric = sacrebleu.metrics.BLEU(tokenize=tokenize)
-    score = metric.corpus_score(list(hyps), streams)
-    return {"bleu": float(score.score), "signature": str(metric.get_signature())}
+    return _corpus_score("bleu", sacrebleu.metrics.BLEU(tokenize=tokenize), hyps, refs)
 
 
 def chrf(hyps: Sequence[str], refs: Sequence[str | Sequence[str]],
          word_order: int = 0) -> dict[str, float | str]:
     """Corpus chrF (0-100): ``{"chrf": score, "signature": ...}``; ``word_order=2`` is
     chrF++. ``refs`` as in :func:`bleu`."""
+    return _corpus_score("chrf", sacrebleu.metrics.CHRF(word_order=word_order), hyps, refs)
+
+
+def _corpus_score(name: str, metric: Any, hyps: Sequence[str],
+                  refs: Sequence[str | Sequence[str]]) -> dict[str, float | str]:
+    """A sacrebleu corpus metric and its signature (what to quote beside the number)."""
     if not hyps:
         raise ValueError("no hypotheses to score: pass at least one")
-    streams = _reference_streams(refs, len(hyps))
-    metric = sacrebleu.metrics.CHRF(word_order=word_order)
-    score = metric.corpus_score(list(hyps), streams)
-    return {"chrf": float(score.score), "signature": str(metric.get_signature())}
+    score = metric.corpus_score(list(hyps), _reference_streams(refs, len(hyps)))
+    return {name: float(score.score), "signature": str(metric.get_signature())}
 
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
