@@ -16,7 +16,7 @@ import torch
 from lmkit.checkpoint import CONFIG, DTYPES, TOKENIZER, WEIGHTS, CheckpointError, read_tensors, save
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import load_gguf
-from lmkit.convert.hf import load_hf, save_hf
+from lmkit.convert.hf import load_hf, retarget, save_hf
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 
@@ -54,12 +54,9 @@ def load_lmkit(path: str | Path, *, head: str | None = None,
                device: str | torch.device = "cpu") -> Model:
     """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`)."""
     path = Path(path)
-    config = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
-    new: tuple[str, ...] = ()
-    names = label_names
-    if head is not None and (head != config.head or (names and names != config.label_names)):
-        config = config.replace(head=head, label_names=list(names or config.label_names))
-        new = ("head.",)
+    source = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    config = retarget(source, head, label_names)
+    new = ("head.",) if config is not source else ()
     tensors, _ = read_tensors(path / WEIGHTS)
     if new:  # the old head's tensors have no place in the new model
         tensors = {k: v for k, v in tensors.items() if not k.startswith(new)}
