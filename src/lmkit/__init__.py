@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # the fine-tuning stack is imported only when it is used
     if name == "pipeline":
-        from lmkit.finetune.pipeline import pipeline
+        from lmkit.finetune.inference import pipeline
 
         return pipeline
     raise AttributeError(f"module 'lmkit' has no attribute {name!r}")

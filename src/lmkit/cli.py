@@ -116,7 +116,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "score a fine-tuned model on labelled data with its task's metric",
          _evaluate_args)
 def evaluate(args: argparse.Namespace) -> None:
-    from lmkit.finetune.pipeline import evaluate_run
+    from lmkit.finetune.inference import evaluate_run
 
     print(json.dumps(evaluate_run(args.run, args.data, args.limit), indent=2))
 
@@ -130,7 +130,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 @command("predict", "run a fine-tuned model on texts and print its predictions as JSON",
          _predict_args)
 def predict(args: argparse.Namespace) -> None:
-    from lmkit.finetune.pipeline import predict as run
+    from lmkit.finetune.inference import predict as run
 
     for text, prediction in zip(args.inputs, run(args.run, args.inputs, args.task)):
         print(json.dumps({"input": text, "prediction": prediction}, ensure_ascii=False))

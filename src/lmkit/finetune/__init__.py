@@ -1,7 +1,7 @@
 """Transfer learning: fine-tuning schemes (full, frozen body, top-k, LoRA), the fine-tuning
 runner, and pipelines over fine-tuned folders."""
 
-from lmkit.finetune.pipeline import Pipeline, evaluate_run, pipeline, predict
+from lmkit.finetune.inference import Pipeline, evaluate_run, pipeline, predict
 from lmkit.finetune.run import FinetuneConfig, FinetuneResult, finetune
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter

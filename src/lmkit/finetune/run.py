@@ -6,7 +6,7 @@ loads the pretrained body with a new task head (saying which tensors are new), a
 scheme (full, frozen body, top-k, LoRA), trains with the same loop as pretraining on
 length-grouped, dynamically padded batches, scores the dev set with the task's metric, and
 writes a checkpoint folder with `task.json`, `eval.json`, `compute.json` and a model card
-(`card.py`). `evaluate_run`, `predict` and `pipeline` (`pipeline.py`) use such a folder. The
+(`card.py`). `evaluate_run`, `predict` and `pipeline` (`inference.py`) use such a folder. The
 CLI calls these functions.
 """
 
@@ -25,7 +25,7 @@ import torch
 
 from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
 from lmkit.finetune.card import model_card
-from lmkit.finetune.pipeline import TASK_FILE
+from lmkit.finetune.inference import TASK_FILE
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.loading import load
 from lmkit.model import Model
