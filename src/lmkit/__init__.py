@@ -10,7 +10,7 @@
 Pretraining is `lmkit.train.pretrain`, fine-tuning `lmkit.finetune.finetune`.
 """
 
-from lmkit.checkpoint import load, save
+from lmkit.checkpoint import save
 from lmkit.config import PRESETS, ModelConfig, preset
 from lmkit.errors import (
     CheckpointError,
@@ -21,6 +21,7 @@ from lmkit.errors import (
     TokenizerError,
 )
 from lmkit.generate import Generation, generate
+from lmkit.loading import load
 from lmkit.model import Model, ModelOutput
 
 __all__ = ["PRESETS", "CheckpointError", "ConfigError", "DataError", "Generation", "LmkitError",
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # the fine-tuning stack is imported only when it is used
     if name == "pipeline":
-        from lmkit.finetune.run import pipeline
+        from lmkit.finetune.inference import pipeline
 
         return pipeline
     raise AttributeError(f"module 'lmkit' has no attribute {name!r}")

@@ -22,6 +22,7 @@ POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 HEADS = ("none", "lm", "mlm", "classification", "token-classification")
 POOLINGS = ("first", "last", "mean", "eos")
 DTYPES = ("float32", "bfloat16", "float16")
+RENAMED = {"labels": "label_names"}  # config.json keys written by earlier versions -> fields
 
 
 @dataclass
@@ -69,7 +70,7 @@ class ModelConfig:
     dtype: str = "float32"
     # The task head on top of the body.
     head: str = "lm"
-    labels: list[str] = field(default_factory=list)  # class / tag names of task heads
+    label_names: list[str] = field(default_factory=list)  # class / tag names of task heads
     pooling: str = "first"  # how classification reduces a sequence to one vector
     classifier_hidden: bool = False  # dense + activation before the classifier (BERT pooler)
     classifier_activation: str = "tanh"
@@ -92,7 +93,7 @@ class ModelConfig:
 
     @property
     def num_labels(self) -> int:
-        return len(self.labels)
+        return len(self.label_names)
 
     @property
     def has_encoder(self) -> bool:
@@ -150,8 +151,8 @@ class ModelConfig:
                              "decoder token; often the pad or bos id)")
         if self.head == "mlm" and not self.has_encoder:
             raise ValueError("the masked-LM head needs an encoder; use head='lm' for decoders")
-        if self.head in ("classification", "token-classification") and not self.labels:
-            raise ValueError(f"a {self.head} head needs labels (the class names)")
+        if self.head in ("classification", "token-classification") and not self.label_names:
+            raise ValueError(f"a {self.head} head needs label_names (the class names)")
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -162,6 +163,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -183,26 +185,6 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    # ---- compute accounting ----------------------------------------------------------------
-    def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Parameter count, computed from the config alone (no model needed)."""
-        import torch  # local: config stays importable as plain data
-
-        from lmkit.model import Model
-
-        with torch.device("meta"):
-            model = Model(self)
-        return model.num_parameters(include_embeddings)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), Kaplan/Chinchilla style:
-        6 * non-embedding params + attention score and value terms."""
-        d_attn = self.num_heads * self.dim_per_head
-        layers = self.encoder_layers + self.decoder_layers
-        attention = 2 * 2 * layers * seq_len * d_attn  # QK^T and AV, forward
-        return 6 * self.num_parameters(include_embeddings=False) + 3 * attention + \
-            6 * self.hidden_size * self.vocab_size * (self.head in ("lm", "mlm"))
 
 
 # Named architectures. tiny-* are for tests (widths 32-64, a few layers).

@@ -10,19 +10,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from lmkit.data.batches import collate
 from lmkit.generate import generate
 from lmkit.model import Model
 from lmkit.objectives import IGNORE_INDEX
 from lmkit.tasks.formats import GenerationExample, Seq2SeqExample, read_generation, read_seq2seq
-from lmkit.tasks.metrics import bleu, chrf, rouge
+from lmkit.tasks.scores import bleu, chrf, rouge
 from lmkit.tasks.task import Features, Task
+from lmkit.train.loop import evaluate
 
 
 class Seq2SeqTask(Task):
     families = ("encoder-decoder", "decoder")
     default_new_tokens = 64
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[Seq2SeqExample]:
         return read_seq2seq(path, source_field=self.options.get("source_field"),
                             target_field=self.options.get("target_field"), limit=limit)
@@ -100,7 +102,7 @@ class GenerationTask(Seq2SeqTask):
     name = "generation"
     families = ("decoder",)
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[GenerationExample]:
         return read_generation(path, limit=limit)
 
@@ -114,9 +116,6 @@ class GenerationTask(Seq2SeqTask):
         return self.pair(example.prompt, example.completion)
 
     def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
-        from lmkit.tasks.batching import collate
-        from lmkit.train.loop import evaluate
-
         feats = [self.features(e) for e in examples]
         pad = model.config.pad_id if model.config.pad_id is not None else self.eos
         batches = [collate(feats[i:i + batch_size], pad)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from lmkit.data.batches import collate, length_grouped_batches
 from lmkit.model import Model
-from lmkit.tasks.batching import collate, length_grouped_batches
 
 Features = dict[str, Any]
 
@@ -40,7 +40,7 @@ class Task:
                               config.max_positions)
 
     # ---- to be implemented --------------------------------------------------------------
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list:
         raise NotImplementedError
 

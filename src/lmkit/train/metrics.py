@@ -1,4 +1,5 @@
-"""Run records: metrics.jsonl + TensorBoard, the loss-curve PNG, compute accounting."""
+"""Run records: metrics.jsonl + TensorBoard, the loss-curve PNG, compute accounting (task
+scores such as accuracy or BLEU are `lmkit.tasks.scores`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any
 
 import torch
 
-from lmkit.data.corpus import read_jsonl
+from lmkit.flops import flops_per_token, num_parameters
+from lmkit.textfiles import read_jsonl
 
 log = logging.getLogger("lmkit")
 METRICS, COMPUTE, CURVE, TENSORBOARD = "metrics.jsonl", "compute.json", "loss.png", "tensorboard"
@@ -116,7 +118,7 @@ def describe_device(device: torch.device, world_size: int = 1) -> str:
 
 
 class ComputeMeter:
-    """Tokens, training FLOPs (config.flops_per_token(seq_len) x tokens: the Kaplan 6N
+    """Tokens, training FLOPs (`lmkit.flops.flops_per_token` x tokens: the Kaplan 6N
     approximation plus attention) and wall time, summed over every session of a run (a
     resumed run starts from the totals saved in its checkpoint)."""
 
@@ -136,7 +138,7 @@ class ComputeMeter:
 
     def flops_per_token(self, seq_len: int) -> float:
         if seq_len not in self._per_token:
-            self._per_token[seq_len] = float(self.config.flops_per_token(seq_len))
+            self._per_token[seq_len] = float(flops_per_token(self.config, seq_len))
         return self._per_token[seq_len]
 
     def add(self, tokens: int, seq_len: int) -> float:
@@ -155,8 +157,8 @@ class ComputeMeter:
         return {**self.state_dict(),
                 "tokens_per_s": self.tokens / wall if wall else 0.0,
                 "flops_per_s": self.flops / wall if wall else 0.0,
-                "parameters": cfg.num_parameters(),
-                "non_embedding_parameters": cfg.num_parameters(include_embeddings=False),
+                "parameters": num_parameters(cfg),
+                "non_embedding_parameters": num_parameters(cfg, include_embeddings=False),
                 **extra}
 
     def write(self, out_dir: str | Path, **extra: Any) -> Path:

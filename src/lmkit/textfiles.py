@@ -1,0 +1,116 @@
+"""Text files, line by line: corpus files -> documents (plain text in blank-line-separated
+blocks, or JSON lines), and the UTF-8 / JSON-lines readers every data path uses, whose
+errors name file:line.
+
+The lowest layer of the data path, shared by tokenizer training (`lmkit.tokenizer`) and the
+token cache (`lmkit.data.corpus`), so neither has to import the other to read a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from lmkit.errors import DataError
+
+PathLike = str | os.PathLike
+# A plain-text "document" with no blank line in it is cut at a line boundary once it
+# passes this many characters, so a huge file without blank lines never sits whole in RAM.
+MAX_DOC_CHARS = 1 << 20
+
+
+def check_files(files: Sequence[PathLike] | PathLike) -> list[Path]:
+    """Return ``files`` as a list of Paths, raising if one of them does not exist."""
+    if isinstance(files, str | os.PathLike):
+        files = [files]
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ValueError("no corpus files given: pass at least one text or JSONL file")
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"corpus file '{p}' does not exist: check the --data path")
+    return paths
+
+
+def read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line with its newline) of a UTF-8 file, decoded line by line
+    so that an encoding error names its line (a byte-order mark is dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file '{path}' does not exist: check the path")
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(path, number, f"not UTF-8 ({e.reason} at byte {e.start}): "
+                                "convert the file to UTF-8") from None
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def is_jsonl(path: Path, text_field: str | None) -> bool:
+    """A file is read as JSON lines when it ends in ``.jsonl`` or a ``text_field`` is given."""
+    return text_field is not None or path.suffix == ".jsonl"
+
+
+def iter_documents(path: PathLike, text_field: str | None = None) -> Iterator[str]:
+    """Stream the documents of one file.
+
+    Plain text: a document is a block of lines separated by blank (whitespace-only) lines;
+    the block's lines keep their newlines, minus the last. JSONL: a document is one record's
+    ``text_field`` (default ``"text"``); empty texts are skipped.
+    """
+    path = Path(path)
+    if is_jsonl(path, text_field):
+        yield from _iter_jsonl(path, text_field or "text")
+    else:
+        yield from _iter_blocks(path)
+
+
+def _iter_blocks(path: Path) -> Iterator[str]:
+    block: list[str] = []
+    size = 0
+    for _, line in read_lines(path):
+        line = line.replace("\r\n", "\n")
+        if line.strip():
+            block.append(line)
+            size += len(line)
+            if size < MAX_DOC_CHARS:
+                continue
+        if block:
+            yield "".join(block).rstrip("\n")
+        block, size = [], 0
+    if block:
+        yield "".join(block).rstrip("\n")
+
+
+def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
+    for lineno, record in read_jsonl(path):
+        if field not in record:
+            raise DataError(path, lineno, f"no field '{field}': pass text_field= naming "
+                            "the field that holds the text")
+        text = record[field]
+        if not isinstance(text, str):
+            raise DataError(path, lineno, f"field '{field}' is not a string but "
+                            f"{type(text).__name__}: point text_field at text")
+        if text.strip():
+            yield text
+
+
+def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, JSON object) of each non-blank line of a JSON-lines file; anything but
+    one JSON object on a line is a DataError naming file:line."""
+    for number, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, number, f"invalid JSON ({e.msg} at column {e.colno}): "
+                            "JSONL files need one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"expected a JSON object, got "
+                            f"{type(record).__name__}")
+        yield number, record
