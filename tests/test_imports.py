@@ -111,7 +111,7 @@ def test_lmkit_has_no_import_cycle():
 # The layers of docs/ARCHITECTURE.md, bottom first: a module imports only lower layers and its
 # own unit (a module, or a package and its submodules).
 LAYERS = [
-    ["lmkit.config", "lmkit.checkpoint", "lmkit.textfiles"],
+    ["lmkit.config", "lmkit.checkpoint", "lmkit.textfiles", "lmkit.device"],
     ["lmkit.model", "lmkit.tokenizer"],
     ["lmkit.flops", "lmkit.generate", "lmkit.convert", "lmkit.data"],
     ["lmkit.loading", "lmkit.objectives"],

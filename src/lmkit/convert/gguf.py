@@ -23,6 +23,7 @@ from lmkit.checkpoint import DTYPES, CheckpointError
 from lmkit.config import ModelConfig
 from lmkit.convert.hf import check_vocab, new_head_parts, retarget
 from lmkit.convert.tables import Table, expand, to_lmkit_names
+from lmkit.device import resolve_device, weight_dtype
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 
@@ -201,9 +202,7 @@ def load_gguf(path: str | Path, *, head: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no GGUF file at {path}")
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    dtype = dtype or torch.float32
+    dtype = weight_dtype(dtype, resolve_device(device), torch.float32)  # None, auto: fp32
     source, cfg, tensors, meta = _read(path, head, label_names, dtype)
     gc.collect()  # the reader's objects reference each other; free the mapping now
     new = new_head_parts(cfg, tensors) if cfg is not source else ()

@@ -268,8 +268,6 @@ def load_hf(path: str | Path, *, head: str | None = None,
     if cfg is not source:
         new = new_head_parts(cfg, mapped)
         mapped = {k: v for k, v in mapped.items() if not k.startswith(new or ("\0",))}
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
     try:
         model = build(cfg, mapped, new=new, dtype=dtype, device=device)
     except CheckpointError as e:
