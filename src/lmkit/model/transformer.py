@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit.checkpoint import DTYPES, check_tensors, save
+from lmkit.checkpoint import DTYPES, check_layers, check_tensors, save
 from lmkit.config import ModelConfig
 from lmkit.model.attention import (
     Attention,
@@ -294,7 +294,9 @@ class Model(nn.Module):
 def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[str, ...] = (),
           dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Model:
     """A model of `config` holding `tensors` (adopted, not copied); parameters named under
-    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers."""
+    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers.
+    The layer counts are checked against the tensor names before anything is built."""
+    check_layers(config, tensors, "the checkpoint")
     with torch.device("meta"):
         model = Model(config)
     fresh = check_tensors(model, tensors, new=new)
