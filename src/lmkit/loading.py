@@ -8,12 +8,22 @@ neither imports the other; a new source (a registry name, say) is one more branc
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lmkit.checkpoint import CONFIG, TOKENIZER, WEIGHTS, CheckpointError, read_tensors, save
+from lmkit.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    CheckpointError,
+    read_json,
+    read_metadata,
+    read_tensors,
+    save,
+    verify_files,
+)
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
@@ -45,8 +55,8 @@ def load(path: str | Path, *, head: str | None = None, label_names: list[str] | 
                               f"{CONFIG} and {WEIGHTS}")
     if not (path / CONFIG).exists():
         raise CheckpointError(f"{path} has no {CONFIG}: it is not a checkpoint folder")
-    raw = json.loads((path / CONFIG).read_text())
-    if "model_type" in raw:  # a Hugging Face folder: translated at the edge
+    raw = read_json(path / CONFIG, "config")
+    if isinstance(raw, dict) and "model_type" in raw:  # a Hugging Face folder: at the edge
         return load_hf(path, head=head, label_names=label_names, dtype=dtype, device=device,
                        allow_pickle=allow_pickle)
     return load_lmkit(path, head=head, label_names=label_names, dtype=dtype, device=device)
@@ -58,7 +68,8 @@ def load_lmkit(path: str | Path, *, head: str | None = None,
                device: str | torch.device = "cpu") -> Model:
     """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`)."""
     path = Path(path)
-    source = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    verify_files(path, read_metadata(path / WEIGHTS))  # before anything else is trusted
+    source = read_config(path / CONFIG)
     config = retarget(source, head, label_names)
     new = ("head.",) if config is not source else ()
     tensors, _ = read_tensors(path / WEIGHTS)
@@ -68,6 +79,15 @@ def load_lmkit(path: str | Path, *, head: str | None = None,
     if (path / TOKENIZER).exists():
         model.tokenizer = Tokenizer.from_dir(path)
     return model
+
+
+def read_config(file: Path) -> ModelConfig:
+    """An lmkit config.json as a validated ModelConfig (errors name the file)."""
+    raw: Any = read_json(file, "config")
+    try:
+        return ModelConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str | None = None,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit.checkpoint import check_tensors, save
+from lmkit.checkpoint import check_layers, check_tensors, save
 from lmkit.config import ModelConfig
 from lmkit.device import resolve_device, weight_dtype
 from lmkit.model.attention import (
@@ -302,6 +302,7 @@ def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[s
     dtype = weight_dtype(dtype, device, config.dtype)
     if str(dtype) != f"torch.{config.dtype}":  # the config describes the weights as held
         config = config.replace(dtype=str(dtype).removeprefix("torch."))
+    check_layers(config, tensors, "the checkpoint")
     with torch.device("meta"):
         model = Model(config)
     fresh = check_tensors(model, tensors, new=new)

@@ -32,15 +32,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmkit.checkpoint import save
+from lmkit.checkpoint import clean_staging, save
 from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.train.distributed import DistEnv, all_reduce_sum, init_distributed, unwrap, wrap_model
 from lmkit.train.metrics import ComputeMeter, MetricsLogger, describe_device, plot_curves
 from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
 from lmkit.train.state import (
+    CHECKPOINTS,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
     seed_everything,
 )
@@ -214,24 +215,26 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _resume_source(out_dir: Path, resume: bool | str | Path) -> Path | None:
+def _resume_sources(out_dir: Path, resume: bool | str | Path) -> list[Path]:
+    """The checkpoints a resume may use, oldest first: all of a run (the newest intact one
+    is taken), or the one folder given."""
     if resume is False or resume is None:
         if list_checkpoints(out_dir):
             raise ValueError(f"{out_dir} already holds checkpoints of a run: resume it "
                              f"(`lmkit pretrain --resume {out_dir}`, or resume=True) or "
                              "choose a new output folder")
-        return None
+        return []
     if resume is True:
-        found = latest_checkpoint(out_dir)
-        if found is None:
+        found = list_checkpoints(out_dir)
+        if not found:
             raise ValueError(f"no checkpoint to resume from in {out_dir}/checkpoints")
         return found
     path = Path(resume)
-    if (path / "checkpoints").is_dir():  # a run folder: its latest checkpoint
-        found = latest_checkpoint(path)
-        if found is not None:
+    if (path / CHECKPOINTS).is_dir():  # a run folder: its latest intact checkpoint
+        found = list_checkpoints(path)
+        if found:
             return found
-    return path
+    return [path]
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -264,13 +267,17 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
                                 cfg.eps, cfg.layer_decay)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps,
                                 cfg.min_lr_ratio)
-    source = _resume_source(out_dir, resume)
-    state: dict[str, Any] = {}
-    if source is not None:
-        state = load_checkpoint(source, model, optimizer, scheduler, batches, env)
+    if env.is_main:  # what a kill during a save left behind
+        clean_staging(out_dir / CHECKPOINTS)
+        clean_staging(out_dir.parent, out_dir.name)
+    sources = _resume_sources(out_dir, resume)
+    source, state = None, {}
+    if sources:
+        source, state = resume_checkpoint(sources, model, optimizer, scheduler, batches, env)
     else:
         seed_everything(cfg.seed + env.rank)
     step = start_step = int(state.get("step", 0))
+    drawn = int(state.get("batches", 0))  # micro-batches taken from `batches` so far
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     compute = ComputeMeter(model.config, state.get("compute"))
     result = TrainResult(out_dir, step, start_step, checkpoint=source)
@@ -293,7 +300,7 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
                        f"perplexity {record['perplexity']:.2f}")
 
     def checkpoint() -> Path:
-        extra = {"compute": compute.state_dict()}
+        extra = {"compute": compute.state_dict(), "batches": drawn}
         path = save_checkpoint(out_dir, step, model, optimizer, scheduler, batches, env,
                                cfg.keep_checkpoints, extra)
         result.checkpoint = path
@@ -313,6 +320,7 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
             while step < end:
                 try:
                     micro = [_to(next(data), env.device) for _ in range(cfg.grad_accum)]
+                    drawn += cfg.grad_accum
                 except StopIteration:
                     result.stopped = "data_exhausted"
                     if env.is_main:

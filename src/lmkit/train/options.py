@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C")
+MAX_YAML_BYTES = 1 << 20
 
 
 def parse_set(items: list[str] | None) -> dict[str, str]:
@@ -100,20 +101,38 @@ def _expand(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping, with errors that name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"{path} is larger than a config file can be ({MAX_YAML_BYTES:,} bytes)")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} must hold a mapping of config fields (key: value lines)")
+    return loaded
+
+
 def read_config(cls: type[C], path: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> C:
+                overrides: dict[str, Any] | None = None, strict: bool = False) -> C:
     """An instance of the dataclass `cls` from its defaults, a YAML file and overrides (an
     override of None is ignored: an argparse option that was not given). Validated when the
-    class has a `validate` method."""
+    class has a `validate` method. `strict` (a run's saved config, read on resume): the file
+    must give every field, since a missing one would silently take its default."""
     nested: dict[str, type] = getattr(cls, "NESTED", {})
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path} must hold a mapping of config fields (key: value lines)")
+        loaded = read_yaml(path)
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in loaded]
+        if strict and missing:
+            raise ValueError(
+                f"{path} lacks {missing}: the saved run config is truncated or was edited, and "
+                "a missing field would silently change the run; restore the file (every field "
+                "is written when the run starts)")
         values.update(loaded)
     for name in nested:
         values[name] = dict(values.get(name) or {})
@@ -140,5 +159,12 @@ def read_config(cls: type[C], path: str | Path | None = None,
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a config dataclass as YAML (what `read_config` reads back)."""
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    """Write a config dataclass as YAML (what `read_config` reads back), atomically: a kill
+    leaves the previous file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
