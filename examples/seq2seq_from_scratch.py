@@ -6,8 +6,8 @@
 2. one Unigram tokenizer trained on both sides of the training pairs;
 3. a small pre-norm Transformer (the 2017 recipe shrunk: hidden 256, 3 + 3 layers,
    sinusoidal positions), saved as an untrained checkpoint with that tokenizer;
-4. training with the task (lmkit.finetune: length-grouped batches, bf16) and scoring on
-   beam-search output with sacrebleu / rouge-score.
+4. training with the task (lmkit.finetune: length-grouped batches, bf16 where the hardware
+   has it natively, else fp32) and scoring on beam-search output with sacrebleu / rouge-score.
 
     python examples/seq2seq_from_scratch.py tatoeba [--data ../shared/data] [--steps 3000]
     python examples/seq2seq_from_scratch.py dialogsum [--steps 1500]
@@ -83,7 +83,7 @@ def main() -> None:
     result = finetune(out / "init", FinetuneConfig(
         task=recipe["task"], train=str(train), dev=str(dev), out=str(out / "model"),
         steps=steps, batch_size=recipe["batch_size"], lr=1e-3, warmup_steps=300,
-        schedule="cosine", weight_decay=0.01, beta2=0.98, precision="bf16", num_beams=4,
+        schedule="cosine", weight_decay=0.01, beta2=0.98, precision="auto", num_beams=4,
         max_length=recipe["max_length"], max_new_tokens=recipe["max_new_tokens"],
         dev_limit=args.dev_limit or recipe["dev_limit"]))
     scores = ", ".join(f"{k} {v:.1f}" for k, v in result.metrics.items())

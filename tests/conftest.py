@@ -48,3 +48,14 @@ def variant(key: str) -> lmkit.Model:
 
 def family_of(key: str) -> str:
     return lmkit.preset(VARIANTS[key][0]).family
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_without_native_bf16():
+    """The suite runs as on a CPU without native bf16 (precision "auto" = fp32), so its exact
+    fp32 comparisons hold on every machine; tests/test_precision.py mocks the other cases.
+    Session scope, so module-scoped fixtures that train see it too. Subprocesses (CLI tests)
+    see the real hardware."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        yield

@@ -86,16 +86,29 @@ def test_flipped_bytes_are_detected(tmp_path):
         lmkit.load(tmp_path / "m")
 
 
+def edit_config(folder, **changes) -> None:
+    """Change config.json as another tool would (no lmkit checksums in the weights)."""
+    from safetensors.torch import load_file, save_file
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **changes}))
+    save_file(load_file(folder / "model.safetensors"), folder / "model.safetensors")
+
+
 def test_mismatch_lists_every_problem(tmp_path):
     variant("decoder-rotary-gqa").save(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg.update(decoder_layers=3, intermediate_size=96)
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    edit_config(tmp_path / "m", intermediate_size=96, vocab_size=300)
     with pytest.raises(CheckpointError) as e:
         lmkit.load(tmp_path / "m")
     msg = str(e.value)
-    assert "missing tensors" in msg and "decoder.layers.2.attn.q.weight" in msg
     assert "shape mismatches" in msg and "decoder.layers.0.mlp.up.weight" in msg
+    assert "tokens.weight: checkpoint (512, 64) vs model (300, 64)" in msg
+
+
+def test_layer_count_is_checked_before_the_model_is_built(tmp_path):
+    variant("decoder-rotary-gqa").save(tmp_path / "m")
+    edit_config(tmp_path / "m", decoder_layers=3)
+    with pytest.raises(CheckpointError, match="gives the decoder 3 layers but the weights hold 2"):
+        lmkit.load(tmp_path / "m")
 
 
 def test_unexpected_tensor_is_named(tmp_path):
@@ -138,8 +151,6 @@ def test_new_head_on_pretrained_body(tmp_path):
 
 def test_new_head_still_needs_the_whole_body(tmp_path):
     variant("encoder-learned").save(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    cfg["encoder_layers"] = 3
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="missing tensors"):
+    edit_config(tmp_path / "m", intermediate_size=96)
+    with pytest.raises(CheckpointError, match="shape mismatches"):
         lmkit.load(tmp_path / "m", head="classification", label_names=["a", "b"])

@@ -24,7 +24,8 @@ def settings(tmp: Path, out: str, batch_size: int) -> dict:
     return {"preset": "tiny-decoder", "data": [str(tmp / "corpus.txt")], "tokenizer": "bpe:300",
             "out": str(tmp / out), "steps": 5, "seq_len": 32, "batch_size": batch_size,
             "lr": 3e-3, "warmup_steps": 2, "log_every": 1, "eval_every": 5, "save_every": 5,
-            "valid_fraction": 0.1, "progress": False, "tensorboard": False, "plot": False}
+            "valid_fraction": 0.1, "progress": False, "tensorboard": False, "plot": False,
+            "precision": "fp32"}  # torchrun processes see the real CPU, where auto may be bf16
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):

@@ -149,6 +149,7 @@ def test_full_disk_is_one_line_and_keeps_the_checkpoints(saved, monkeypatch):
     sched = build_scheduler(opt, "constant", 0, 10)
     model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
     opt.step()
+    sched.step()  # a consistent state of step 1 (resume checks the scheduler's step)
     run = disk / "run"
     step1 = save_checkpoint(run, 1, model, opt, sched, None, DistEnv())
     state_before = digest(step1)

@@ -5,12 +5,21 @@ interrupted save never leaves a half-written checkpoint. Reading checks the file
 checksum lmkit wrote) and `check_tensors` every tensor's name, shape and dtype before anything
 is used. This module knows files, not models: `lmkit.model.build` turns tensors into a Model
 and `lmkit.loading` tells the checkpoint formats apart.
+
+Integrity: the safetensors metadata holds a CRC32 of the tensor bytes and of every other file of
+the save (config.json, tokenizer files); training checkpoints add a manifest of every file.
+`check_layers` compares a config's layer counts with the tensor names before a model is built.
+Pickles are read in one place, `read_pickle`: only with `weights_only=True`, and only where the
+caller allows it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import re
 import shutil
 import uuid
 import zlib
@@ -22,13 +31,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmkit.errors import CheckpointError, storage, storage_error, write_error
+from lmkit.errors import CheckpointError, StorageError, storage, storage_error, write_error
+from lmkit.textfiles import read_json
 
 if TYPE_CHECKING:  # hints only: the model layer imports this module to save itself
+    from lmkit.config import ModelConfig
     from lmkit.model import Model
+
+log = logging.getLogger("lmkit")
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST = "manifest.json"
+# Layer-indexed tensor names of lmkit models, per stack (converters pass their own).
+LAYER_NAMES = {"encoder": ("encoder.layers.{i}.",), "decoder": ("decoder.layers.{i}.",)}
 
 
 def _crc(tensors: dict[str, torch.Tensor]) -> str:
@@ -40,25 +56,115 @@ def _crc(tensors: dict[str, torch.Tensor]) -> str:
     return f"{crc:08x}"
 
 
+def file_crc(file: Path) -> str:
+    """CRC32 of a file's bytes (as for tensors: it catches corruption, and is ~3x faster
+    than SHA-256, which matters for multi-GB training states)."""
+    crc = 0
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
 def save(model: Model, path: str | Path, tokenizer: Any = None,
          extra_files: dict[str, str] | None = None) -> Path:
     """Write `model` as a checkpoint folder at `path` (created or replaced atomically).
 
     Tied weights are stored once. `tokenizer` (or the model's attached one) is saved as
-    tokenizer.json. `extra_files` maps file names to text (a model card, say)."""
+    tokenizer.json. `extra_files` maps file names to text (a model card, say). The weights'
+    metadata holds the checksums of everything else `load` reads."""
     path = Path(path)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     tied = model.tied_names()
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
     with atomic_folder(path) as staging:
-        meta = {"format": "pt", "lmkit.crc32": _crc(tensors)}
-        save_file(tensors, staging / WEIGHTS, metadata=meta)
         model.config.to_json(staging / CONFIG)
         if tokenizer is not None:
             tokenizer.save(staging)
+        files = {f.name: file_crc(f) for f in sorted(staging.iterdir())}
+        meta = {"format": "pt", "lmkit.crc32": _crc(tensors), "lmkit.files": json.dumps(files)}
+        save_file(tensors, staging / WEIGHTS, metadata=meta)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
     return path
+
+
+def verify_files(folder: Path, meta: dict[str, str]) -> None:
+    """Check the files listed in the weights' metadata (`lmkit.files`) against their CRC32."""
+    if "lmkit.files" not in meta:  # written by another tool (or an older lmkit)
+        return
+    try:
+        files = json.loads(meta["lmkit.files"])
+    except json.JSONDecodeError:
+        files = None
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and "/" not in k and not k.startswith(".") for k in files):
+        raise CheckpointError(f"{folder / WEIGHTS} has damaged metadata (lmkit.files): copy "
+                              "the checkpoint again or re-save it")
+    for name, digest in files.items():
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder} lacks {name}, which was saved with the weights: "
+                                  "copy the whole folder again")
+        if file_crc(folder / name) != digest:
+            raise CheckpointError(
+                f"{folder / name} is corrupted or was edited: it does not match the checksum "
+                "saved with the weights; restore it from a copy or re-save the checkpoint")
+
+
+def write_manifest(folder: Path) -> None:
+    """Write manifest.json: the size and CRC32 of every other file in `folder`."""
+    files = {f.name: {"bytes": f.stat().st_size, "crc32": file_crc(f)}
+             for f in sorted(folder.iterdir()) if f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+
+
+def verify_manifest(folder: Path) -> None:
+    """Check every file listed in `folder`'s manifest.json (sizes first, then CRC32)."""
+    if not (folder / MANIFEST).is_file():
+        raise CheckpointError(f"{folder} has no {MANIFEST}: it was not written by this version "
+                              "of lmkit or was altered, so its integrity cannot be checked")
+    manifest = read_json(folder / MANIFEST, "manifest", CheckpointError)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("bytes"), int) for v in files.values()):
+        raise CheckpointError(f"{folder / MANIFEST} is damaged: it does not list files")
+    for name, entry in files.items():
+        file = folder / name
+        if "/" in name or name.startswith(".") or not file.is_file():
+            raise CheckpointError(f"{folder} lacks {name}, listed in its {MANIFEST}")
+        if file.stat().st_size != entry["bytes"] or file_crc(file) != entry.get("crc32"):
+            raise CheckpointError(f"{file} is corrupted: it does not match the checksum in "
+                                  f"{MANIFEST} written when the checkpoint was saved")
+
+
+def read_pickle(file: Path, allow_pickle: bool) -> Any:
+    """The one place lmkit reads a pickle: only when `allow_pickle` (the caller's policy for
+    this file), and only with `torch.load(weights_only=True)`, which refuses to run code."""
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{file} is a pickle file; lmkit does not read pickles unless asked, because a "
+            "pickle can run code. If you trust its source, pass allow_pickle=True (--allow-"
+            "pickle; it is read with torch.load(weights_only=True)), or convert it to "
+            "safetensors first.")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for bad pickles
+        if isinstance(e, OSError) and e.errno is not None:  # the system's fault, not the file's
+            raise storage_error(e, "read", file) from e
+        raise CheckpointError(f"{file} could not be read as a weights-only PyTorch file "
+                              f"({_diagnosis(e)}); it is damaged or holds more than tensors"
+                              ) from None
+
+
+def _diagnosis(error: Exception) -> str:
+    """What torch found wrong in a pickle, without its advice (which is to load it with
+    weights_only=False, i.e. to run whatever code it holds, or to allowlist that code)."""
+    text = str(error)
+    if m := re.search(r"WeightsUnpickler error: ([^\n]*)", text):
+        return m.group(1).split(" was not an allowed")[0].split(". ")[0]
+    parts = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    useful = [p for p in parts if not re.search(r"weights.only|https?://", p, re.I)]
+    return useful[0].splitlines()[0] if useful else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -104,6 +210,58 @@ def _move_into_place(staging: Path, path: Path, swap: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_folder(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway leaves no half-deleted one: it is
+    renamed to a hidden name first (removed by `clean_staging` if the kill comes then)."""
+    doomed = path.parent / f".{path.name}.del-{uuid.uuid4().hex[:8]}"
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def clean_staging(parent: Path, name: str | None = None) -> list[Path]:
+    """Remove what a killed save left in `parent` (for folder `name` only, if given): staging
+    folders, half-deleted folders, and the replaced copy of a swapped folder (put back when
+    the kill came between the two renames). Returns what it removed."""
+    pattern = re.compile(r"\.(.+)\.(tmp|old|del)-[0-9a-f]{8}")
+    removed = []
+    for p in sorted(parent.iterdir()) if parent.is_dir() else []:
+        m = pattern.fullmatch(p.name)
+        if not m or not p.is_dir() or (name is not None and m.group(1) != name):
+            continue
+        target = parent / m.group(1)
+        if m.group(2) == "old" and not target.exists():
+            p.rename(target)  # the complete previous copy: the new one never arrived
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        log.warning("removed %d folder(s) left by an interrupted save: %s", len(removed),
+                    ", ".join(str(p) for p in removed))
+    return removed
+
+
+def _open_error(file: Path, e: Exception) -> CheckpointError | StorageError:
+    """A file that cannot be opened: the operating system's fault (permission, I/O) or the
+    file's (truncated, corrupted)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return storage_error(e, "read", file)
+    return CheckpointError(
+        f"{file} is not a readable safetensors file ({e}); it is probably truncated or "
+        "corrupted: copy or download it again, or re-save it from the source model")
+
+
+def read_metadata(file: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file (its header only; no tensor is read)."""
+    file = Path(file)
+    if not file.exists():
+        raise CheckpointError(f"{file} does not exist: the checkpoint has no weights file")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise _open_error(file, e) from e
+
+
 def read_tensors(file: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors of a safetensors file and its metadata, with clear errors for truncated or
     corrupted files (and a checksum check for files lmkit wrote)."""
@@ -114,17 +272,34 @@ def read_tensors(file: str | Path, verify: bool = True) -> tuple[dict[str, torch
         with safe_open(file, framework="pt") as f:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-    except OSError as e:  # permission, I/O: not the file's fault
-        raise storage_error(e, "read", file) from e
-    except (SafetensorError, RuntimeError, ValueError) as e:
-        raise CheckpointError(
-            f"{file} is not a readable safetensors file ({e}); it is probably truncated or "
-            "corrupted: copy or download it again, or re-save it from the source model") from e
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise _open_error(file, e) from e
     if verify and "lmkit.crc32" in meta and _crc(tensors) != meta["lmkit.crc32"]:
         raise CheckpointError(
             f"{file} is corrupted: its tensor data does not match the checksum written when it "
             "was saved; copy it again or re-save it from the source model")
     return tensors, meta
+
+
+def check_layers(config: ModelConfig, names: Any, where: Any,
+                 templates: dict[str, tuple[str, ...]] = LAYER_NAMES) -> None:
+    """The config's layer counts against the layer indices in the tensor names, before a
+    model is built (a config claiming 10^9 layers must not make the loader build them).
+    `templates` gives each stack's layer-indexed names with `{i}` for the index."""
+    for stack, layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
+        if not templates.get(stack):
+            continue
+        regex = re.compile("|".join(re.escape(t).replace(r"\{i\}", r"(\d+)")
+                                    for t in templates[stack]))
+        found = set()
+        for name in names:
+            if m := regex.match(name):
+                found.add(int(next(g for g in m.groups() if g is not None)))
+        if len(found) != layers or (found and max(found) != layers - 1):
+            raise CheckpointError(
+                f"{where}: the config gives the {stack} {layers} layers but the weights hold "
+                f"{len(found)}: the config does not belong to these weights (or one of them "
+                "is damaged); use the matching config.json")
 
 
 def check_tensors(model: Model, tensors: dict[str, torch.Tensor], *,

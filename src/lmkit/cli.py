@@ -63,6 +63,15 @@ def _generate_option(name: str, value: Any) -> None:
     check_option(name, value)
 
 
+def _device_option(name: str, value: str) -> None:
+    from lmkit.device import as_dtype, check_device
+
+    if name == "device":
+        check_device(value)
+    elif value != "auto":  # dtype
+        as_dtype(value)
+
+
 _PRETRAIN = _config_field("lmkit.train.pretrain:PretrainConfig")
 _FINETUNE = _config_field("lmkit.finetune.run:FinetuneConfig")
 
@@ -73,6 +82,21 @@ def command(name: str, help: str, arguments: Any):
         COMMANDS[name] = (fn, help, arguments)
         return fn
     return register
+
+
+def _device_args(p: argparse.ArgumentParser, device: str | None = "auto",
+                 dtype: str | None = "auto", weights: bool = True) -> None:
+    """--device, and --dtype (the weights' format) where the command holds weights to run or
+    write them; training commands have --precision instead. None defaults leave the choice to
+    the config (device) or the checkpoint (dtype)."""
+    p.add_argument("--device", type=_value(str, _device_option, "device"), default=device,
+                   help="auto (the GPU if there is one) | cpu | "
+                   f"cuda | cuda:N (default: {device or 'the config, else auto'})")
+    if weights:
+        p.add_argument("--dtype", type=_value(str, _device_option, "dtype"), default=dtype,
+                       help="weights: auto (as stored where the "
+                       "device computes that natively, else fp32) | fp32 | bf16 | fp16 (GPU "
+                       f"only) (default: {dtype or 'as stored'})")
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
@@ -111,6 +135,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    default=1.0)
     p.add_argument("--n-best", type=_value(int, _generate_option, "num_return_sequences"),
                    default=1)
+    _device_args(p)
 
 
 @command("generate", "continue a prompt (decoder) or transform a source (encoder-decoder)",
@@ -118,7 +143,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace) -> None:
     import lmkit
 
-    model = lmkit.load(args.model)
+    model = lmkit.load(args.model, dtype=args.dtype, device=args.device)
     out = lmkit.generate(model, args.prompt, max_new_tokens=args.max_new_tokens,
                          do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, num_beams=args.beams,
@@ -145,7 +170,9 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=_value(float, _FINETUNE, "lr"))
     p.add_argument("--batch-size", type=_value(int, _FINETUNE, "batch_size"))
-    p.add_argument("--precision", help="fp32 | bf16")
+    p.add_argument("--precision", type=_value(str, _FINETUNE, "precision"),
+                   help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
+    _device_args(p, device=None, weights=False)
     p.add_argument("--config", help="YAML file of FinetuneConfig fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable)")
@@ -159,7 +186,8 @@ def finetune(args: argparse.Namespace) -> None:
 
     flags = {"task": args.task, "train": args.train, "dev": args.dev, "out": args.out,
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
-             "batch_size": args.batch_size, "precision": args.precision}
+             "batch_size": args.batch_size, "precision": args.precision,
+             "device": args.device}
     cfg = read_config(FinetuneConfig, args.config, {**flags, **parse_set(args.set)})
     if not cfg.train:
         raise ValueError("give the training data with --train FILE")
@@ -175,6 +203,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="labelled file in the task's format")
     p.add_argument("--limit", type=_value(int, _FINETUNE, "dev_limit"),
                    help="score only the first N examples")
+    _device_args(p)
 
 
 @command("evaluate", "score a fine-tuned model on labelled data with its task's metric",
@@ -182,13 +211,15 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     from lmkit.finetune.inference import evaluate_run
 
-    print(json.dumps(evaluate_run(args.run, args.data, args.limit), indent=2))
+    print(json.dumps(evaluate_run(args.run, args.data, args.limit, device=args.device,
+                                  dtype=args.dtype), indent=2))
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a fine-tuned folder (or any checkpoint with a task head)")
     p.add_argument("inputs", nargs="+", help="texts to classify / tag / translate / continue")
     p.add_argument("--task", help="the task (default: the folder's own)")
+    _device_args(p)
 
 
 @command("predict", "run a fine-tuned model on texts and print its predictions as JSON",
@@ -196,7 +227,8 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 def predict(args: argparse.Namespace) -> None:
     from lmkit.finetune.inference import predict as run
 
-    for text, prediction in zip(args.inputs, run(args.run, args.inputs, args.task)):
+    predictions = run(args.run, args.inputs, args.task, device=args.device, dtype=args.dtype)
+    for text, prediction in zip(args.inputs, predictions):
         print(json.dumps({"input": text, "prediction": prediction}, ensure_ascii=False))
 
 
@@ -212,7 +244,9 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_value(int, _PRETRAIN, "batch_size"))
     p.add_argument("--seq-len", type=_value(int, _PRETRAIN, "seq_len"))
     p.add_argument("--lr", type=_value(float, _PRETRAIN, "lr"))
-    p.add_argument("--precision", help="fp32 | bf16")
+    p.add_argument("--precision", type=_value(str, _PRETRAIN, "precision"),
+                   help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
+    _device_args(p, device=None, weights=False)
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -229,7 +263,7 @@ def pretrain(args: argparse.Namespace) -> None:
     flags = {"preset": args.preset, "data": args.data, "tokenizer": args.tokenizer,
              "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
-             "out": args.out}
+             "device": args.device, "out": args.out}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.config:
@@ -249,6 +283,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    "for the architecture)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading pytorch_model.bin (torch.load with weights_only=True)")
+    _device_args(p, device="cpu", dtype=None)
 
 
 @command("convert", "convert a checkpoint to a Hugging Face folder or an lmkit folder",
@@ -257,7 +292,7 @@ def convert(args: argparse.Namespace) -> None:
     from lmkit.loading import convert as run
 
     out = run(args.src, args.dst, to=args.to, model_type=args.model_type,
-              allow_pickle=args.allow_pickle)
+              allow_pickle=args.allow_pickle, dtype=args.dtype, device=args.device)
     print(f"wrote {out}")
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmkit.errors import ConfigError, LmkitError, storage
+from lmkit.errors import ConfigError
+from lmkit.textfiles import read_json
 
 FAMILIES = ("encoder", "decoder", "encoder-decoder")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -80,6 +83,7 @@ class ModelConfig:
     lora: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        self.check_types()
         self.validate()
 
     # ---- derived sizes -------------------------------------------------------------------
@@ -104,6 +108,22 @@ class ModelConfig:
         return self.family in ("decoder", "encoder-decoder")
 
     # ---- validation ----------------------------------------------------------------------
+    def check_types(self) -> None:
+        """Raise TypeError naming every field whose value is not of its declared type (a
+        string "12" is not a number, 1.5 is not an integer, True is not 1, NaN is not a
+        number here); integers given for float fields become floats."""
+        bad = []
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), _HINTS[f.name]
+            if hint is float and _is_int(value):
+                setattr(self, f.name, float(value))
+            elif not _is_a(value, hint):
+                bad.append(f"{f.name}={value!r} (expected {_describe(hint)})")
+            elif isinstance(value, float) and not math.isfinite(value):
+                bad.append(f"{f.name}={value} (expected a finite number)")
+        if bad:
+            raise TypeError(f"config fields of the wrong type: {'; '.join(bad)}")
+
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent field and how to fix it."""
 
@@ -119,9 +139,19 @@ class ModelConfig:
                               ("classifier_activation", ACTIVATIONS + ("tanh",))]:
             one_of(name, allowed)
         for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size",
-                     "max_positions"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                     "max_positions", "relative_buckets", "relative_max_distance",
+                     "norm_eps", "rope_theta", "output_scale", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        for name in ("encoder_layers", "decoder_layers", "position_offset", "type_vocab_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name}={value} is not a token id of the vocabulary "
+                                 f"(0..{self.vocab_size - 1}): fix it or set it to null")
         if self.head_dim is None and self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads: "
@@ -156,6 +186,8 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ValueError(f"label_names must be distinct, got {self.label_names}")
 
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -163,11 +195,22 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """A config from a complete dict: every field must be there (config.json is written
+        whole, so a missing field means a damaged or foreign file, never "use the default")."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object of fields, got {type(data).__name__}")
         data = {RENAMED.get(k, k): v for k, v in data.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(fields)}")
+        missing = [fields[k] for k in fields if k not in data]
+        if missing:
+            defaults = ", ".join(f"{f.name}={json.dumps(_default(f))}" for f in missing)
+            raise ValueError(
+                f"config fields missing: {[f.name for f in missing]}; the file is truncated or "
+                f"was edited. Restore it, or add them if the model was trained with lmkit's "
+                f"defaults ({defaults})")
         return cls(**data)
 
     def to_json(self, path: str | Path) -> None:
@@ -185,6 +228,41 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+_HINTS = typing.get_type_hints(ModelConfig)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether `value` has the type `hint` (int | None, float, str, bool, list[str], dict)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return value is None or _is_a(value, next(a for a in args if a is not type(None)))
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return isinstance(value, float) or _is_int(value)
+    return isinstance(value, origin)
+
+
+def _describe(hint: Any) -> str:
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return f"{_describe(next(a for a in args if a is not type(None)))} or null"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             dict: "a mapping"}
+    return names.get(hint) or names.get(typing.get_origin(hint)) or "a list of strings"
 
 
 # Named architectures. tiny-* are for tests (widths 32-64, a few layers).
@@ -243,21 +321,3 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
-
-def read_json(path: str | Path, error: type[LmkitError] = ConfigError) -> dict[str, Any]:
-    """The JSON object in the file `path`. Bad JSON raises `error` naming file:line; a failed
-    read raises a StorageError."""
-    path = Path(path)
-    with storage("read", path):
-        text = path.read_bytes()
-    try:
-        data = json.loads(text)
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the file is "
-                    "corrupted: copy it again or re-save it") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); the file "
-                    "is truncated or corrupted: copy it again or re-save it") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object ({{...}}), got {type(data).__name__}")
-    return data

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import pickle
 from collections.abc import Iterator
 
 
@@ -119,7 +118,7 @@ def storage(action: str, path: str | os.PathLike) -> Iterator[None]:
 def reading(path: str | os.PathLike, error: type[LmkitError], what: str,
             fix: str = "it is truncated or corrupted: copy it again or re-save it"
             ) -> Iterator[None]:
-    """The boundary around a third-party reader of `path` (tokenizers, gguf, torch.load):
+    """The boundary around a third-party reader of `path` (tokenizers, gguf):
     its own exceptions (a bare Exception, IndexError, KeyError, ...) become `error` naming
     the file, `what` it should be and the fix; OSErrors a StorageError; lmkit's errors pass,
     named after the file if they do not name it yet."""
@@ -134,8 +133,6 @@ def reading(path: str | os.PathLike, error: type[LmkitError], what: str,
     except Exception as e:
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
-        if isinstance(e, pickle.UnpicklingError):  # torch's text would suggest unsafe loading
-            reason = "it holds pickled objects other than tensors and plain values: refused"
         raise error(f"{path} is not a readable {what} ({reason}); {fix}") from e
 
 

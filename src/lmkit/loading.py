@@ -12,11 +12,21 @@ from pathlib import Path
 
 import torch
 
-from lmkit.checkpoint import CONFIG, DTYPES, TOKENIZER, WEIGHTS, CheckpointError, read_tensors, save
-from lmkit.config import ModelConfig, read_json
+from lmkit.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    WEIGHTS,
+    CheckpointError,
+    read_metadata,
+    read_tensors,
+    save,
+    verify_files,
+)
+from lmkit.config import ModelConfig
 from lmkit.convert.gguf import load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
 from lmkit.model import Model, build
+from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
 
 
@@ -30,7 +40,11 @@ def load(path: str | Path, *, head: str | None = None, label_names: list[str] | 
     that has only pytorch_model.bin be read (with torch.load(weights_only=True)).
 
     `head` / `label_names` put a new task head on the pretrained body: every body tensor must be in
-    the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`."""
+    the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`.
+
+    `dtype`: None keeps the stored dtype; "auto" keeps it where `device` computes it natively,
+    else fp32; "fp32" / "bf16" / "fp16" (GPU only) or a torch.dtype. `device`: "cpu", "auto"
+    (the GPU if there is one), "cuda" or "cuda:N"."""
     path = Path(path)
     if path.suffix.lower() == ".gguf":
         return load_gguf(path, head=head, label_names=label_names, dtype=dtype,
@@ -52,14 +66,13 @@ def load_lmkit(path: str | Path, *, head: str | None = None,
                device: str | torch.device = "cpu") -> Model:
     """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`)."""
     path = Path(path)
+    verify_files(path, read_metadata(path / WEIGHTS))  # before anything else is trusted
     source = ModelConfig.from_json(path / CONFIG)
     config = retarget(source, head, label_names)
     new = ("head.",) if config is not source else ()
     tensors, _ = read_tensors(path / WEIGHTS)
     if new:  # the old head's tensors have no place in the new model
         tensors = {k: v for k, v in tensors.items() if not k.startswith(new)}
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
     model = build(config, tensors, new=new, dtype=dtype, device=device)
     if (path / TOKENIZER).exists():
         model.tokenizer = Tokenizer.from_dir(path)
@@ -67,12 +80,14 @@ def load_lmkit(path: str | Path, *, head: str | None = None,
 
 
 def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str | None = None,
-            allow_pickle: bool = False) -> Path:
+            allow_pickle: bool = False, dtype: str | torch.dtype | None = None,
+            device: str = "cpu") -> Path:
     """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
-    (`to="hf"`) or an lmkit folder (`to="lmkit"`) at `dst`. Returns `dst`."""
+    (`to="hf"`) or an lmkit folder (`to="lmkit"`) at `dst`, its weights in `dtype` (None: as
+    stored; see `load`), read onto `device`. Returns `dst`."""
     if to not in ("hf", "lmkit"):
         raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder) or 'lmkit'")
-    model = load(src, allow_pickle=allow_pickle)
+    model = load(src, allow_pickle=allow_pickle, dtype=dtype, device=device)
     if to == "hf":
         return save_hf(model, dst, model_type=model_type)
     return save(model, dst)

@@ -1,9 +1,10 @@
-"""Text files, line by line: corpus files -> documents (plain text in blank-line-separated
-blocks, or JSON lines), and the UTF-8 / JSON-lines readers every data path uses, whose
-errors name file:line.
+"""Text files: corpus files -> documents (plain text in blank-line-separated blocks, or JSON
+lines), the UTF-8 / JSON-lines readers every data path uses, and `read_json`, the one reader
+of whole JSON files (configs, weight indexes, manifests, tokenizers); errors name file:line.
 
-The lowest layer of the data path, shared by tokenizer training (`lmkit.tokenizer`) and the
-token cache (`lmkit.data.corpus`), so neither has to import the other to read a file.
+The lowest layer of the file readers: shared by configs and checkpoints (`lmkit.config`,
+`lmkit.checkpoint`), tokenizer training (`lmkit.tokenizer`) and the token cache
+(`lmkit.data.corpus`), so none of them has to import another to read a file.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from lmkit.errors import DataError
+from lmkit.errors import ConfigError, DataError, LmkitError, storage
 
 PathLike = str | os.PathLike
 # A plain-text "document" with no blank line in it is cut at a line boundary once it
 # passes this many characters, so a huge file without blank lines never sits whole in RAM.
 MAX_DOC_CHARS = 1 << 20
+MAX_JSON_BYTES = 16 << 20  # config, index, manifest and tokenizer files; real ones are < 1 MB
 
 
 def check_files(files: Sequence[PathLike] | PathLike) -> list[Path]:
@@ -114,3 +116,36 @@ def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:
             raise DataError(path, number, f"expected a JSON object, got "
                             f"{type(record).__name__}")
         yield number, record
+
+
+def read_bytes(path: PathLike, limit: int, what: str, error: type[LmkitError]) -> bytes:
+    """The bytes of a file that is never larger than `limit` (a config, an index): a bigger
+    one is damaged or hostile and is refused unread with `error`; a failed read raises a
+    StorageError."""
+    path = Path(path)
+    with storage("read", path):
+        size = path.stat().st_size
+        if size > limit:
+            raise error(f"{path} is {size:,} bytes, more than a {what} can be ({limit:,}): it "
+                        f"is damaged or not a {what}")
+        return path.read_bytes()
+
+
+def read_json(path: PathLike, what: str = "config", error: type[LmkitError] = ConfigError
+              ) -> dict:
+    """The JSON object in the file `path`, a `what` of at most MAX_JSON_BYTES. Anything else
+    (too large, not UTF-8, bad JSON: naming file:line, not an object) raises `error`."""
+    path = Path(path)
+    text = read_bytes(path, MAX_JSON_BYTES, what, error)
+    try:
+        data = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); the {what} is "
+                    "corrupted: copy it again or re-save it") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno}); the "
+                    f"{what} is truncated or corrupted: copy it again or re-save it") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object ({{...}}), got {type(data).__name__}: "
+                    f"it is damaged or not a {what}")
+    return data

@@ -38,9 +38,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmkit.config import read_json
 from lmkit.errors import LmkitError, TokenizerError, reading
-from lmkit.textfiles import check_files, iter_documents
+from lmkit.textfiles import check_files, iter_documents, read_json
 
 PathLike = str | os.PathLike
 KINDS = ("bpe", "wordpiece", "unigram")
@@ -457,7 +456,7 @@ def _check_ids(path: Path, data: Any) -> None:
 
 def _read_config(folder: Path) -> dict:
     file = folder / CONFIG_FILE
-    return read_json(file, TokenizerError) if file.is_file() else {}
+    return read_json(file, "tokenizer config", TokenizerError) if file.is_file() else {}
 
 
 def _read_roles(folder: Path, backend: tokenizers.Tokenizer) -> dict[str, str]:

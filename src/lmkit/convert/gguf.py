@@ -20,10 +20,11 @@ import tokenizers
 import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from lmkit.checkpoint import DTYPES, CheckpointError
+from lmkit.checkpoint import DTYPES, CheckpointError, check_layers
 from lmkit.config import ModelConfig
 from lmkit.convert.hf import check_vocab, new_head_parts, retarget
-from lmkit.convert.tables import Table, expand, to_lmkit_names
+from lmkit.convert.tables import Table, expand, layer_names, to_lmkit_names
+from lmkit.device import resolve_device, weight_dtype
 from lmkit.errors import reading
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
@@ -77,20 +78,31 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
+    def count(key: str, default: Any = None) -> int:
+        value = get(key, default)
+        if isinstance(value, list):
+            raise CheckpointError(f"per-layer values of {arch}.{key} are not supported")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointError(f"GGUF metadata {arch}.{key}={value!r} is not a positive "
+                                  "integer: the file is damaged")
+        return value
+
     scaling = get("rope.scaling.type", "none")
     if scaling not in (None, "none"):
         raise CheckpointError(f"rope scaling {scaling!r} is not supported (only unscaled rotary)")
-    heads, hidden = get("attention.head_count"), get("embedding_length")
-    kv_heads = get("attention.head_count_kv", heads)
-    if isinstance(kv_heads, list) or isinstance(heads, list):
-        raise CheckpointError("per-layer head counts are not supported")
-    head_dim = get("attention.key_length", hidden // heads)
+    heads, hidden = count("attention.head_count"), count("embedding_length")
+    kv_heads = count("attention.head_count_kv", heads)
+    head_dim = count("attention.key_length", hidden // heads or 1)
+    embedding = tensor_shapes.get("token_embd.weight")
+    if embedding is None or len(embedding) != 2 or embedding[1] != hidden:
+        raise CheckpointError(f"the token embedding {embedding} does not fit the metadata's "
+                              f"embedding_length {hidden}: the file is damaged")
     tok = meta.get
     return ModelConfig(
-        family="decoder", vocab_size=tensor_shapes["token_embd.weight"][0], hidden_size=hidden,
+        family="decoder", vocab_size=embedding[0], hidden_size=hidden,
         num_heads=heads, num_kv_heads=None if kv_heads == heads else kv_heads,
         head_dim=None if head_dim * heads == hidden else head_dim,
-        decoder_layers=get("block_count"), intermediate_size=get("feed_forward_length"),
+        decoder_layers=count("block_count"), intermediate_size=count("feed_forward_length"),
         activation="silu", gated_mlp=True, norm="rmsnorm",
         norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), position="rotary",
         rope_theta=get("rope.freq_base", 10000.0),
@@ -188,7 +200,14 @@ def _read_file(gguf: Any, path: Path, head: str | None, label_names: list[str] |
     gc.collect()
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
-    source = config_from_gguf(meta, shapes, dtype_name)
+    try:
+        source = config_from_gguf(meta, shapes, dtype_name)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the GGUF metadata does not describe a valid model "
+                              f"({e})") from None
+    check_layers(source, shapes, path, layer_names(_TABLE))  # before anything per layer
     cfg = retarget(source, head, label_names)
     tied = cfg.tie_embeddings and cfg.head == "lm"
     ignore = () if cfg is source else (r"output\.weight",)
@@ -214,9 +233,7 @@ def load_gguf(path: str | Path, *, head: str | None = None,
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no GGUF file at {path}")
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    dtype = dtype or torch.float32
+    dtype = weight_dtype(dtype, resolve_device(device), torch.float32)  # None, auto: fp32
     source, cfg, tensors, meta = _read(path, head, label_names, dtype)
     gc.collect()  # the reader's objects reference each other; free the mapping now
     new = new_head_parts(cfg, tensors) if cfg is not source else ()

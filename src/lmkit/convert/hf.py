@@ -26,11 +26,19 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmkit.checkpoint import CONFIG, DTYPES, atomic_folder, read_tensors
-from lmkit.config import ModelConfig, read_json
-from lmkit.convert.tables import Table, Tensors, expand, to_hf_names, to_lmkit_names
+from lmkit.checkpoint import CONFIG, DTYPES, atomic_folder, check_layers, read_pickle, read_tensors
+from lmkit.config import ModelConfig
+from lmkit.convert.tables import (
+    Table,
+    Tensors,
+    expand,
+    layer_names,
+    to_hf_names,
+    to_lmkit_names,
+)
 from lmkit.errors import CheckpointError, ConfigError, reading
 from lmkit.model import Model, build
+from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("lmkit")
@@ -95,10 +103,16 @@ def common_from_hf(hf: dict[str, Any], pad: int | None = None, bos: int | None =
                    eos: int | None = None) -> dict[str, Any]:
     """Special ids (the HF class defaults when a key is absent) and the stored dtype."""
     dtype = hf.get("dtype") or hf.get("torch_dtype")
-    return {"pad_id": first_id(hf.get("pad_token_id", pad)),
-            "bos_id": first_id(hf.get("bos_token_id", bos)),
-            "eos_id": first_id(hf.get("eos_token_id", eos)),
-            "dtype": dtype if dtype in DTYPES else "float32"}
+    ids = {"pad_id": first_id(hf.get("pad_token_id", pad)),
+           "bos_id": first_id(hf.get("bos_token_id", bos)),
+           "eos_id": first_id(hf.get("eos_token_id", eos))}
+    vocab = hf.get("vocab_size")
+    for role, i in ids.items():  # an id the embedding lacks can be neither read nor produced
+        if isinstance(i, int) and isinstance(vocab, int) and not 0 <= i < vocab:
+            log.info("%s %d is outside the vocabulary of %d tokens: the model has none", role,
+                     i, vocab)
+            ids[role] = None
+    return {**ids, "dtype": dtype if dtype in DTYPES else "float32"}
 
 
 def first_id(value: Any) -> int | None:
@@ -118,50 +132,66 @@ def _label_names(hf: dict[str, Any]) -> list[str]:
 # ---- reading ------------------------------------------------------------------------------------
 def read_weights(path: Path, allow_pickle: bool = False) -> Tensors:
     """All tensors of an HF folder: model.safetensors, a sharded safetensors set, or (only with
-    `allow_pickle`) pytorch_model.bin, read with `weights_only=True`."""
+    `allow_pickle`) pytorch_model.bin, read with `weights_only=True`. Every file read must lie
+    inside the folder; an index may name only shards of its own format."""
     if (path / SAFETENSORS).exists():
-        return read_tensors(path / SAFETENSORS)[0]
-    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        return _read_file(path, SAFETENSORS, allow_pickle)
+    for index_name, suffix in ((SAFETENSORS_INDEX, ".safetensors"), (PICKLE_INDEX, ".bin")):
         if (path / index_name).exists():
-            if index_name == PICKLE_INDEX and not allow_pickle:
-                raise _pickle_error(path, index_name)
-            weight_map = read_json(path / index_name, CheckpointError).get("weight_map")
-            if not (isinstance(weight_map, dict) and all(
-                    isinstance(v, str) for v in weight_map.values())):
+            weight_map = read_json(path / index_name, "weights index",
+                                   CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{path / index_name} has no weight_map of tensor names "
-                                      "to shard files: download the index again")
+                                      "to shard files: the index is damaged")
             tensors: Tensors = {}
             for shard in sorted(set(weight_map.values())):
-                tensors.update(_read_file(path / shard))
+                if not shard.endswith(suffix):
+                    raise CheckpointError(f"{path / index_name} names {shard!r}, which is not a "
+                                          f"{suffix} shard: the index is damaged or hostile")
+                tensors.update(_read_file(path, shard, allow_pickle))
             missing = sorted(set(weight_map) - set(tensors))
             if missing:
                 raise CheckpointError(f"{path / index_name} lists tensors its shards lack: "
                                       f"{missing[:10]}; the download is incomplete")
             return tensors
     if (path / PICKLE).exists():
-        if not allow_pickle:
-            raise _pickle_error(path, PICKLE)
-        return _read_file(path / PICKLE)
+        return _read_file(path, PICKLE, allow_pickle)
     raise CheckpointError(f"{path} has no weights: expected {SAFETENSORS}, {SAFETENSORS_INDEX} "
                           f"or {PICKLE}")
 
 
-def _read_file(file: Path) -> Tensors:
+def inside(folder: Path, name: str) -> Path:
+    """`folder / name` when it is a file inside `folder`: `name` is a plain relative path (no
+    `..`, not absolute) and no symbolic link leads out of the folder, except those of a
+    Hugging Face cache snapshot into its repository's blobs/ folder."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise CheckpointError(f"{folder}: the weights file name {name!r} leads outside the "
+                              "folder; an index may name only files inside it")
+    file, root = folder / name, folder.resolve()
+    real = file.resolve()
+    cache = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if not (real.is_relative_to(root) or (cache is not None and real.is_relative_to(cache))):
+        raise CheckpointError(f"{file} is a link to {real}, outside {folder}: lmkit reads only "
+                              "files inside the checkpoint folder (copy them in if you trust "
+                              "the link)")
+    if not real.is_file():
+        raise CheckpointError(f"{file} does not exist or is not a file: the download is "
+                              "incomplete")
+    return file
+
+
+def _read_file(folder: Path, name: str, allow_pickle: bool) -> Tensors:
+    """One weights file of a folder: safetensors, or a pickle if `allow_pickle`."""
+    file = inside(folder, name)
     if file.suffix == ".safetensors":
         return read_tensors(file)[0]
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises several types for bad pickles
-        raise CheckpointError(f"{file} could not be read as a weights-only PyTorch file ({e})"
-                              ) from e
-
-
-def _pickle_error(path: Path, name: str) -> CheckpointError:
-    return CheckpointError(
-        f"{path} holds its weights only as {name}, a pickle file; lmkit does not read pickles "
-        "unless asked, because a pickle can run code. If you trust its source, load it with "
-        "lmkit.load(path, allow_pickle=True) (read with torch.load(weights_only=True)), or "
-        "convert it to safetensors first.")
+    tensors = read_pickle(file, allow_pickle)
+    if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise CheckpointError(f"{file} does not hold a mapping of tensor names to tensors")
+    return tensors
 
 
 def _spec_for(model_type: Any) -> Spec:
@@ -204,18 +234,22 @@ def _strip_prefix(tensors: Tensors, prefix: str) -> Tensors:
 def config_from_hf(raw: dict[str, Any], names: set[str] | None = None) -> ModelConfig:
     """The ModelConfig of an HF config.json dict (its task head from `architectures`)."""
     spec = _spec_for(raw.get("model_type"))
-    names = names or set()
     try:
-        fields = spec.config_from_hf(raw, names)
+        fields = spec.config_from_hf(raw, names or set())
         cfg = ModelConfig(**fields, head="none")
-        head = _head_of(spec, raw, names, cfg)
+        if names is not None:  # before anything is expanded per layer
+            body = {n.removeprefix(spec.prefix) if spec.prefix else n for n in names}
+            check_layers(cfg, body, f"this {spec.model_type} checkpoint", layer_names(
+                spec.table(cfg)))
+        head = _head_of(spec, raw, names or set(), cfg)
         names = _label_names(raw) if head in ("classification", "token-classification") else []
         return cfg.replace(head=head, label_names=names)
-    except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"this {spec.model_type} config cannot be expressed in lmkit: {e}"
-                              ) from e
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, ZeroDivisionError, AttributeError) as e:
+        what = f"field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"this {spec.model_type} config cannot be expressed in lmkit: "
+                              f"{what}") from None
 
 
 def retarget(cfg: ModelConfig, head: str | None,
@@ -275,8 +309,6 @@ def load_hf(path: str | Path, *, head: str | None = None,
     if cfg is not source:
         new = new_head_parts(cfg, mapped)
         mapped = {k: v for k, v in mapped.items() if not k.startswith(new or ("\0",))}
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
     try:
         model = build(cfg, mapped, new=new, dtype=dtype, device=device)
     except CheckpointError as e:

@@ -34,6 +34,17 @@ def expand(table: Table, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def layer_names(table: Table) -> dict[str, tuple[str, ...]]:
+    """Per stack, the foreign names of a table's layer-indexed entries (with `{i}`), for
+    `lmkit.checkpoint.check_layers`."""
+    out: dict[str, tuple[str, ...]] = {"encoder": (), "decoder": ()}
+    for lm, foreign in table:
+        if "{i}" in lm:
+            stack = "encoder" if lm.startswith("encoder.") else "decoder"
+            out[stack] += (foreign,) if isinstance(foreign, str) else tuple(foreign)
+    return out
+
+
 def _lookup(name: str, mapping: dict[str, Any]) -> tuple[Any, str] | None:
     """The entry for a tensor name, whole or by its module (returning the leaf to append)."""
     if name in mapping:

@@ -81,9 +81,14 @@ class BatchStream:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.row = int(state["epoch"]), int(state["row"])
+        epoch, row = state["epoch"], state["row"]
+        rows = self.dataset.rows_per_rank
+        if not all(_is_count(v) for v in (epoch, row)) or row > rows:
+            raise ValueError(f"data position epoch={epoch!r}, row={row!r} is outside this "
+                             f"data ({rows} rows per epoch)")
         if "objective" in state and hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state["objective"])
+        self.epoch, self.row = epoch, row
 
 
 def fixed_batches(dataset: PackedDataset, batch_size: int,
@@ -238,4 +243,14 @@ class TaskBatches:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        epoch, index = state["epoch"], state["index"]
+        if not all(_is_count(v) for v in (epoch, index)) or \
+                index > len(self.epoch_batches(epoch)):
+            raise ValueError(f"data position epoch={epoch!r}, index={index!r} is outside "
+                             "this data")
+        self.epoch, self.index = epoch, index
+
+
+def _is_count(value: Any) -> bool:
+    """A non-negative int (not a bool, not a string): what a saved data position holds."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

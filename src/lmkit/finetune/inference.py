@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmkit.loading import load
 from lmkit.model import Model
 from lmkit.tasks import TASKS, Task
@@ -15,10 +17,10 @@ from lmkit.tasks import TASKS, Task
 TASK_FILE = "task.json"
 
 
-def _run_task(run_dir: str | Path, task_name: str | None = None,
-              **options: Any) -> tuple[Model, Task]:
+def _run_task(run_dir: str | Path, task_name: str | None = None, device: str = "auto",
+              dtype: str | torch.dtype | None = "auto", **options: Any) -> tuple[Model, Task]:
     run_dir = Path(run_dir)
-    model = load(run_dir)
+    model = load(run_dir, dtype=dtype, device=device)
     info = json.loads((run_dir / TASK_FILE).read_text()) if (run_dir / TASK_FILE).exists() \
         else {}
     name = task_name or info.get("task") or _task_for(model)
@@ -39,9 +41,11 @@ def _task_for(model: Model) -> str:
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path, limit: int | None = None,
-                 batch_size: int = 32) -> dict[str, float]:
-    """Score a fine-tuned folder on a labelled file with its task's metric."""
-    model, task = _run_task(run_dir)
+                 batch_size: int = 32, *, device: str = "auto",
+                 dtype: str | torch.dtype | None = "auto") -> dict[str, float]:
+    """Score a fine-tuned folder on a labelled file with its task's metric (`device` and
+    `dtype` as `lmkit.load` takes them)."""
+    model, task = _run_task(run_dir, device=device, dtype=dtype)
     examples = task.read(data, label_names=model.config.label_names or None, limit=limit)
     return task.evaluate(model, examples, batch_size)
 
@@ -58,12 +62,17 @@ class Pipeline:
         return out[0] if single else out
 
 
-def pipeline(task: str | None, path: str | Path, **options: Any) -> Pipeline:
+def pipeline(task: str | None, path: str | Path, *, device: str = "auto",
+             dtype: str | torch.dtype | None = "auto", **options: Any) -> Pipeline:
     """A ready-to-call predictor: `lmkit.pipeline("ner", "runs/ner")("Ada lives in Paris")`.
-    `task` may be None to use the folder's own (task.json, or inferred from its head)."""
-    return Pipeline(*_run_task(path, task, **options))
+    `task` may be None to use the folder's own (task.json, or inferred from its head).
+    `device` / `dtype`: where and in which format to hold the weights (see `lmkit.load`;
+    "auto": the GPU if there is one, the stored dtype where it is native, else fp32)."""
+    return Pipeline(*_run_task(path, task, device, dtype, **options))
 
 
-def predict(run_dir: str | Path, inputs: list[Any], task: str | None = None,
+def predict(run_dir: str | Path, inputs: list[Any], task: str | None = None, *,
+            device: str = "auto", dtype: str | torch.dtype | None = "auto",
             **options: Any) -> list:
-    return pipeline(task, run_dir, **options)(inputs)
+    """The predictions of a fine-tuned folder for `inputs` (see `pipeline`)."""
+    return pipeline(task, run_dir, device=device, dtype=dtype, **options)(inputs)

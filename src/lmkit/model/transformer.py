@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmkit.checkpoint import DTYPES, check_tensors, save
+from lmkit.checkpoint import check_layers, check_tensors, save
 from lmkit.config import ModelConfig
+from lmkit.device import resolve_device, weight_dtype
 from lmkit.model.attention import (
     Attention,
     KVCache,
@@ -292,13 +293,19 @@ class Model(nn.Module):
 
 
 def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[str, ...] = (),
-          dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Model:
+          dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu") -> Model:
     """A model of `config` holding `tensors` (adopted, not copied); parameters named under
-    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers."""
+    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers.
+    `dtype` and `device` as `lmkit.load` takes them (lmkit.device.weight_dtype and
+    resolve_device)."""
+    device = resolve_device(device)
+    dtype = weight_dtype(dtype, device, config.dtype)
+    if str(dtype) != f"torch.{config.dtype}":  # the config describes the weights as held
+        config = config.replace(dtype=str(dtype).removeprefix("torch."))
+    check_layers(config, tensors, "the checkpoint")
     with torch.device("meta"):
         model = Model(config)
     fresh = check_tensors(model, tensors, new=new)
-    dtype = dtype or DTYPES[config.dtype]
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
                           strict=False, assign=True)
     for prefix in new if fresh else ():  # materialise and initialise the new modules

@@ -120,7 +120,7 @@ class GenerationTask(Seq2SeqTask):
         pad = model.config.pad_id if model.config.pad_id is not None else self.eos
         batches = [collate(feats[i:i + batch_size], pad)
                    for i in range(0, len(feats), batch_size)]
-        return evaluate(model, batches)
+        return evaluate(model, batches, "fp32")  # no autocast: as the weights are held
 
     def predict(self, model: Model, inputs: Sequence[str], batch_size: int = 32) -> list[str]:
         o = self.options

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmkit.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -32,19 +34,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto": this process's GPU when there is one, else the CPU."""
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} asked for but no GPU is available: use cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-    return dev
 
 
 def launch_ranks() -> tuple[int, int, int]:

@@ -33,22 +33,23 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmkit.checkpoint import save
+from lmkit.checkpoint import clean_staging, save
+from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lmkit.train.distributed import DistEnv, all_reduce_sum, init_distributed, unwrap, wrap_model
 from lmkit.train.metrics import ComputeMeter, MetricsLogger, describe_device, plot_curves
 from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
 from lmkit.train.state import (
+    CHECKPOINTS,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    resume_checkpoint,
     save_checkpoint,
     seed_everything,
 )
 
 log = logging.getLogger("lmkit")
 IGNORE_INDEX = -100
-PRECISIONS = ("fp32", "bf16")
 Batch = dict[str, torch.Tensor]
 
 
@@ -70,7 +71,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    precision: str = "fp32"  # fp32 | bf16 (autocast; weights and optimizer stay fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights, optimizer stay fp32)
     eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
     save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3  # 0 = keep all
@@ -104,15 +105,8 @@ class TrainConfig:
             raise ConfigError(f"eps must be positive, got {self.eps}")
         if not 0.0 <= self.layer_decay <= 1.0:
             raise ValueError(f"layer_decay must be in [0, 1] (0 = off), got {self.layer_decay}")
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
-                raise ConfigError(f"device={self.device!r} is not a device: use auto, cpu, "
-                                  "cuda or cuda:N") from None
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not supported; choose one of "
-                             f"{PRECISIONS}")
+        check_precision(self.precision)
+        check_device(self.device)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of "
                              f"{SCHEDULES}")
@@ -134,6 +128,7 @@ class TrainResult:
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for a resolved precision ("bf16"), nothing for "fp32"."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -169,12 +164,13 @@ def _loss_sum(out: Any, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], precision: str = "fp32",
+def evaluate(model: nn.Module, batches: Iterable[Batch], precision: str = "auto",
              env: DistEnv | None = None) -> dict[str, float]:
     """Mean loss per target token over `batches` (summed over all processes, each giving its
     own share) and its perplexity exp(loss)."""
     model = unwrap(model)
     env = env or DistEnv(device=next(model.parameters()).device)
+    precision = resolve_precision(precision, env.device)
     was_training = model.training
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=env.device)
@@ -220,24 +216,26 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _resume_source(out_dir: Path, resume: bool | str | Path) -> Path | None:
+def _resume_sources(out_dir: Path, resume: bool | str | Path) -> list[Path]:
+    """The checkpoints a resume may use, oldest first: all of a run (the newest intact one
+    is taken), or the one folder given."""
     if resume is False or resume is None:
         if list_checkpoints(out_dir):
             raise ValueError(f"{out_dir} already holds checkpoints of a run: resume it "
                              f"(`lmkit pretrain --resume {out_dir}`, or resume=True) or "
                              "choose a new output folder")
-        return None
+        return []
     if resume is True:
-        found = latest_checkpoint(out_dir)
-        if found is None:
+        found = list_checkpoints(out_dir)
+        if not found:
             raise ValueError(f"no checkpoint to resume from in {out_dir}/checkpoints")
         return found
     path = Path(resume)
-    if (path / "checkpoints").is_dir():  # a run folder: its latest checkpoint
-        found = latest_checkpoint(path)
-        if found is not None:
+    if (path / CHECKPOINTS).is_dir():  # a run folder: its latest intact checkpoint
+        found = list_checkpoints(path)
+        if found:
             return found
-    return path
+    return [path]
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -262,6 +260,7 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
     model.safetensors, tokenizer.json)."""
     cfg.validate()
     env = init_distributed(cfg.device)
+    precision = resolve_precision(cfg.precision, env.device)
     out_dir = Path(out_dir)
     model.to(env.device)
     model.train()
@@ -269,13 +268,17 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
                                 cfg.eps, cfg.layer_decay)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps,
                                 cfg.min_lr_ratio)
-    source = _resume_source(out_dir, resume)
-    state: dict[str, Any] = {}
-    if source is not None:
-        state = load_checkpoint(source, model, optimizer, scheduler, batches, env)
+    if env.is_main:  # what a kill during a save left behind
+        clean_staging(out_dir / CHECKPOINTS)
+        clean_staging(out_dir.parent, out_dir.name)
+    sources = _resume_sources(out_dir, resume)
+    source, state = None, {}
+    if sources:
+        source, state = resume_checkpoint(sources, model, optimizer, scheduler, batches, env)
     else:
         seed_everything(cfg.seed + env.rank)
     step = start_step = int(state.get("step", 0))
+    drawn = int(state.get("batches", 0))  # micro-batches taken from `batches` so far
     end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     compute = ComputeMeter(model.config, state.get("compute"))
     result = TrainResult(out_dir, step, start_step, checkpoint=source)
@@ -283,13 +286,14 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
     logger = MetricsLogger(out_dir, env.is_main, cfg.tensorboard,
                            start_step if source is not None else None)
     if env.is_main:
-        log.info("training %s parameters on %s from step %d to %d", f"{model.num_parameters():,}",
-                 describe_device(env.device, env.world_size), step, end)
+        log.info("training %s parameters on %s in %s (precision %s) from step %d to %d",
+                 f"{model.num_parameters():,}", describe_device(env.device, env.world_size),
+                 precision, cfg.precision, step, end)
     evals_on = eval_batches is not None and cfg.eval_every > 0
 
     def run_eval() -> None:
         record = {"split": "valid", "step": step,
-                  **evaluate(model, eval_batches, cfg.precision, env)}
+                  **evaluate(model, eval_batches, precision, env)}
         logger.log(record)
         result.evals.append(record)
         if env.is_main and cfg.progress:
@@ -297,12 +301,12 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
                        f"perplexity {record['perplexity']:.2f}")
 
     def checkpoint() -> Path:
-        extra = {"compute": compute.state_dict()}
+        extra = {"compute": compute.state_dict(), "batches": drawn}
         path = save_checkpoint(out_dir, step, model, optimizer, scheduler, batches, env,
                                cfg.keep_checkpoints, extra)
         result.checkpoint = path
         if env.is_main:
-            compute.write(out_dir, **_compute_extra(cfg, env, step))
+            compute.write(out_dir, **_compute_extra(precision, env, step))
         return path
 
     bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
@@ -317,6 +321,7 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
             while step < end:
                 try:
                     micro = [_to(next(data), env.device) for _ in range(cfg.grad_accum)]
+                    drawn += cfg.grad_accum
                 except StopIteration:
                     result.stopped = "data_exhausted"
                     if env.is_main:
@@ -334,7 +339,7 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
                     sync = net.no_sync() if env.distributed and not last else \
                         contextlib.nullcontext()
                     with sync:
-                        with autocast(cfg.precision, env.device):
+                        with autocast(precision, env.device):
                             out = net(**batch)
                         loss_sum = _loss_sum(out, n)
                         (loss_sum * scale).backward()
@@ -394,19 +399,21 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
         bar.close()
         logger.close()
         if env.is_main:
-            compute.write(out_dir, **_compute_extra(cfg, env, step))
+            compute.write(out_dir, **_compute_extra(precision, env, step))
             if cfg.plot:
                 try:
                     plot_curves(out_dir)
                 except Exception as e:  # a plot must never hide the real outcome
                     log.warning("could not draw the loss curve: %s", e)
-    result.compute = compute.summary(**_compute_extra(cfg, env, step))
+    result.compute = compute.summary(**_compute_extra(precision, env, step))
     return result
 
 
-def _compute_extra(cfg: TrainConfig, env: DistEnv, step: int) -> dict[str, Any]:
+def _compute_extra(precision: str, env: DistEnv, step: int) -> dict[str, Any]:
+    """What the run ran on, as resolved (precision "auto" is written as what it chose)."""
     return {"steps": step, "device": describe_device(env.device, env.world_size),
-            "world_size": env.world_size, "precision": cfg.precision}
+            "torch_device": str(env.device), "world_size": env.world_size,
+            "precision": precision}
 
 
 def _diverged(what: str, value: float, step: int, out_dir: Path) -> str:

@@ -14,19 +14,33 @@ from typing import Any
 import torch
 
 from lmkit.flops import flops_per_token, num_parameters
-from lmkit.textfiles import read_jsonl
 
 log = logging.getLogger("lmkit")
 METRICS, COMPUTE, CURVE, TENSORBOARD = "metrics.jsonl", "compute.json", "loss.png", "tensorboard"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a run folder or the file itself)."""
+    """The records of a metrics.jsonl file (a run folder or the file itself). A line that is
+    not a JSON record (the last one, cut by a kill) is skipped with a warning: the metrics
+    are a log, never a reason to refuse a resume."""
     path = Path(path)
     file = path / METRICS if path.is_dir() else path
     if not file.exists():
         return []
-    return [record for _, record in read_jsonl(file)]
+    records = []
+    for number, line in enumerate(file.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step", 0), int):
+            records.append(record)
+        else:
+            log.warning("%s:%d is not a metrics record (cut short by a kill?); skipped",
+                        file, number)
+    return records
 
 
 class MetricsLogger:
@@ -45,7 +59,9 @@ class MetricsLogger:
         self.file = out_dir / METRICS
         kept = [r for r in read_metrics(self.file) if r.get("step", 0) <= resume_step] \
             if resume_step is not None else []
-        self.file.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = self.file.with_name(f".{METRICS}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.file)
         self.fh = open(self.file, "a")  # noqa: SIM115 (open for the logger's lifetime)
         if tensorboard:
             try:

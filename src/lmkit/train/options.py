@@ -20,9 +20,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lmkit.errors import ConfigError, LmkitError, storage
+from lmkit.errors import ConfigError, LmkitError
+from lmkit.textfiles import read_bytes
 
 C = TypeVar("C")
+MAX_YAML_BYTES = 1 << 20
 
 
 def parse_set(items: list[str] | None) -> dict[str, str]:
@@ -103,11 +105,18 @@ def _expand(value: str) -> str:
 
 
 def read_config(cls: type[C], path: str | Path | None = None,
-                overrides: dict[str, Any] | None = None) -> C:
+                overrides: dict[str, Any] | None = None, strict: bool = False) -> C:
     """An instance of the dataclass `cls` from its defaults, a YAML file and overrides (an
     override of None is ignored: an argparse option that was not given). Validated when the
-    class has a `validate` method."""
+    class has a `validate` method. `strict` (a run's saved config, read on resume): the file
+    must give every field, since a missing one would silently take its default."""
     values = read_yaml(path) if path is not None else {}
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    if strict and path is not None and missing:
+        raise ConfigError(
+            f"{path} lacks {missing}: the saved run config is truncated or was edited, and a "
+            "missing field would silently change the run; restore the file (every field is "
+            "written when the run starts)")
     given = {k for k, v in (overrides or {}).items() if v is not None}
     try:
         return _build(cls, values, overrides)
@@ -121,12 +130,11 @@ def read_config(cls: type[C], path: str | Path | None = None,
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file; syntax errors name file:line."""
+    """The mapping in a YAML file of at most MAX_YAML_BYTES; syntax errors name file:line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with storage("read", path):
-        raw = path.read_bytes()
+    raw = read_bytes(path, MAX_YAML_BYTES, "config file", ConfigError)
     try:
         loaded = yaml.safe_load(raw.decode("utf-8")) or {}
     except UnicodeDecodeError as e:
@@ -169,5 +177,12 @@ def _build(cls: type[C], values: dict[str, Any], overrides: dict[str, Any] | Non
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a config dataclass as YAML (what `read_config` reads back)."""
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    """Write a config dataclass as YAML (what `read_config` reads back), atomically: a kill
+    leaves the previous file or the new one, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch.distributed as dist
 
+from lmkit.checkpoint import atomic_folder
 from lmkit.config import PRESETS, ModelConfig
 from lmkit.data.batches import BatchStream, fixed_batches
 from lmkit.data.corpus import TokenCache, tokenize_corpus
@@ -169,9 +169,8 @@ def make_tokenizer(cfg: PretrainConfig, family: str, env: DistEnv,
                 raise FileNotFoundError(
                     f"tokenizer {spec!r} is neither a spec like 'bpe:8000' (kinds: bpe, "
                     "wordpiece, unigram) nor an existing tokenizer folder or file")
-        if saved.exists():
-            shutil.rmtree(saved)
-        tok.save(saved)
+        with atomic_folder(saved, swap=True) as staging:  # a kill keeps the old one whole
+            tok.save(staging)
 
     _rank0_first(env, lambda: build() if env.is_main else None)
     return Tokenizer.from_dir(saved)
@@ -312,5 +311,6 @@ def resume(out_dir: str | Path, overrides: dict[str, Any] | None = None) -> Path
     if not list_checkpoints(out_dir):
         raise ValueError(f"{out_dir} has no checkpoint to resume from (none was saved before "
                          "it stopped): start it again without --resume")
-    cfg = load_config(file, {**(overrides or {}), "out": str(out_dir)})
+    cfg = options.read_config(PretrainConfig, file, {**(overrides or {}), "out": str(out_dir)},
+                              strict=True)
     return pretrain(cfg, resume=True)

@@ -1,18 +1,24 @@
 """Training checkpoints: `out_dir/checkpoints/step-N/` holds the model as a checkpoint folder
-(config.json + model.safetensors + tokenizer.json, loadable by `lmkit.load`) and
-`trainer_state.pt`: optimizer, scheduler, step, compute totals and, per process, the random
-states (torch, CUDA, numpy, python) and the data position (with the objective's generator).
+(config.json + model.safetensors + tokenizer.json, loadable by `lmkit.load`),
+`trainer_state.pt`: optimizer, scheduler, step, micro-batches drawn, compute totals and, per
+process, the random states (torch, CUDA, numpy, python) and the data position (with the
+objective's generator), and `manifest.json`: the size and CRC32 of every other file.
 
 A checkpoint is written under a temporary name and renamed into place, so `step-N` folders
-are always complete; only the last `keep` are kept. `trainer_state.pt` holds tensors and
-plain Python values only and is read with `torch.load(weights_only=True)`."""
+are always complete; only the last `keep` are kept. Before a resume uses one, its manifest is
+checked, `trainer_state.pt` is read with `torch.load(weights_only=True)` and its structure is
+checked against the live objects (every optimizer tensor has its parameter's shape and dtype,
+step and data position are in range and agree with the folder name): nothing reaches the
+optimizer unchecked. A damaged latest checkpoint makes the resume fall back, with a warning,
+to the newest intact one."""
 
 from __future__ import annotations
 
-import contextlib
+import json
+import logging
+import math
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +26,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmkit.checkpoint import atomic_folder, check_tensors, read_tensors, save
-from lmkit.errors import CheckpointError, reading
+from lmkit.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    atomic_folder,
+    check_tensors,
+    read_pickle,
+    read_tensors,
+    remove_folder,
+    save,
+    verify_manifest,
+    write_manifest,
+)
+from lmkit.config import ModelConfig
+from lmkit.errors import CheckpointError, TokenizerError
+from lmkit.textfiles import read_json
 from lmkit.train.distributed import DistEnv, barrier, gather_objects
+
+log = logging.getLogger("lmkit")
 
 CHECKPOINTS, STATE = "checkpoints", "trainer_state.pt"
 STEP_DIR = re.compile(r"step-(\d+)")
@@ -87,9 +108,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
                      "scheduler": scheduler.state_dict(), "world_size": env.world_size,
                      "ranks": ranks, **(extra or {})}
             torch.save(state, staging / STATE)
+            write_manifest(staging)
         if keep > 0:
             for stale in list_checkpoints(out_dir)[:-keep]:
-                shutil.rmtree(stale, ignore_errors=True)
+                remove_folder(stale)
     barrier(env)
     return final
 
@@ -103,37 +125,53 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
         model.load_state_dict(tensors, strict=False)
 
 
-def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, data: Any, env: DistEnv) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote into the given objects; returns the raw
-    trainer state (step, compute totals, ...)."""
+def read_state(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: Any, env: DistEnv) -> dict[str, Any]:
+    """The trainer state of a checkpoint folder, verified (manifest checksums) and checked
+    against the objects it will be loaded into. Raises CheckpointError when the folder is
+    damaged, ValueError when it is intact but belongs to another setup."""
     folder = Path(folder)
     if not (folder / STATE).exists():
         raise CheckpointError(f"{folder} is not a training checkpoint (no {STATE}): give a "
                               "checkpoints/step-N folder or the run folder")
-    with _reading(folder / STATE):
-        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-        if state["world_size"] != env.world_size:
-            raise ValueError(
-                f"{folder} was written by {state['world_size']} process(es) but this run has "
-                f"{env.world_size}: resume with the same number of processes (torchrun "
-                f"--nproc_per_node {state['world_size']}) so every data shard continues "
-                "exactly")
+    verify_manifest(folder)
+    state = read_pickle(folder / STATE, allow_pickle=True)  # lmkit's own, checksummed file
+    check_state(state, folder, optimizer, scheduler)
+    if state["world_size"] != env.world_size:
+        raise ValueError(
+            f"{folder} was written by {state['world_size']} process(es) but this run has "
+            f"{env.world_size}: resume with the same number of processes (torchrun "
+            f"--nproc_per_node {state['world_size']}) so every data shard continues exactly")
+    saved = ModelConfig.from_json(folder / CONFIG).to_dict()
+    live = model.config.to_dict()
+    changed = [f"{k} (checkpoint {saved[k]!r}, model {live[k]!r})" for k in saved
+               if saved[k] != live[k] and k not in ("dropout", "attention_dropout")]
+    if changed:
+        raise ValueError(f"{folder} holds another architecture than the model being trained: "
+                         f"{'; '.join(changed)}. Resume with the run's own config")
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and (folder / TOKENIZER).is_file() and \
+            json.loads(tok.backend.to_str()) != read_json(folder / TOKENIZER, "tokenizer",
+                                                           TokenizerError):
+        raise ValueError(f"the tokenizer of the model being trained differs from the one saved "
+                         f"in {folder}: resume with the run's own tokenizer "
+                         f"({folder / TOKENIZER})")
+    return state
+
+
+def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, data: Any, env: DistEnv) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote into the given objects, once `read_state`
+    has checked it; returns the raw trainer state (step, compute totals, ...)."""
+    folder = Path(folder)
+    state = read_state(folder, model, optimizer, scheduler, env)
     load_weights(model, folder)
-    with _reading(folder / STATE):
-        return _restore(state, optimizer, scheduler, data, env)
+    return _restore(state, folder, optimizer, scheduler, data, env)
 
 
-def _reading(file: Path) -> contextlib.AbstractContextManager:
-    """torch.load's errors (a damaged zip, a refused pickle) and a state of the wrong
-    structure (KeyError, TypeError, ...) become a CheckpointError naming the file."""
-    return reading(file, CheckpointError, "training state", "it is damaged or was not "
-                   "written by lmkit: resume from an earlier checkpoints/step-N folder "
-                   "(delete this one)")
-
-
-def _restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any,
-             data: Any, env: DistEnv) -> dict[str, Any]:
+def _restore(state: dict[str, Any], folder: Path, optimizer: torch.optim.Optimizer,
+             scheduler: Any, data: Any, env: DistEnv) -> dict[str, Any]:
+    """Load a state `read_state` has checked into the live objects."""
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     mine = state["ranks"][env.rank]
@@ -142,5 +180,167 @@ def _restore(state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler:
         if not hasattr(data, "load_state_dict"):
             raise ValueError("the checkpoint holds a data position but the batches given have "
                              "no load_state_dict(): pass a resumable stream (BatchStream)")
-        data.load_state_dict(mine["data"])
+        try:
+            data.load_state_dict(mine["data"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{folder / STATE}: the data position does not fit this "
+                                  f"data ({type(e).__name__}: {e})") from None
     return state
+
+
+def resume_checkpoint(candidates: list[Path], model: nn.Module,
+                      optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
+                      env: DistEnv) -> tuple[Path, dict[str, Any]]:
+    """Load the newest intact checkpoint of `candidates` (oldest first): a damaged one is
+    skipped with a warning, so a run resumes from the previous complete checkpoint. (Each
+    load overwrites everything the previous attempt may have restored.)"""
+    damaged: list[str] = []
+    for folder in reversed(candidates):
+        try:
+            state = load_checkpoint(folder, model, optimizer, scheduler, data, env)
+        except CheckpointError as e:
+            damaged.append(f"{folder}: {e}")
+            continue
+        if damaged:
+            log.warning("resuming from %s: newer checkpoint(s) cannot be used:\n  %s", folder,
+                        "\n  ".join(damaged))
+        return folder, state
+    raise CheckpointError("no intact checkpoint to resume from:\n  " + "\n  ".join(damaged))
+
+
+# ---- structure of a trainer state -----------------------------------------------------------
+
+
+def check_state(state: Any, folder: Path, optimizer: torch.optim.Optimizer,
+                scheduler: Any) -> None:
+    """Raise CheckpointError unless `state` has the structure `save_checkpoint` writes and
+    fits `optimizer` and `scheduler`: the same parameter groups, each optimizer tensor the
+    shape and dtype of its parameter, finite numbers, a step that agrees with the folder name,
+    the scheduler and the per-parameter steps, and data positions within range."""
+    try:
+        _check_state(state, folder, optimizer, scheduler)
+    except _Bad as e:
+        raise CheckpointError(f"{folder / STATE} is not a valid training state ({e}): it is "
+                              "damaged or was not written for this model; resume from another "
+                              "checkpoint") from None
+
+
+class _Bad(Exception):
+    pass
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise _Bad(what)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_state(state: Any, folder: Path, optimizer: torch.optim.Optimizer,
+                 scheduler: Any) -> None:
+    _need(isinstance(state, dict), "not a mapping")
+    missing = {"step", "optimizer", "scheduler", "world_size", "ranks"} - set(state)
+    _need(not missing, f"missing {sorted(missing)}")
+    step = state["step"]
+    _need(_count(step), f"step={step!r}")
+    if m := STEP_DIR.fullmatch(folder.name):
+        _need(int(m.group(1)) == step, f"step {step} in a folder named {folder.name}")
+    _need(isinstance(state["world_size"], int) and state["world_size"] >= 1,
+          f"world_size={state['world_size']!r}")
+    _check_optimizer(state["optimizer"], optimizer, step)
+    _like(state["scheduler"], scheduler.state_dict(), "scheduler")
+    _need(state["scheduler"]["last_epoch"] == step,
+          f"the scheduler is at step {state['scheduler']['last_epoch']}, the state at {step}")
+    batches = state.get("batches")
+    _need(batches is None or _count(batches), f"batches={batches!r}")
+    if "compute" in state:
+        _need(isinstance(state["compute"], dict) and all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+            for v in state["compute"].values()), "compute totals")
+    ranks = state["ranks"]
+    _need(isinstance(ranks, list) and len(ranks) == state["world_size"],
+          "one entry per process in ranks")
+    live_rng = rng_state()
+    for i, rank in enumerate(ranks):
+        _need(isinstance(rank, dict) and {"rng", "data"} <= set(rank), f"ranks[{i}]")
+        rng = rank["rng"]
+        _need(isinstance(rng, dict) and isinstance(rng.get("cuda"), list) and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng["cuda"]),
+            f"ranks[{i}].rng")
+        _like({k: v for k, v in rng.items() if k != "cuda"},
+              {k: v for k, v in live_rng.items() if k != "cuda"}, f"ranks[{i}].rng")
+        data = rank["data"]
+        _need(data is None or isinstance(data, dict), f"ranks[{i}].data")
+        for key in ("epoch", "row", "index"):  # positions of lmkit's resumable streams
+            if isinstance(data, dict) and key in data:
+                _need(_count(data[key]), f"ranks[{i}].data.{key}={data[key]!r}")
+        if isinstance(data, dict) and "epoch" in data and batches is not None:
+            _need(data["epoch"] <= batches, f"data epoch {data['epoch']} after only "
+                                            f"{batches} batches")
+
+
+def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """The saved optimizer state against the live optimizer: groups, hyperparameters and,
+    per parameter, every state tensor (shape, dtype, finite; steps within the global step).
+    The fused AdamW kernels index these tensors by the parameter's size unchecked."""
+    live = optimizer.state_dict()
+    _need(isinstance(saved, dict) and isinstance(saved.get("state"), dict),
+          "optimizer state")
+    _like(saved.get("param_groups"), live["param_groups"], "optimizer.param_groups")
+    for g_saved, g_live in zip(saved["param_groups"], live["param_groups"], strict=True):
+        _need(g_saved["params"] == g_live["params"], "optimizer parameter indices")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    amsgrad = any(g.get("amsgrad") for g in optimizer.param_groups)
+    keys = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    steps = []
+    for index, entry in saved["state"].items():
+        _need(_count(index) and index < len(params), f"optimizer state for parameter {index!r}")
+        _need(isinstance(entry, dict) and set(entry) == keys,
+              f"optimizer state {index}: {entry if not isinstance(entry, dict) else sorted(entry)}")
+        p = params[index]
+        for key, t in entry.items():
+            _need(isinstance(t, torch.Tensor), f"optimizer state {index}.{key} is not a tensor")
+            if key == "step":
+                _need(t.numel() == 1, f"optimizer state {index}.step")
+                value = float(t.reshape(-1)[0])
+                _need(0 <= value <= step and value.is_integer(),
+                      f"optimizer state {index}.step={value} (global step {step})")
+                steps.append(value)
+                continue
+            _need(t.shape == p.shape and t.dtype == p.dtype,
+                  f"optimizer state {index}.{key}: {tuple(t.shape)} {t.dtype} for a parameter "
+                  f"of {tuple(p.shape)} {p.dtype}")
+            _need(bool(torch.isfinite(t).all()), f"optimizer state {index}.{key} is not finite")
+            if key != "exp_avg":
+                _need(bool((t >= 0).all()), f"optimizer state {index}.{key} is negative")
+    _need(not steps or max(steps) == step,
+          f"the optimizer took {max(steps, default=0):.0f} steps, the state says {step}")
+
+
+def _like(saved: Any, live: Any, where: str) -> None:
+    """`saved` has the structure of `live`: the same keys, lengths and kinds of values
+    (numbers finite; tensors of the same shape and dtype); the values themselves may differ."""
+    number = (int, float)
+    if isinstance(live, dict):
+        _need(isinstance(saved, dict) and set(saved) == set(live),
+              f"{where}: keys {sorted(map(str, saved)) if isinstance(saved, dict) else saved!r}")
+        for k in live:
+            _like(saved[k], live[k], f"{where}.{k}")
+    elif isinstance(live, (list, tuple)):
+        _need(isinstance(saved, (list, tuple)) and len(saved) == len(live), f"{where}: length")
+        for i, (a, b) in enumerate(zip(saved, live)):
+            _like(a, b, f"{where}[{i}]")
+    elif isinstance(live, torch.Tensor):
+        _need(isinstance(saved, torch.Tensor) and saved.shape == live.shape and
+              saved.dtype == live.dtype, f"{where}: tensor shape or dtype")
+        _need(not saved.is_floating_point() or bool(torch.isfinite(saved).all()),
+              f"{where}: not finite")
+    elif isinstance(live, bool) or isinstance(saved, bool):
+        _need(type(saved) is type(live), f"{where}={saved!r}")
+    elif live is None or isinstance(live, number):  # None and numbers: gauss_next, initial_lr
+        _need(saved is None or (isinstance(saved, number) and math.isfinite(saved)),
+              f"{where}={saved!r}")
+    else:
+        _need(type(saved) is type(live), f"{where}={saved!r}")
