@@ -504,7 +504,10 @@ def _act(case: dict[str, Any], folder: Path) -> str:
         from lmkit.checkpoint import read_tensors
         from lmkit.train import resume
 
-        out = resume(folder, {"steps": 3})
+        with _fallback_warnings() as warned:
+            out = resume(folder, {"steps": 3})
+        if warned:
+            raise FellBack(warned[0])
         tensors, _ = read_tensors(Path(out) / "model.safetensors")
         h = hashlib.sha256()
         for name, t in sorted(tensors.items()):
@@ -520,8 +523,38 @@ def _act(case: dict[str, Any], folder: Path) -> str:
     return repr(getattr(lmkit.tasks, READERS[file.name])(file))
 
 
+class FellBack(Exception):
+    """The resume refused the damaged latest checkpoint, with a warning naming it, and went on
+    from the previous intact one: the damage was detected and nothing of it was used (the
+    result differs from resuming the undamaged run only because the run config's `steps`
+    override changes the schedule of the step that is redone)."""
+
+
+@contextlib.contextmanager
+def _fallback_warnings() -> Any:
+    """The lmkit warnings, logged inside the block, of a resume that skipped a checkpoint."""
+    import logging
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "cannot be used" in record.getMessage():
+                warned.append(record.getMessage().splitlines()[-1].strip())
+
+    warned: list[str] = []
+    logger, handler, level = logging.getLogger("lmkit"), Keep(), logging.root.manager.disable
+    logging.disable(logging.NOTSET)  # the worker silences logging; this one is needed
+    logger.addHandler(handler)
+    try:
+        yield warned
+    finally:
+        logger.removeHandler(handler)
+        logging.disable(level)
+
+
 def _reported(e: BaseException) -> str | None:
     """The line `lmkit` prints for `e`, or None when it would print a traceback."""
+    if isinstance(e, FellBack):
+        return f"fell back to the previous checkpoint: {e}"
     import lmkit.cli
 
     if hasattr(lmkit.cli, "error_line"):

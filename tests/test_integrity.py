@@ -421,6 +421,15 @@ def test_a_huge_layer_count_fails_fast(tmp_path):
                            "gives the decoder 1000000000 layers but the weights hold 2")
 
 
+def test_a_hidden_size_too_large_to_build_is_refused(tmp_path):
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4,
+                                     n_positions=64)).save_pretrained(tmp_path / "hf")
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**raw, "n_embd": 10 ** 9}))
+    with pytest.raises(CheckpointError, match="the config's sizes cannot be built"):
+        lmkit.load(tmp_path / "hf")  # torch cannot even describe 4*10^9 x 10^9 on meta
+
+
 def test_a_huge_gguf_block_count_fails_fast(tmp_path):
     from test_convert_gguf import write_gguf
 

@@ -22,6 +22,7 @@ from torch import nn
 from lmkit.checkpoint import check_layers, check_tensors, save
 from lmkit.config import ModelConfig
 from lmkit.device import resolve_device, weight_dtype
+from lmkit.errors import CheckpointError
 from lmkit.model.attention import (
     Attention,
     KVCache,
@@ -303,8 +304,12 @@ def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[s
     if str(dtype) != f"torch.{config.dtype}":  # the config describes the weights as held
         config = config.replace(dtype=str(dtype).removeprefix("torch."))
     check_layers(config, tensors, "the checkpoint")
-    with torch.device("meta"):
-        model = Model(config)
+    try:
+        with torch.device("meta"):
+            model = Model(config)
+    except RuntimeError as e:  # sizes too large for torch even to describe (10^9 x 4*10^9)
+        raise CheckpointError(f"the config's sizes cannot be built ({e}): the config does not "
+                              "belong to these weights, or it is damaged") from None
     fresh = check_tensors(model, tensors, new=new)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
                           strict=False, assign=True)
