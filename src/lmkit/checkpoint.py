@@ -168,7 +168,7 @@ def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[s
     if fresh:
         log.info("initialised new tensors (not in the checkpoint): %s", ", ".join(fresh))
     model.new_tensors = fresh
-    return model
+    return model.eval()  # like from_pretrained: no dropout until a trainer says so
 
 
 def load(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,

@@ -178,7 +178,7 @@ def _read(path: Path, head: str | None, labels: list[str] | None,
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     source = config_from_gguf(meta, shapes, dtype_name)
     cfg = retarget(source, head, labels)
-    tied = cfg.tie_embeddings and cfg.head == "lm"
+    tied = cfg.tied_output
     ignore = () if cfg is source else (r"output\.weight",)
     # Rename first (values are the lazy reader tensors), then dequantize one tensor at a time.
     lazy = to_lmkit_names({t.name: t for t in reader.tensors}, expand(_TABLE, cfg), ignore, tied)

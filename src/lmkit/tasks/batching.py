@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmkit.config import IGNORE_INDEX
 from lmkit.data.packing import pad_batch
 
-IGNORE_INDEX = -100
 MEGA_BATCH = 50  # batches per sorted bucket: the padding / randomness trade-off
 
 

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lmkit.config import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from lmkit.tokenizer import Encoding, Tokenizer
 
 PathLike = str | os.PathLike
-IGNORE_INDEX = -100  # the label id the model's loss skips
 TAG = re.compile(r"O|[BI]-\S+")
 
 # Column names tried, in order, when the caller names none (GLUE, SNLI, SST, IMDb, ...).
