@@ -9,6 +9,7 @@ from lmkit.finetune.run import (
                                 finetune,
                                 pipeline,
                                 predict,
+                                resume,
 )
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
@@ -16,4 +17,4 @@ from lmkit.train.optim import lr_scales
 
 __all__ = ["SCHEMES", "FinetuneConfig", "FinetuneResult", "LoRAConfig", "Pipeline",
            "apply_lora", "apply_scheme", "evaluate_run", "finetune", "load_adapter",
-           "lr_scales", "merge_lora", "pipeline", "predict", "save_adapter"]
+           "lr_scales", "merge_lora", "pipeline", "predict", "resume", "save_adapter"]
