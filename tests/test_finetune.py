@@ -239,6 +239,11 @@ def test_unknown_pooling_is_an_error(tmp_path, data, encoder):
             pooling="mean")
     with pytest.raises(ValueError, match="pooling='max' is not supported"):
         pool(torch.zeros(1, 3, 4), "max", None, torch.zeros(1, 3, dtype=torch.long), None)
+    # Padded with the EOS id (a decoder without a pad token): pool the real EOS, not padding.
+    hidden = torch.arange(4.0)[None, :, None]  # each position's vector is its index
+    ids, segments = torch.tensor([[7, 2, 2, 2]]), torch.tensor([[1, 1, 0, 0]])
+    assert pool(hidden, "eos", segments, ids, 2).item() == 1
+    assert pool(hidden, "last", segments, ids, 2).item() == 1
 
 
 def test_task_options_are_typed_and_checked(tmp_path, data, encoder):
@@ -330,6 +335,7 @@ def test_flops_follow_what_trains():
     """Full training costs 6N per token, a frozen body about 2N, LoRA about 4N."""
     with torch.device("meta"):
         model = lmkit.Model(lmkit.preset("bert-base", head="classification", labels=["a", "b"]))
+    kaplan = model.config.flops_per_token(128)  # 6 x non-embedding parameters + attention
     flops = {}
     for scheme in ("full", "frozen", "lora"):
         for p in model.parameters():
@@ -339,6 +345,6 @@ def test_flops_follow_what_trains():
         else:
             apply_scheme(model, scheme)
         flops[scheme] = model.flops_per_token(128)
-    assert flops["full"] == model.config.flops_per_token(128)
+    assert flops["full"] == kaplan
     assert flops["full"] / flops["frozen"] == pytest.approx(3, rel=0.02)
     assert flops["full"] / flops["lora"] == pytest.approx(1.5, rel=0.02)

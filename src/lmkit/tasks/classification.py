@@ -21,7 +21,7 @@ class ClassificationOptions(TaskOptions):
 
 
 class ClassificationTask(Task):
-    name, head, labelled = "classification", "classification", True
+    name, head = "classification", "classification"
     families = ("encoder", "decoder", "encoder-decoder")
     Options = ClassificationOptions
 

@@ -24,7 +24,7 @@ from lmkit.tasks.task import Features, Task, forward_batches
 
 
 class NERTask(Task):
-    name, head, labelled = "ner", "token-classification", True
+    name, head = "ner", "token-classification"
     families = ("encoder", "decoder", "encoder-decoder")
 
     def read(self, path: str | Path, labels: Sequence[str] | None = None,

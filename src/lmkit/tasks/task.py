@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from lmkit.config import HEADS
 from lmkit.model import Model, eval_mode
 from lmkit.tasks.batching import collate, length_grouped_batches
 
@@ -36,8 +37,12 @@ class Task:
     name = ""
     head = "lm"
     families: tuple[str, ...] = ()
-    labelled = False  # True when the head has a fixed label set read from the training data
     Options: ClassVar[type[TaskOptions]] = TaskOptions
+
+    @property
+    def labelled(self) -> bool:
+        """The head has a fixed label set, read from the training data."""
+        return HEADS[self.head].needs_labels
 
     @classmethod
     def option_names(cls) -> list[str]:
