@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from lmkit.checkpoint import load
-from lmkit.config import DEFAULT_POOLING, POOLINGS
+from lmkit.config import DEFAULT_POOLING, HEADS, POOLINGS
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
@@ -103,7 +103,7 @@ class FinetuneConfig(TrainConfig):
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of "
                              f"{POOLINGS}")
-        if self.pooling is not None and TASKS[self.task].head != "classification":
+        if self.pooling is not None and not HEADS[TASKS[self.task].head].pooled:
             raise ValueError(f"pooling is a classification option, not one of {self.task}")
         TASKS[self.task].parse_options(self.options(known_only=False))
 
