@@ -89,7 +89,7 @@ def main() -> None:
     if args.also_hf:
         with tempfile.TemporaryDirectory() as tmp:
             hf = Path(tmp) / "hf"  # converted in a child too, to keep this process small
-            subprocess.run([sys.executable, "-c", "import sys; from lmkit.convert import "
+            subprocess.run([sys.executable, "-c", "import sys; from lmkit.loading import "
                             "convert; convert(sys.argv[1], sys.argv[2], to='hf')", path, hf],
                            check=True)
             size = sum(f.stat().st_size for f in hf.iterdir()) / 2**20

@@ -2,7 +2,7 @@
 
 MFU = achieved training FLOP/s / peak FLOP/s, where
 
-- achieved = tokens/s x config.flops_per_token(seq_len) (6 x non-embedding parameters + the
+- achieved = tokens/s x flops_per_token(config, seq_len) (6 x non-embedding parameters + the
   LM head + attention, per token, forward and backward), timed over the steps of the real
   training loop (`lmkit.train.train`: AdamW, clipping, token-normalised loss) after warm-up;
 - peak = the best FLOP/s of a large square torch.matmul of the same dtype, measured in the
@@ -29,6 +29,7 @@ import time
 import torch
 
 import lmkit
+from lmkit.flops import flops_per_token, num_parameters
 from lmkit.objectives import CausalLM
 from lmkit.train import TrainConfig, load_config, train
 
@@ -96,9 +97,9 @@ def main() -> None:
     batch_size, seq_len = args.batch_size or ex.batch_size, args.seq_len or ex.seq_len
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
-    fpt = config.flops_per_token(seq_len)
+    fpt = flops_per_token(config, seq_len)
     print(f"model: {ex.preset} + {ex.model}, vocab {args.vocab_size}: "
-          f"{config.num_parameters():,} parameters ({config.num_parameters(False):,} "
+          f"{num_parameters(config):,} parameters ({num_parameters(config, False):,} "
           f"without embeddings); {fpt / 1e6:.1f} MFLOP per training token at seq_len "
           f"{seq_len}; batch {batch_size} x {seq_len}")
     print(f"device: {device} ({torch.get_num_threads()} threads); load average before: "
@@ -121,7 +122,7 @@ def main() -> None:
               f" | {100 * r['mfu']:.1f}% |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": args.config, "parameters": config.num_parameters(),
+            json.dump({"config": args.config, "parameters": num_parameters(config),
                        "flops_per_token": fpt, "batch_size": batch_size, "seq_len": seq_len,
                        "device": str(device), "results": results}, f, indent=2)
 

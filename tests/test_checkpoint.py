@@ -124,7 +124,7 @@ def test_missing_files_give_clear_errors(tmp_path):
 def test_new_head_on_pretrained_body(tmp_path):
     body = variant("encoder-learned")  # an MLM encoder
     body.save(tmp_path / "mlm")
-    clf = lmkit.load(tmp_path / "mlm", head="classification", labels=["neg", "pos"])
+    clf = lmkit.load(tmp_path / "mlm", head="classification", label_names=["neg", "pos"])
     assert clf.new_tensors == ["head.proj.bias", "head.proj.weight"]
     for name, value in body.state_dict().items():
         if not name.startswith("head."):
@@ -132,7 +132,7 @@ def test_new_head_on_pretrained_body(tmp_path):
     assert clf.head.proj.weight.std() > 0  # initialised, not left empty
     out = clf(torch.randint(3, 500, (2, 5)), labels=torch.tensor([0, 1]))
     assert out.logits.shape == (2, 2) and torch.isfinite(out.loss)
-    tagger = lmkit.load(tmp_path / "mlm", head="token-classification", labels=["O", "B", "I"])
+    tagger = lmkit.load(tmp_path / "mlm", head="token-classification", label_names=["O", "B", "I"])
     assert tagger(torch.randint(3, 500, (2, 5))).logits.shape == (2, 5, 3)
 
 
@@ -142,4 +142,4 @@ def test_new_head_still_needs_the_whole_body(tmp_path):
     cfg["encoder_layers"] = 3
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing tensors"):
-        lmkit.load(tmp_path / "m", head="classification", labels=["a", "b"])
+        lmkit.load(tmp_path / "m", head="classification", label_names=["a", "b"])

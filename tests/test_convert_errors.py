@@ -124,7 +124,7 @@ def test_new_head_keeps_bert_pooler(tmp_path):
     torch.manual_seed(0)
     ref = tf.BertModel(tf.BertConfig(**BERT)).eval()
     ref.save_pretrained(tmp_path)
-    model = lmkit.load(tmp_path, head="classification", labels=["a", "b", "c"])
+    model = lmkit.load(tmp_path, head="classification", label_names=["a", "b", "c"])
     assert model.new_tensors == ["head.proj.bias", "head.proj.weight"]
     torch.testing.assert_close(model.head.dense.weight, ref.pooler.dense.weight)
     assert model(torch.randint(4, 99, (2, 5))).logits.shape == (2, 3)
@@ -132,7 +132,7 @@ def test_new_head_keeps_bert_pooler(tmp_path):
 
 def test_new_head_replaces_mlm_head(bert_dir):
     path, ref = bert_dir
-    model = lmkit.load(path, head="token-classification", labels=["O", "B", "I"])
+    model = lmkit.load(path, head="token-classification", label_names=["O", "B", "I"])
     assert model.new_tensors == ["head.proj.bias", "head.proj.weight"]
     ids = torch.randint(4, 99, (2, 5))
     with torch.no_grad():

@@ -147,7 +147,7 @@ def test_gguf_unsupported_architecture(tmp_path):
 
 def test_gguf_new_head(tmp_path):
     write_gguf(tmp_path / "m.gguf", _model(tie_embeddings=False))
-    model = lmkit.load(tmp_path / "m.gguf", head="classification", labels=["a", "b"])
+    model = lmkit.load(tmp_path / "m.gguf", head="classification", label_names=["a", "b"])
     assert model.new_tensors == ["head.proj.bias", "head.proj.weight"]
     assert model(torch.randint(3, 261, (2, 5))).logits.shape == (2, 2)
 
@@ -155,7 +155,7 @@ def test_gguf_new_head(tmp_path):
 def test_gguf_converts_to_a_transformers_folder(tmp_path):
     import transformers as tf
 
-    from lmkit.convert import convert
+    from lmkit.loading import convert
 
     write_gguf(tmp_path / "m.gguf", _model(tie_embeddings=False))
     out = convert(tmp_path / "m.gguf", tmp_path / "hf", to="hf")

@@ -12,7 +12,8 @@ import torch
 import transformers as tf
 
 import lmkit
-from lmkit.convert import convert, save_hf
+from lmkit.convert import save_hf
+from lmkit.loading import convert
 
 V = 99  # vocabulary of the tiny models; ids 0-3 are special in every case below
 ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

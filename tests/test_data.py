@@ -53,7 +53,7 @@ def test_iter_documents(files, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="line 1 of .* has no field 'text'"):
         list(iter_documents(other, text_field="text"))
     # A block without blank lines is cut at a line boundary once it is long.
-    monkeypatch.setattr("lmkit.data.corpus.MAX_DOC_CHARS", 10)
+    monkeypatch.setattr("lmkit.textfiles.MAX_DOC_CHARS", 10)
     long = tmp_path / "long.txt"
     long.write_text("aaaa\nbbbb\ncccc\n")
     assert list(iter_documents(long)) == ["aaaa\nbbbb", "cccc"]

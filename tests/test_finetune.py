@@ -230,10 +230,10 @@ def test_decoder_classification_pools_the_last_token(tmp_path, decoder, pooling)
 
 def test_unknown_pooling_is_an_error(tmp_path, data, encoder):
     from lmkit.model.heads import pool
-    from lmkit.train.options import load_config
+    from lmkit.train.options import read_config
 
     with pytest.raises(ValueError, match="pooling='max' is not supported"):
-        load_config(FinetuneConfig, None, {"pooling": "max", "train": "x"})  # --set pooling=max
+        read_config(FinetuneConfig, None, {"pooling": "max", "train": "x"})  # --set pooling=max
     with pytest.raises(ValueError, match="pooling is a classification option"):
         run(tmp_path, encoder, task="ner", train=str(data / "ner_train.txt"), steps=1,
             pooling="mean")
@@ -334,7 +334,8 @@ def test_finetune_resumes_exactly_after_ctrl_c(tmp_path, data, encoder):
 def test_flops_follow_what_trains():
     """Full training costs 6N per token, a frozen body about 2N, LoRA about 4N."""
     with torch.device("meta"):
-        model = lmkit.Model(lmkit.preset("bert-base", head="classification", labels=["a", "b"]))
+        model = lmkit.Model(lmkit.preset("bert-base", head="classification",
+                                         label_names=["a", "b"]))
     kaplan = model.config.flops_per_token(128)  # 6 x non-embedding parameters + attention
     flops = {}
     for scheme in ("full", "frozen", "lora"):

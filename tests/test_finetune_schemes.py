@@ -18,7 +18,7 @@ from lmkit.model.lora import LoRALinear
 
 
 def classifier():
-    return tiny("tiny-encoder", head="classification", labels=["a", "b", "c"])
+    return tiny("tiny-encoder", head="classification", label_names=["a", "b", "c"])
 
 
 def perturb_adapters(model):

@@ -87,7 +87,7 @@ def test_unknown_dev_label_names_file_line_label_and_known(tmp_path):
                                       "sentence\tlabel\ngood\tpositive\nbad\tnegative\n"))
     dev = write(tmp_path / "dev.tsv", "sentence\tlabel\nok\tpositive\nmeh\tneutral\n")
     with pytest.raises(TaskDataError) as err:
-        read_classification(dev, labels=label_names(train))
+        read_classification(dev, label_names=label_names(train))
     msg = str(err.value)
     assert msg.startswith(f"{dev}:3:")
     assert "'neutral'" in msg and "negative, positive" in msg
@@ -156,7 +156,7 @@ def test_conll_errors_name_file_and_line(tmp_path, text, match):
 def test_conll_dev_tag_unseen_in_training(tmp_path):
     dev = write(tmp_path / "dev.txt", "Paris B-LOC\n\nIBM B-ORG\n")
     with pytest.raises(TaskDataError, match=r"dev\.txt:3: label 'B-ORG' was not seen.*O, B-LOC"):
-        read_token_classification(dev, labels=["O", "B-LOC", "I-LOC"])
+        read_token_classification(dev, label_names=["O", "B-LOC", "I-LOC"])
 
 
 def test_tagging_jsonl_with_string_and_integer_tags(tmp_path):

@@ -10,9 +10,10 @@
 Pretraining is `lmkit.train.pretrain`, fine-tuning `lmkit.finetune.finetune`.
 """
 
-from lmkit.checkpoint import CheckpointError, load, save
+from lmkit.checkpoint import CheckpointError, save
 from lmkit.config import PRESETS, ModelConfig, preset
 from lmkit.generate import Generation, generate
+from lmkit.loading import load
 from lmkit.model import Model, ModelOutput
 
 __all__ = ["PRESETS", "CheckpointError", "Generation", "Model", "ModelConfig", "ModelOutput",
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):  # the fine-tuning stack is imported only when it is used
     if name == "pipeline":
-        from lmkit.finetune.run import pipeline
+        from lmkit.finetune.inference import pipeline
 
         return pipeline
     raise AttributeError(f"module 'lmkit' has no attribute {name!r}")

@@ -1,32 +1,30 @@
 """Checkpoint folders: `config.json` + `model.safetensors` (+ `tokenizer.json`).
 
 Saving is atomic: everything is written under a temporary name and renamed into place, so an
-interrupted save never leaves a half-written checkpoint. Loading builds the model on the meta
-device and adopts the tensors read from disk, so the weights are in memory once, and checks
-every tensor's name, shape and dtype before anything is used.
+interrupted save never leaves a half-written checkpoint. Reading checks the file (and the
+checksum lmkit wrote) and `check_tensors` every tensor's name, shape and dtype before anything
+is used. This module knows files, not models: `lmkit.model.build` turns tensors into a Model
+and `lmkit.loading` tells the checkpoint formats apart.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import os
 import shutil
 import uuid
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from lmkit.config import ModelConfig
-from lmkit.model import Model
+if TYPE_CHECKING:  # hints only: the model layer imports this module to save itself
+    from lmkit.model import Model
 
-log = logging.getLogger("lmkit")
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -145,72 +143,5 @@ def check_tensors(model: Model, tensors: dict[str, torch.Tensor], *,
         raise CheckpointError(
             "the weights do not fit the architecture in config.json:\n  " + "\n  ".join(problems)
             + "\nCheck that config.json belongs to these weights; to put a new task head on a "
-              "pretrained body, load with head=... (and labels=...).")
+              "pretrained body, load with head=... (and label_names=...).")
     return sorted(k for k in expected if k not in tensors)
-
-
-def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[str, ...] = (),
-          dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Model:
-    """A model of `config` holding `tensors` (adopted, not copied); parameters named under
-    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers."""
-    with torch.device("meta"):
-        model = Model(config)
-    fresh = check_tensors(model, tensors, new=new)
-    dtype = dtype or DTYPES[config.dtype]
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
-                          strict=False, assign=True)
-    for prefix in new if fresh else ():  # materialise and initialise the new modules
-        module = model.get_submodule(prefix.rstrip("."))
-        module.to_empty(device=device)
-        model.reset_parameters(module)
-        module.to(dtype)
-    model.tie_weights()
-    if fresh:
-        log.info("initialised new tensors (not in the checkpoint): %s", ", ".join(fresh))
-    model.new_tensors = fresh
-    return model.eval()  # like from_pretrained: no dropout until a trainer says so
-
-
-def load(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
-         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         allow_pickle: bool = False) -> Model:
-    """Load a checkpoint folder as a Model (with its tokenizer attached when it has one).
-
-    Also reads Hugging Face folders (config.json with a "model_type") and GGUF files (a path
-    ending in .gguf), translated by `lmkit.convert`. `allow_pickle` lets a Hugging Face folder
-    that has only pytorch_model.bin be read (with torch.load(weights_only=True)).
-
-    `head` / `labels` put a new task head on the pretrained body: every body tensor must be in
-    the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`."""
-    path = Path(path)
-    if path.suffix.lower() == ".gguf":
-        from lmkit.convert import load_gguf
-
-        return load_gguf(path, head=head, labels=labels, dtype=dtype, device=device)
-    if not path.is_dir():
-        raise CheckpointError(f"no checkpoint folder at {path}: give a folder holding "
-                              f"{CONFIG} and {WEIGHTS}")
-    if not (path / CONFIG).exists():
-        raise CheckpointError(f"{path} has no {CONFIG}: it is not a checkpoint folder")
-    raw = json.loads((path / CONFIG).read_text())
-    if "model_type" in raw:  # a Hugging Face folder: translated at the edge
-        from lmkit.convert import load_hf
-
-        return load_hf(path, head=head, labels=labels, dtype=dtype, device=device,
-                       allow_pickle=allow_pickle)
-    config = ModelConfig.from_dict(raw)
-    new: tuple[str, ...] = ()
-    if head is not None and (head != config.head or (labels and labels != config.labels)):
-        config = config.replace(head=head, labels=list(labels or config.labels))
-        new = ("head.",)
-    tensors, _ = read_tensors(path / WEIGHTS)
-    if new:  # the old head's tensors have no place in the new model
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(new)}
-    if isinstance(dtype, str):
-        dtype = DTYPES[dtype]
-    model = build(config, tensors, new=new, dtype=dtype, device=device)
-    if (path / TOKENIZER).exists():
-        from lmkit.tokenizer import Tokenizer
-
-        model.tokenizer = Tokenizer.from_dir(path)
-    return model

@@ -26,14 +26,15 @@ def _info_args(p: argparse.ArgumentParser) -> None:
 @command("info", "show a preset's or a checkpoint's architecture and size", _info_args)
 def info(args: argparse.Namespace) -> None:
     import lmkit
+    from lmkit.flops import num_parameters
 
     if args.model in lmkit.PRESETS:
         config = lmkit.preset(args.model)
     else:
         config = lmkit.load(args.model).config
     print(json.dumps(config.to_dict(), indent=2))
-    print(f"parameters: {config.num_parameters():,} "
-          f"({config.num_parameters(include_embeddings=False):,} without embeddings)")
+    print(f"parameters: {num_parameters(config):,} "
+          f"({num_parameters(config, include_embeddings=False):,} without embeddings)")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -96,7 +97,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 def finetune(args: argparse.Namespace) -> None:
     from lmkit.finetune.run import FinetuneConfig, resume
     from lmkit.finetune.run import finetune as run
-    from lmkit.train.options import load_config, parse_set
+    from lmkit.train.options import parse_set, read_config
 
     flags = {"task": args.task, "train": args.train, "dev": args.dev, "out": args.out,
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
@@ -111,7 +112,7 @@ def finetune(args: argparse.Namespace) -> None:
     else:
         if not args.checkpoint:
             raise ValueError("give the pretrained CHECKPOINT to fine-tune (or --resume RUN)")
-        cfg = load_config(FinetuneConfig, args.config, overrides)
+        cfg = read_config(FinetuneConfig, args.config, overrides)
         if not cfg.train:
             raise ValueError("give the training data with --train FILE")
         result = run(args.checkpoint, cfg, overwrite=args.overwrite)
@@ -130,7 +131,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "score a fine-tuned model on labelled data with its task's metric",
          _evaluate_args)
 def evaluate(args: argparse.Namespace) -> None:
-    from lmkit.finetune.run import evaluate_run
+    from lmkit.finetune.inference import evaluate_run
 
     print(json.dumps(evaluate_run(args.run, args.data, args.limit), indent=2))
 
@@ -144,7 +145,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 @command("predict", "run a fine-tuned model on texts and print its predictions as JSON",
          _predict_args)
 def predict(args: argparse.Namespace) -> None:
-    from lmkit.finetune.run import predict as run
+    from lmkit.finetune.inference import predict as run
 
     for text, prediction in zip(args.inputs, run(args.run, args.inputs, args.task)):
         print(json.dumps({"input": text, "prediction": prediction}, ensure_ascii=False))
@@ -202,7 +203,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 @command("convert", "convert a checkpoint to a Hugging Face folder or an lmkit folder",
          _convert_args)
 def convert(args: argparse.Namespace) -> None:
-    from lmkit.convert import convert as run
+    from lmkit.loading import convert as run
 
     out = run(args.src, args.dst, to=args.to, model_type=args.model_type,
               allow_pickle=args.allow_pickle)

@@ -31,7 +31,7 @@ class Head:
     loss: "token" (a label per position, cross-entropy over positions) or "sequence" (one
         label per row); None without a head.
     tied_output: its output projection can share the token embeddings (`tie_embeddings`).
-    needs_labels: its outputs are the class / tag names in `config.labels`.
+    needs_label_names: its outputs are the class / tag names in `config.label_names`.
     pooled: it reads one vector per sequence (`config.pooling` says which).
     shifts_labels: on a decoder-only model the labels are the input ids and the model shifts
         them (position t predicts token t + 1).
@@ -41,7 +41,7 @@ class Head:
     module: str | None
     loss: str | None = "token"
     tied_output: bool = False
-    needs_labels: bool = False
+    needs_label_names: bool = False
     pooled: bool = False
     shifts_labels: bool = False
     families: tuple[str, ...] = FAMILIES
@@ -51,10 +51,12 @@ HEADS: dict[str, Head] = {
     "none": Head(None, loss=None),
     "lm": Head("LMHead", tied_output=True, shifts_labels=True),
     "mlm": Head("MLMHead", tied_output=True, families=("encoder", "encoder-decoder")),
-    "classification": Head("ClassificationHead", loss="sequence", needs_labels=True,
+    "classification": Head("ClassificationHead", loss="sequence", needs_label_names=True,
                            pooled=True),
-    "token-classification": Head("TokenClassificationHead", needs_labels=True),
+    "token-classification": Head("TokenClassificationHead", needs_label_names=True),
 }
+
+RENAMED = {"labels": "label_names"}  # config.json keys written by earlier versions -> fields
 
 
 @dataclass
@@ -102,7 +104,7 @@ class ModelConfig:
     dtype: str = "float32"
     # The task head on top of the body.
     head: str = "lm"
-    labels: list[str] = field(default_factory=list)  # class / tag names of task heads
+    label_names: list[str] = field(default_factory=list)  # class / tag names of task heads
     # How classification reduces a sequence to one vector; None = the family's default
     # (DEFAULT_POOLING: the first token of an encoder, the last real token of a decoder).
     pooling: str | None = None
@@ -129,7 +131,7 @@ class ModelConfig:
 
     @property
     def num_labels(self) -> int:
-        return len(self.labels)
+        return len(self.label_names)
 
     @property
     def has_encoder(self) -> bool:
@@ -209,8 +211,8 @@ class ModelConfig:
             raise ValueError(f"the {self.head} head does not fit a {self.family} model (it "
                              f"needs {' or '.join(self.head_spec.families)}); use head='lm' "
                              "for decoders")
-        if self.head_spec.needs_labels and not self.labels:
-            raise ValueError(f"a {self.head} head needs labels (the class names)")
+        if self.head_spec.needs_label_names and not self.label_names:
+            raise ValueError(f"a {self.head} head needs label_names (the class names)")
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -221,6 +223,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -241,24 +244,6 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-    # ---- compute accounting ----------------------------------------------------------------
-    def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Parameter count, computed from the config alone (no weights allocated)."""
-        return self._meta_model().num_parameters(include_embeddings)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token of full training (Kaplan/Chinchilla style: 6 x
-        non-embedding parameters + attention); see `Model.flops_per_token`."""
-        return self._meta_model().flops_per_token(seq_len)
-
-    def _meta_model(self) -> Any:
-        import torch  # local: config stays importable as plain data
-
-        from lmkit.model import Model
-
-        with torch.device("meta"):
-            return Model(self)
 
 
 # Named architectures. tiny-* are for tests (widths 32-64, a few layers).

@@ -33,14 +33,18 @@ class _Decoder:
 
     def __init__(self, model: Model, ids: torch.Tensor, mask: torch.Tensor | None):
         cfg = model.config
-        self.model, self.cache = model, model.new_cache()
+        self.model = model
+        self.cache = model.new_cache()
         if cfg.family == "encoder-decoder":
-            self.context, self.context_mask = model.encode(ids, mask), mask
-            self.mask = None
-            self.prefix = ids.new_full((ids.shape[0], 1), cfg.decoder_start_id)
+            self.context = model.encode(ids, mask)  # (B, S, d), encoded once
+            self.context_mask = mask  # (B, S) or None
+            self.mask = None  # the decoder's own tokens are never padded
+            self.prefix = ids.new_full((ids.shape[0], 1), cfg.decoder_start_id)  # (B, 1)
         else:
-            self.context = self.context_mask = None
-            self.mask, self.prefix = mask, ids
+            self.context = None
+            self.context_mask = None
+            self.mask = mask  # (B, T) left padding of the prompts, or None
+            self.prefix = ids  # (B, T) the prompts
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
@@ -117,48 +121,58 @@ def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
 
 def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penalty: float,
           early_stopping: bool, n_best: int) -> tuple[list[list[int]], list[float]]:
-    """Beam search; finished hypotheses are scored sum(log p) / length ** length_penalty."""
+    """Beam search; finished hypotheses are scored sum(log p) / length ** length_penalty.
+
+    Shapes: B prompts, W = width beams each, V = vocabulary. The decoder holds B * W rows
+    (prompt b's beams are rows b * W .. b * W + W - 1); the per-step bookkeeping runs on the
+    CPU."""
     batch, dev = dec.prefix.shape[0], dec.prefix.device
-    dec.reorder(torch.arange(batch, device=dev).repeat_interleave(width))
-    beam_scores = torch.full((batch, width), float("-inf"), device=dev)
+    dec.reorder(torch.arange(batch, device=dev).repeat_interleave(width))  # B -> B * W rows
+    beam_scores = torch.full((batch, width), float("-inf"), device=dev)  # (B, W) sum of log p
     beam_scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    tokens = torch.zeros(batch * width, 0, dtype=torch.long, device=dev)
+    tokens = torch.zeros(batch * width, 0, dtype=torch.long, device=dev)  # (B * W, step - 1)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     done = [False] * batch
-    logp = dec.logits(dec.prefix)
+    logp = dec.logits(dec.prefix)  # (B * W, V)
     for step in range(1, max_new + 1):
         vocab = logp.shape[-1]
-        cand = (beam_scores.view(-1, 1) + logp).view(batch, width * vocab)
-        top_scores, top_idx = (t.cpu() for t in cand.topk(2 * width, dim=1))
-        next_scores = torch.full((batch, width), float("-inf"))
-        next_tok = torch.zeros(batch, width, dtype=torch.long)
+        # Every beam's every continuation, per prompt: candidate index = beam * V + token.
+        cand = (beam_scores.view(-1, 1) + logp).view(batch, width * vocab)  # (B, W * V)
+        # 2W best: even if W of them end in EOS, W open beams remain.
+        top_scores, top_idx = (t.cpu() for t in cand.topk(2 * width, dim=1))  # (B, 2W) each
+        next_scores = torch.full((batch, width), float("-inf"))  # (B, W)
+        next_tok = torch.zeros(batch, width, dtype=torch.long)  # (B, W)
+        # (B, W) row each new beam continues; a prompt with no open beam keeps its first row
         next_src = torch.arange(batch).repeat_interleave(width).view(batch, width) * width
         for b in range(batch):
             kept = 0
             for rank in range(2 * width):
-                score, idx = top_scores[b, rank].item(), top_idx[b, rank].item()
-                src, tok = divmod(idx, vocab)
+                score = top_scores[b, rank].item()
+                src, tok = divmod(top_idx[b, rank].item(), vocab)  # beam, token
                 if done[b] or score == float("-inf"):
                     break
-                if tok == eos:
+                if tok == eos:  # a finished hypothesis, if it ranks among the W best
                     if rank < width:
                         seq = tokens[b * width + src].tolist()
                         finished[b].append((score / step ** length_penalty, seq))
                     continue
-                next_scores[b, kept], next_tok[b, kept] = score, tok
+                next_scores[b, kept] = score
+                next_tok[b, kept] = tok
                 next_src[b, kept] = b * width + src
                 kept += 1
                 if kept == width:
                     break
             if not done[b] and len(finished[b]) >= width:
+                # Done when no open beam can beat the W-th best finished one any more.
                 best_open = next_scores[b].max().item() / step ** length_penalty
                 worst_done = sorted(s for s, _ in finished[b])[-width]
                 done[b] = early_stopping or worst_done >= best_open
         if all(done):
             break
-        src, next_tok = next_src.view(-1).to(dev), next_tok.view(-1, 1).to(dev)
+        src = next_src.view(-1).to(dev)  # (B * W,)
+        next_tok = next_tok.view(-1, 1).to(dev)  # (B * W, 1)
         dec.reorder(src)
-        tokens = torch.cat([tokens.index_select(0, src), next_tok], dim=1)
+        tokens = torch.cat([tokens.index_select(0, src), next_tok], dim=1)  # (B * W, step)
         beam_scores = next_scores.to(dev)
         if step < max_new:
             logp = dec.logits(next_tok)
@@ -166,8 +180,8 @@ def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penal
         if not done[b]:
             for k in range(width):
                 if beam_scores[b, k] > float("-inf"):
-                    finished[b].append((beam_scores[b, k].item() / tokens.shape[1] **
-                                        length_penalty, tokens[b * width + k].tolist()))
+                    score = beam_scores[b, k].item() / tokens.shape[1] ** length_penalty
+                    finished[b].append((score, tokens[b * width + k].tolist()))
     out_seqs, out_scores = [], []
     for hyps in finished:
         for score, seq in sorted(hyps, key=lambda h: -h[0])[:n_best]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from lmkit.data.corpus import check_files, iter_documents
+from lmkit.textfiles import check_files, iter_documents
 
 PathLike = str | os.PathLike
 KINDS = ("bpe", "wordpiece", "unigram")
@@ -131,7 +131,7 @@ class Tokenizer:
               lowercase: bool = False) -> Tokenizer:
         """Train a tokenizer of ``kind`` for a model ``family`` on text or JSONL files.
 
-        Documents are streamed (see ``lmkit.data.corpus.iter_documents``). ``lowercase``
+        Documents are streamed (see ``lmkit.textfiles.iter_documents``). ``lowercase``
         applies to WordPiece only (BERT "uncased"). ``min_frequency`` is ignored by Unigram.
         """
         if kind not in KINDS:

@@ -15,12 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tokenizers
 import torch
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from lmkit.checkpoint import DTYPES, CheckpointError, build
+from lmkit.checkpoint import DTYPES, CheckpointError
 from lmkit.config import ModelConfig
-from lmkit.convert.hf import Table, check_vocab, expand, new_head_parts, retarget, to_lmkit_names
-from lmkit.model import Model
+from lmkit.convert.hf import check_vocab, new_head_parts, retarget
+from lmkit.convert.tables import Table, expand, to_lmkit_names
+from lmkit.model import Model, build
+from lmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("lmkit")
 ARCHITECTURES = ("llama",)
@@ -114,11 +118,6 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
     """An lmkit Tokenizer from `tokenizer.ggml.*` metadata (byte-level BPE, model 'gpt2'), with
     control tokens as special tokens and bos/eos/pad/unk from their ids; None (with a warning)
     for tokenizer models lmkit cannot rebuild yet."""
-    import tokenizers
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-
-    from lmkit.tokenizer import Tokenizer
-
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         log.warning("GGUF tokenizer model %r is not supported (only byte-level BPE 'gpt2'); "
@@ -161,7 +160,7 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
     return Tokenizer(backend, roles)
 
 
-def _read(path: Path, head: str | None, labels: list[str] | None,
+def _read(path: Path, head: str | None, label_names: list[str] | None,
           dtype: torch.dtype) -> tuple[ModelConfig, ModelConfig, dict[str, torch.Tensor], dict]:
     """Config (the file's and the one asked for), float tensors with lmkit names, metadata.
     The reader (its memory-mapped file and per-field arrays, ~2.5x the file for SmolLM2) lives
@@ -177,7 +176,7 @@ def _read(path: Path, head: str | None, labels: list[str] | None,
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     source = config_from_gguf(meta, shapes, dtype_name)
-    cfg = retarget(source, head, labels)
+    cfg = retarget(source, head, label_names)
     tied = cfg.tied_output
     ignore = () if cfg is source else (r"output\.weight",)
     # Rename first (values are the lazy reader tensors), then dequantize one tensor at a time.
@@ -193,7 +192,8 @@ def _read(path: Path, head: str | None, labels: list[str] | None,
     return source, cfg, tensors, meta
 
 
-def load_gguf(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+def load_gguf(path: str | Path, *, head: str | None = None,
+              label_names: list[str] | None = None,
               dtype: torch.dtype | str | None = None,
               device: str | torch.device = "cpu") -> Model:
     """Load a GGUF file (Llama architecture) as an lmkit Model in eval mode, with the tokenizer
@@ -204,7 +204,7 @@ def load_gguf(path: str | Path, *, head: str | None = None, labels: list[str] | 
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     dtype = dtype or torch.float32
-    source, cfg, tensors, meta = _read(path, head, labels, dtype)
+    source, cfg, tensors, meta = _read(path, head, label_names, dtype)
     gc.collect()  # the reader's objects reference each other; free the mapping now
     new = new_head_parts(cfg, tensors) if cfg is not source else ()
     tensors = {k: v for k, v in tensors.items() if not k.startswith(new or ("\0",))}

@@ -4,14 +4,11 @@ A family module (hf_bert, hf_gpt2, hf_llama, hf_bart, hf_t5) describes each of i
 `model_type`s with a `Spec`: config translation both ways, a table of tensor names, and the few
 tensor transforms the format needs. This module does the rest once: read a folder (single or
 sharded safetensors, or a pickle only when allowed), apply a table in either direction, build
-the model through `lmkit.checkpoint.build` (meta device + adopt, so weights are in memory once),
-and write a folder that `transformers` loads.
+the model through `lmkit.model.build` (meta device + adopt, so weights are in memory once),
+and write a folder that `transformers` loads. Applying a table is `lmkit.convert.tables`.
 
-Tables map lmkit names to HF names. An entry names either a whole tensor or a module (then its
-`.weight` / `.bias` follow). HF names are written without the base-model prefix ("bert.",
-"model.", "transformer."); it is stripped on reading and added on writing for head models. An
-entry may give several HF names for one tensor: the first is written, any is read (tied copies
-such as `encoder.embed_tokens` beside `shared`).
+HF names in the tables are written without the base-model prefix ("bert.", "model.",
+"transformer."); it is stripped on reading and added on writing for head models.
 """
 
 from __future__ import annotations
@@ -29,14 +26,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, atomic_folder, build, read_tensors
+from lmkit.checkpoint import CONFIG, DTYPES, CheckpointError, atomic_folder, read_tensors
 from lmkit.config import HEADS, ModelConfig
-from lmkit.model import Model
+from lmkit.convert.tables import Table, Tensors, expand, to_hf_names, to_lmkit_names
+from lmkit.model import Model, build
+from lmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("lmkit")
-
-Table = list[tuple[str, str | tuple[str, ...]]]
-Tensors = dict[str, torch.Tensor]
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -85,12 +81,12 @@ def activation_from_hf(name: str) -> str:
 
 
 def common_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """Config keys every HF model has: special ids, labels, dtype."""
+    """Config keys every HF model has: special ids, label names, dtype."""
     out: dict[str, Any] = {"pad_token_id": cfg.pad_id, "bos_token_id": cfg.bos_id,
                            "eos_token_id": cfg.eos_id, "dtype": cfg.dtype}
-    if cfg.labels:
-        out["id2label"] = {str(i): name for i, name in enumerate(cfg.labels)}
-        out["label2id"] = {name: i for i, name in enumerate(cfg.labels)}
+    if cfg.label_names:
+        out["id2label"] = {str(i): name for i, name in enumerate(cfg.label_names)}
+        out["label2id"] = {name: i for i, name in enumerate(cfg.label_names)}
     return out
 
 
@@ -111,72 +107,11 @@ def first_id(value: Any) -> int | None:
     return value
 
 
-def _labels(hf: dict[str, Any]) -> list[str]:
+def _label_names(hf: dict[str, Any]) -> list[str]:
     id2label = hf.get("id2label")
     if id2label:
         return [id2label[k] for k in sorted(id2label, key=int)]
     return [f"LABEL_{i}" for i in range(hf.get("num_labels", 2))]
-
-
-# ---- tables ------------------------------------------------------------------------------------
-def expand(table: Table, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
-    """Table templates with `{i}` written out for every layer of their stack."""
-    out: dict[str, tuple[str, ...]] = {}
-    for lm, hf in table:
-        alts = (hf,) if isinstance(hf, str) else tuple(hf)
-        if "{i}" not in lm:
-            out[lm] = alts
-            continue
-        n = cfg.encoder_layers if lm.startswith("encoder.") else cfg.decoder_layers
-        for i in range(n):
-            out[lm.format(i=i)] = tuple(a.format(i=i) for a in alts)
-    return out
-
-
-def _lookup(name: str, mapping: dict[str, Any]) -> tuple[Any, str] | None:
-    """The entry for a tensor name, whole or by its module (returning the leaf to append)."""
-    if name in mapping:
-        return mapping[name], ""
-    module, _, leaf = name.rpartition(".")
-    if module in mapping:
-        return mapping[module], "." + leaf
-    return None
-
-
-def to_lmkit_names(tensors: Tensors, table: dict[str, tuple[str, ...]], ignore: tuple[str, ...],
-                   tied: bool) -> Tensors:
-    """Rename HF tensors to lmkit names. Tied copies and ignored tensors are dropped; tensors
-    the table does not know keep their HF name, so `check_tensors` reports them."""
-    reverse = {alt: (lm, rank) for lm, alts in table.items() for rank, alt in enumerate(alts)}
-    out: Tensors = {}
-    rank_of: dict[str, int] = {}
-    unknown: Tensors = {}
-    for name in list(tensors):
-        hit = _lookup(name, reverse)
-        if hit is None:
-            if not any(re.fullmatch(p, name) for p in ignore):
-                unknown[name] = tensors[name]
-            continue
-        (lm, rank), leaf = hit
-        target = lm + leaf
-        if tied and target == "head.proj.weight":
-            continue  # a stored copy of the tied embedding
-        if target not in out or rank < rank_of[target]:  # prefer the first alternative
-            out[target], rank_of[target] = tensors[name], rank
-    return {**out, **unknown}
-
-
-def to_hf_names(tensors: Tensors, table: dict[str, tuple[str, ...]]) -> Tensors:
-    """Rename lmkit tensors to HF names (the first alternative of each entry)."""
-    out: Tensors = {}
-    for name, t in tensors.items():
-        hit = _lookup(name, table)
-        if hit is None:
-            raise CheckpointError(f"lmkit tensor {name} has no Hugging Face name in this "
-                                  "family's table: the config cannot be exported to it")
-        alts, leaf = hit
-        out[alts[0] + leaf] = t
-    return out
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -243,7 +178,7 @@ def _head_of(spec: Spec, hf: dict[str, Any], names: set[str], cfg: ModelConfig) 
     # No architectures field: the first head whose tensors are all in the file (a tied LM
     # head needs none), else the bare body.
     for head in spec.architectures:
-        if head == "none" or HEADS[head].needs_labels:  # their labels say nothing here
+        if head == "none" or HEADS[head].needs_label_names:  # their labels say nothing here
             continue
         headed = cfg.replace(head=head)
         entries = expand(spec.table(headed), headed)
@@ -269,8 +204,8 @@ def config_from_hf(raw: dict[str, Any], names: set[str] | None = None) -> ModelC
         fields = spec.config_from_hf(raw, names)
         cfg = ModelConfig(**fields, head="none")
         head = _head_of(spec, raw, names, cfg)
-        labels = _labels(raw) if HEADS[head].needs_labels else []
-        return cfg.replace(head=head, labels=labels)
+        names = _label_names(raw) if HEADS[head].needs_label_names else []
+        return cfg.replace(head=head, label_names=names)
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
@@ -278,11 +213,13 @@ def config_from_hf(raw: dict[str, Any], names: set[str] | None = None) -> ModelC
                               ) from e
 
 
-def retarget(cfg: ModelConfig, head: str | None, labels: list[str] | None) -> ModelConfig:
+def retarget(cfg: ModelConfig, head: str | None,
+             label_names: list[str] | None) -> ModelConfig:
     """The config with a different task head, or the same config when none is asked for."""
-    if head is None or (head == cfg.head and (not labels or labels == cfg.labels)):
+    if head is None or (head == cfg.head and (not label_names or
+                                              label_names == cfg.label_names)):
         return cfg
-    return cfg.replace(head=head, labels=list(labels or cfg.labels))
+    return cfg.replace(head=head, label_names=list(label_names or cfg.label_names))
 
 
 def new_head_parts(cfg: ModelConfig, tensors: Tensors) -> tuple[str, ...]:
@@ -304,19 +241,20 @@ def new_head_parts(cfg: ModelConfig, tensors: Tensors) -> tuple[str, ...]:
     return tuple(parts)
 
 
-def load_hf(path: str | Path, *, head: str | None = None, labels: list[str] | None = None,
+def load_hf(path: str | Path, *, head: str | None = None,
+            label_names: list[str] | None = None,
             dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
             allow_pickle: bool = False) -> Model:
     """Load a Hugging Face checkpoint folder (config.json + weights, and its tokenizer when it
     has one) as an lmkit Model in eval mode, as `from_pretrained` returns it.
 
-    `head` / `labels` put a new task head on the body (see `lmkit.load`)."""
+    `head` / `label_names` put a new task head on the body (see `lmkit.load`)."""
     path = Path(path)
     raw = json.loads((path / CONFIG).read_text())
     spec = _spec_for(raw.get("model_type"))
     tensors = _strip_prefix(read_weights(path, allow_pickle), spec.prefix)
     source = config_from_hf(raw, set(tensors))
-    cfg = retarget(source, head, labels)
+    cfg = retarget(source, head, label_names)
     if spec.from_hf is not None:
         tensors = spec.from_hf(tensors, cfg)
     table = expand(spec.table(cfg), cfg)
@@ -349,8 +287,6 @@ def attach_tokenizer(path: Path, cfg: ModelConfig) -> Any:
     """The folder's tokenizer (tokenizer.json or vocab/merges files), or None if it has none.
     A tokenizer with more ids than the embedding has rows is an error: those ids would crash
     the model (or silently read another token's row)."""
-    from lmkit.tokenizer import Tokenizer
-
     try:
         tok = Tokenizer.from_dir(path)
     except FileNotFoundError:
@@ -494,19 +430,3 @@ def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
         if tokenizer is not None:
             tokenizer.save(staging)
     return path
-
-
-def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str | None = None,
-            allow_pickle: bool = False) -> Path:
-    """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
-    (`to="hf"`) or an lmkit folder (`to="lmkit"`) at `dst`. Returns `dst`."""
-    from lmkit.checkpoint import load
-
-    if to not in ("hf", "lmkit"):
-        raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder) or 'lmkit'")
-    model = load(src, allow_pickle=allow_pickle)
-    if to == "hf":
-        return save_hf(model, dst, model_type=model_type)
-    from lmkit.checkpoint import save
-
-    return save(model, dst)

@@ -15,11 +15,11 @@ from lmkit.config import ModelConfig
 from lmkit.convert.hf import (
     ACTIVATIONS_TO_HF,
     Spec,
-    Table,
     activation_from_hf,
     common_from_hf,
     common_to_hf,
 )
+from lmkit.convert.tables import Table
 
 _BERT_BODY: Table = [
     ("tokens", "embeddings.word_embeddings"),

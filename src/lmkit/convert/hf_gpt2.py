@@ -12,12 +12,11 @@ from lmkit.config import ModelConfig
 from lmkit.convert.hf import (
     ACTIVATIONS_TO_HF,
     Spec,
-    Table,
-    Tensors,
     activation_from_hf,
     common_from_hf,
     common_to_hf,
 )
+from lmkit.convert.tables import Table, Tensors
 
 _CONV1D = ("attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 

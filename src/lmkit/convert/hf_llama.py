@@ -9,11 +9,11 @@ from lmkit.config import ModelConfig
 from lmkit.convert.hf import (
     ACTIVATIONS_TO_HF,
     Spec,
-    Table,
     activation_from_hf,
     common_from_hf,
     common_to_hf,
 )
+from lmkit.convert.tables import Table
 
 
 def _table(cfg: ModelConfig) -> Table:

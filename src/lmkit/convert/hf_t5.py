@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmkit.config import ModelConfig
-from lmkit.convert.hf import Spec, Table, activation_from_hf, common_from_hf, common_to_hf
+from lmkit.convert.hf import Spec, activation_from_hf, common_from_hf, common_to_hf
+from lmkit.convert.tables import Table
 
 _FF_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new", "silu": "silu"}
 

@@ -1,16 +1,8 @@
 """Transfer learning: fine-tuning schemes (full, frozen body, top-k, LoRA), the fine-tuning
 runner, and pipelines over fine-tuned folders."""
 
-from lmkit.finetune.run import (
-                                FinetuneConfig,
-                                FinetuneResult,
-                                Pipeline,
-                                evaluate_run,
-                                finetune,
-                                pipeline,
-                                predict,
-                                resume,
-)
+from lmkit.finetune.inference import Pipeline, evaluate_run, pipeline, predict
+from lmkit.finetune.run import FinetuneConfig, FinetuneResult, finetune, resume
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from lmkit.train.optim import lr_scales

@@ -5,8 +5,9 @@
 loads the pretrained body with a new task head (saying which tensors are new), applies the
 scheme (full, frozen body, top-k, LoRA), trains with the same loop as pretraining on
 length-grouped, dynamically padded batches, scores the dev set with the task's metric, and
-writes a checkpoint folder with `task.json`, `eval.json`, `compute.json` and a model card.
-`evaluate_run`, `predict` and `pipeline` use such a folder. The CLI calls these functions.
+writes a checkpoint folder with `task.json`, `eval.json`, `compute.json` and a model card
+(`card.py`). `evaluate_run`, `predict` and `pipeline` (`inference.py`) use such a folder. The
+CLI calls these functions.
 """
 
 from __future__ import annotations
@@ -25,20 +26,22 @@ from typing import Any, ClassVar
 import torch
 import yaml
 
-from lmkit.checkpoint import load
 from lmkit.config import DEFAULT_POOLING, HEADS, POOLINGS
+from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
+from lmkit.finetune.card import model_card
+from lmkit.finetune.inference import TASK_FILE
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
+from lmkit.loading import load
 from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
-from lmkit.tasks.batching import collate, length_grouped_batches
 from lmkit.train.distributed import launch_ranks
 from lmkit.train.loop import TrainConfig, train
-from lmkit.train.options import load_config
+from lmkit.train.options import read_config
 from lmkit.train.state import list_checkpoints
 
 log = logging.getLogger("lmkit")
-TASK_FILE, EVAL_FILE, CONFIG_FILE = "task.json", "eval.json", "finetune_config.yaml"
+EVAL_FILE, CONFIG_FILE = "eval.json", "finetune_config.yaml"
 # Task options a fine-tuning run may set (None: the task's default, in its Options class);
 # they are stored in task.json so evaluate/predict reuse them.
 OPTION_FIELDS = ("text_column", "pair_column", "label_column", "source_field", "target_field",
@@ -114,46 +117,6 @@ class FinetuneConfig(TrainConfig):
                 if k in names and getattr(self, k) is not None}
 
 
-class TaskBatches:
-    """Endless, resumable length-grouped batches of features, padded per batch (never to a
-    fixed maximum), reshuffled every epoch; under torchrun each process takes every
-    world_size-th batch."""
-
-    def __init__(self, features: list[dict], pad_id: int, batch_size: int | None,
-                 max_tokens: int | None = None, seed: int = 0):
-        if not features:
-            raise ValueError("no training examples")
-        self.features, self.pad_id, self.seed = features, pad_id, seed
-        self.batch_size, self.max_tokens = (None, max_tokens) if max_tokens else (batch_size,
-                                                                                  None)
-        self.rank, self.world, _ = launch_ranks()
-        self.epoch = self.index = 0
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        lengths = [len(f["input_ids"]) for f in self.features]
-        batches = length_grouped_batches(lengths, self.batch_size, max_tokens=self.max_tokens,
-                                         seed=self.seed + epoch)
-        return batches[self.rank:len(batches) - len(batches) % self.world:self.world]
-
-    def __len__(self) -> int:
-        return len(self.epoch_batches(0))
-
-    def __iter__(self):
-        while True:
-            batches = self.epoch_batches(self.epoch)
-            while self.index < len(batches):
-                idx = batches[self.index]
-                self.index += 1
-                yield collate([self.features[i] for i in idx], self.pad_id)
-            self.epoch, self.index = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
 @dataclass
 class FinetuneResult:
     out_dir: Path
@@ -177,10 +140,11 @@ def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, l
     train_examples = task.read(cfg.train, limit=cfg.train_limit)
     if not train_examples:
         raise ValueError(f"{cfg.train} has no examples")
-    labels = task.label_names(train_examples) if task.labelled else None
-    dev_examples = task.read(cfg.dev, labels=labels, limit=cfg.dev_limit) if cfg.dev else []
+    label_names = task.label_names(train_examples) if task.labelled else None
+    dev_examples = task.read(cfg.dev, label_names=label_names, limit=cfg.dev_limit) \
+        if cfg.dev else []
     if task.labelled or task.head != base.config.head:
-        model = load(checkpoint, head=task.head, labels=labels)
+        model = load(checkpoint, head=task.head, label_names=label_names)
     else:
         model = base
     if model.config.head_spec.pooled:  # a new head pools as the family does unless told
@@ -216,8 +180,9 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
              ", ".join(model.new_tensors) or "none", f"{counts['trainable']:,}",
              f"{counts['total']:,}", cfg.scheme)
     features = [task.features(e) for e in train_examples]
+    rank, world, _ = launch_ranks()
     pad = model.config.fill_id()
-    batches = TaskBatches(features, pad, cfg.batch_size, cfg.max_tokens, cfg.seed)
+    batches = TaskBatches(features, pad, cfg.batch_size, cfg.max_tokens, cfg.seed, rank, world)
     steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(batches)
                                                              / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.06 * steps)
@@ -265,7 +230,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Fine
                                 "written by `lmkit finetune`")
     saved = yaml.safe_load(file.read_text())
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: not given
-    cfg = load_config(FinetuneConfig, None, {**saved["config"], **changes, "out": str(run_dir)})
+    cfg = read_config(FinetuneConfig, None, {**saved["config"], **changes, "out": str(run_dir)})
     return finetune(saved["checkpoint"], cfg, resume=True)
 
 
@@ -306,78 +271,5 @@ def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, tas
     (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
     (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "curve": curve},
                                             indent=2) + "\n")
-    scores = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
-    card = f"""---
-library: lmkit
-task: {task.name}
-base_model: {checkpoint if not cfg.from_scratch else "none (trained from scratch)"}
----
-# {out.name}
-
-Fine-tuned by lmkit for **{task.name}** from `{checkpoint}` ({cfg.scheme} scheme,
-{counts['trainable']:,} of {counts['total']:,} parameters trained).
-
-- training data: `{cfg.train}` ({n_train:,} examples)
-- dev data: `{cfg.dev}`: {scores or "not scored"}
-- compute: {compute.get('flops', 0):.3g} training FLOPs, {compute.get('tokens', 0):,} tokens,
-  {wall:.0f} s wall time on {compute.get('device', '?')} ({compute.get('precision', '?')})
-
-Load it with `lmkit.load("{out}")` or `lmkit.pipeline("{task.name}", "{out}")`.
-"""
+    card = model_card(out, checkpoint, cfg, task.name, metrics, counts, n_train, compute, wall)
     (out / "README.md").write_text(card)
-
-
-def _run_task(run_dir: str | Path, task_name: str | None = None,
-              **options: Any) -> tuple[Model, Task]:
-    run_dir = Path(run_dir)
-    model = load(run_dir)
-    info = json.loads((run_dir / TASK_FILE).read_text()) if (run_dir / TASK_FILE).exists() \
-        else {}
-    name = task_name or info.get("task") or _task_for(model)
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    stored = {k: v for k, v in info.get("options", {}).items()
-              if k in TASKS[name].option_names()}  # for another task, or from older runs
-    task = TASKS[name](model.tokenizer, model.config, **{**stored, **options})
-    if task.head != model.config.head:
-        raise ValueError(f"{run_dir} has a {model.config.head!r} head but the {name} task "
-                         f"needs {task.head!r}: fine-tune it for {name} first")
-    return model.eval(), task
-
-
-def _task_for(model: Model) -> str:
-    head, family = model.config.head, model.config.family
-    return {"classification": "classification", "token-classification": "ner",
-            "mlm": "fill-mask"}.get(head, "translation" if family == "encoder-decoder"
-                                    else "generation")
-
-
-def evaluate_run(run_dir: str | Path, data: str | Path, limit: int | None = None,
-                 batch_size: int = 32) -> dict[str, float]:
-    """Score a fine-tuned folder on a labelled file with its task's metric."""
-    model, task = _run_task(run_dir)
-    examples = task.read(data, labels=model.config.labels or None, limit=limit)
-    return task.evaluate(model, examples, batch_size)
-
-
-class Pipeline:
-    """`pipeline(text)` or `pipeline([texts])`: the task's predictions (with scores)."""
-
-    def __init__(self, model: Model, task: Task):
-        self.model, self.task = model, task
-
-    def __call__(self, inputs: Any, batch_size: int = 32) -> Any:
-        single = isinstance(inputs, (str, tuple))
-        out = self.task.predict(self.model, [inputs] if single else list(inputs), batch_size)
-        return out[0] if single else out
-
-
-def pipeline(task: str | None, path: str | Path, **options: Any) -> Pipeline:
-    """A ready-to-call predictor: `lmkit.pipeline("ner", "runs/ner")("Ada lives in Paris")`.
-    `task` may be None to use the folder's own (task.json, or inferred from its head)."""
-    return Pipeline(*_run_task(path, task, **options))
-
-
-def predict(run_dir: str | Path, inputs: list[Any], task: str | None = None,
-            **options: Any) -> list:
-    return pipeline(task, run_dir, **options)(inputs)

@@ -172,6 +172,7 @@ class Attention(nn.Module):
         self.dropout = cfg.attention_dropout
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """(B, T, heads * head_dim) -> (B, heads, T, head_dim)."""
         b, t, _ = x.shape
         return x.view(b, t, heads, self.head_dim).transpose(1, 2)
 
@@ -180,22 +181,29 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 slot: KVSlot | None = None) -> torch.Tensor:
         """x: (B, T, hidden). context: the encoder output for cross-attention, else None.
-        mask: bool (True = attend) or float (added to scores)."""
-        q = self._split(self.q(x), self.num_heads)
+        mask: bool (True = attend) or float (added to scores).
+
+        Shapes: H = num_heads, K = kv_heads (H for MHA, fewer for GQA, 1 for MQA), D =
+        head_dim, S = key positions (T for self-attention without a cache, past + T with one,
+        the source length for cross-attention)."""
+        q = self._split(self.q(x), self.num_heads)  # (B, H, T, D)
         if context is not None and slot is not None and slot.k is not None:
             k, v = slot.k, slot.v  # cross-attention keys/values: computed once per source
         else:
-            source = x if context is None else context
-            k, v = self._split(self.k(source), self.kv_heads), self._split(self.v(source),
-                                                                           self.kv_heads)
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            if slot is not None:
+            source = x if context is None else context  # (B, S, hidden)
+            k = self._split(self.k(source), self.kv_heads)  # (B, K, S, D)
+            v = self._split(self.v(source), self.kv_heads)  # (B, K, S, D)
+            if rope is not None:  # cos, sin: (B or 1, 1, T, rotated dims)
+                q = apply_rotary(q, *rope)
+                k = apply_rotary(k, *rope)
+            if slot is not None:  # prepend the cached keys/values: S = past + T
                 k, v = slot.extend(k, v)
         if mask is not None and mask.is_floating_point():
-            mask = mask.to(q.dtype)
+            mask = mask.to(q.dtype)  # a position bias: (B or 1, H, T, S)
+        # SDPA repeats each of the K key/value heads for H / K query heads (enable_gqa).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.kv_heads != self.num_heads)
-        return self.o(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+            enable_gqa=self.kv_heads != self.num_heads)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, H * D)
+        return self.o(y)  # (B, T, hidden)

@@ -11,6 +11,7 @@ What differs between BERT, GPT-2, Llama, BART, T5 or Marian is only the ModelCon
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmkit.checkpoint import DTYPES, check_tensors, save
 from lmkit.config import IGNORE_INDEX, ModelConfig
 from lmkit.model import heads
 from lmkit.model.attention import (
@@ -33,6 +35,8 @@ from lmkit.model.attention import (
 )
 from lmkit.model.layers import MLP, make_norm, sinusoidal
 from lmkit.model.lora import LoRAConfig, apply_lora
+
+log = logging.getLogger("lmkit")
 
 
 class Block(nn.Module):
@@ -87,14 +91,17 @@ class Stack(nn.Module):
                 context_segments: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         """x: token embeddings (B, T, d) of the new positions. segments: (B, past + T) for all
-        keys, 0 = padding (None = no padding, no packing)."""
-        cfg, (b, t, _) = self.cfg, x.shape
-        past = len(cache) if cache is not None else 0
+        keys, 0 = padding (None = no padding, no packing). context: the encoder output
+        (B, S, d) for cross-attention, context_segments its (B, S) segments."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        past = len(cache) if cache is not None else 0  # positions already in the KV cache
+        # Positions restart in every packed sequence and after left padding.
         if segments is None:
-            k_pos = torch.arange(past + t, device=x.device)[None]
+            k_pos = torch.arange(past + t, device=x.device)[None]  # (1, past + T)
         else:
-            k_pos = positions_from(segments)
-        q_pos = k_pos[:, past:]
+            k_pos = positions_from(segments)  # (B, past + T)
+        q_pos = k_pos[:, past:]  # (B or 1, T): the new positions only
         if past + t > cfg.max_positions and cfg.position in ("learned", "sinusoidal"):
             raise ValueError(f"sequence of {past + t} tokens is longer than max_positions="
                              f"{cfg.max_positions}: truncate the input or use a longer model")
@@ -103,23 +110,27 @@ class Stack(nn.Module):
         elif cfg.position == "sinusoidal":
             x = x + sinusoidal(q_pos, cfg.hidden_size).to(x.dtype)
         if self.types is not None:
-            x = x + self.types(token_types if token_types is not None else
-                               torch.zeros_like(q_pos).expand(b, t))
+            if token_types is None:
+                token_types = torch.zeros_like(q_pos).expand(b, t)
+            x = x + self.types(token_types)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
-        x = self.drop(x)
+        x = self.drop(x)  # (B, T, d)
 
-        q_seg = segments[:, past:] if segments is not None else None
+        q_seg = segments[:, past:] if segments is not None else None  # (B, T)
+        # mask: (B or 1, 1, T, past + T) bool, or None when SDPA's causal flag says it
         mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device)
-        if self.relative_bias is not None:
-            mask = add_bias(mask, self.relative_bias(q_pos, k_pos), t, past + t, is_causal)
+        if self.relative_bias is not None:  # T5: a float mask (B or 1, H, T, past + T)
+            bias = self.relative_bias(q_pos, k_pos)
+            mask = add_bias(mask, bias, t, past + t, is_causal)
             is_causal = False
         rope = rotary(q_pos, cfg) if cfg.position == "rotary" else None
-        context_mask = None
+        context_mask = None  # (B, 1, T, S): which source tokens each target token may see
         if context is not None and (q_seg is not None or context_segments is not None):
-            context_mask, _ = build_mask(q_seg if q_seg is not None else
-                                         torch.ones(b, t, dtype=torch.long, device=x.device),
-                                         context_segments, t, context.shape[1], False, x.device)
+            if q_seg is None:
+                q_seg = torch.ones(b, t, dtype=torch.long, device=x.device)
+            context_mask, _ = build_mask(q_seg, context_segments, t, context.shape[1], False,
+                                         x.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, is_causal, rope, context, context_mask, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x
@@ -377,13 +388,26 @@ class Model(nn.Module):
     # ---- conveniences ------------------------------------------------------------------------
     def save(self, path: Any, tokenizer: Any = None) -> None:
         """Write a checkpoint folder: config.json + model.safetensors (+ tokenizer.json)."""
-        from lmkit.checkpoint import save
-
         save(self, path, tokenizer=tokenizer)
 
-    @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """See `lmkit.generate.generate`."""
-        from lmkit.generate import generate
 
-        return generate(self, *args, **kwargs)
+def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[str, ...] = (),
+          dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Model:
+    """A model of `config` holding `tensors` (adopted, not copied); parameters named under
+    `new` are initialised fresh. Shared by checkpoint folders and foreign-format importers."""
+    with torch.device("meta"):
+        model = Model(config)
+    fresh = check_tensors(model, tensors, new=new)
+    dtype = dtype or DTYPES[config.dtype]
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()},
+                          strict=False, assign=True)
+    for prefix in new if fresh else ():  # materialise and initialise the new modules
+        module = model.get_submodule(prefix.rstrip("."))
+        module.to_empty(device=device)
+        model.reset_parameters(module)
+        module.to(dtype)
+    model.tie_weights()
+    if fresh:
+        log.info("initialised new tensors (not in the checkpoint): %s", ", ".join(fresh))
+    model.new_tensors = fresh
+    return model.eval()  # like from_pretrained: no dropout until a trainer says so

@@ -1,35 +1,37 @@
 """Fine-tuning tasks: a task is a head + a data format + a metric.
 
 - data formats (``formats``): readers for classification (TSV/CSV/JSONL), token
-  classification (CoNLL/JSONL), seq2seq (TSV/JSONL) and prompt/completion (JSONL) files,
-  and the NER word <-> subword <-> character-span alignment;
-- batching (``batching``): length-grouped variable-length batches and padding;
-- metrics (``metrics``): accuracy, macro-F1, entity F1 (seqeval), BLEU / chrF (sacrebleu),
+  classification (CoNLL/JSONL), seq2seq (TSV/JSONL) and prompt/completion (JSONL) files;
+- NER alignment (``alignment``): word <-> subword <-> character-span;
+- batching: length-grouped variable-length batches and padding (``lmkit.data.batches``);
+- scores (``scores``): accuracy, macro-F1, entity F1 (seqeval), BLEU / chrF (sacrebleu),
   ROUGE (rouge-score), all on a 0-100 scale;
 - the tasks themselves (``TASKS``): each turns examples into features, evaluates with its
   metric and predicts from raw inputs (``task.Task`` is the interface).
 """
 
-from lmkit.tasks.batching import collate, length_grouped_batches, padding_fraction
+from lmkit.data.batches import collate, length_grouped_batches, padding_fraction
+from lmkit.tasks.alignment import (
+    Span,
+    align_labels,
+    align_predictions,
+    encode_words,
+    split_words,
+    tags_to_spans,
+)
 from lmkit.tasks.formats import (
     ClassificationExample,
     GenerationExample,
     Seq2SeqExample,
-    Span,
     TaskDataError,
     TokenClassificationExample,
-    align_labels,
-    align_predictions,
-    encode_words,
     label_names,
     read_classification,
     read_generation,
     read_seq2seq,
     read_token_classification,
-    split_words,
-    tags_to_spans,
 )
-from lmkit.tasks.metrics import accuracy, bleu, chrf, entity_scores, macro_f1, rouge
+from lmkit.tasks.scores import accuracy, bleu, chrf, entity_scores, macro_f1, rouge
 
 __all__ = [
     "ClassificationExample",

@@ -9,7 +9,7 @@ from typing import Any
 
 from lmkit.model import Model
 from lmkit.tasks.formats import ClassificationExample, label_names, read_classification
-from lmkit.tasks.metrics import accuracy, macro_f1
+from lmkit.tasks.scores import accuracy, macro_f1
 from lmkit.tasks.task import Features, Task, TaskOptions, forward_batches
 
 
@@ -25,11 +25,12 @@ class ClassificationTask(Task):
     families = ("encoder", "decoder", "encoder-decoder")
     Options = ClassificationOptions
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[ClassificationExample]:
         o = self.options
         return read_classification(path, text_column=o.text_column, pair_column=o.pair_column,
-                                   label_column=o.label_column, labels=labels, limit=limit)
+                                   label_column=o.label_column, label_names=label_names,
+                                   limit=limit)
 
     def label_names(self, examples: list) -> list[str]:
         return label_names(examples)
@@ -42,7 +43,7 @@ class ClassificationTask(Task):
         return out
 
     def features(self, example: ClassificationExample) -> Features:
-        label = self.config.labels.index(example.label)
+        label = self.config.label_names.index(example.label)
         return {**self.encode(example.text, example.text_pair), "labels": label}
 
     def _probs(self, model: Model, feats: list[Features], batch_size: int) -> list:
@@ -53,15 +54,15 @@ class ClassificationTask(Task):
 
     def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
         probs = self._probs(model, [self.features(e) for e in examples], batch_size)
-        preds = [model.config.labels[int(p.argmax())] for p in probs]
+        preds = [model.config.label_names[int(p.argmax())] for p in probs]
         golds = [e.label for e in examples]
-        return {**accuracy(preds, golds), **macro_f1(preds, golds, model.config.labels)}
+        return {**accuracy(preds, golds), **macro_f1(preds, golds, model.config.label_names)}
 
     def predict(self, model: Model, inputs: Sequence[Any], batch_size: int = 32) -> list[dict]:
         """Each input is a text or a (text, text_pair) tuple. Returns the best label, its
         probability and the probability of every label."""
         feats = [self.encode(*x) if isinstance(x, tuple) else self.encode(x) for x in inputs]
-        names = model.config.labels
+        names = model.config.label_names
         results = []
         for p in self._probs(model, feats, batch_size):
             best = int(p.argmax())

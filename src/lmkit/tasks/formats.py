@@ -1,4 +1,4 @@
-"""Task data formats: files -> lists of examples, and NER tags <-> subwords <-> spans.
+"""Task data formats: files -> lists of examples.
 
 Readers (all stream their file line by line, stop after ``limit`` examples, and raise
 :class:`TaskDataError` naming the file and line of any bad input):
@@ -11,13 +11,11 @@ Readers (all stream their file line by line, stop after ``limit`` examples, and 
 - :func:`read_generation`: JSONL prompt / completion pairs.
 
 Labels are strings (JSON integers become their decimal strings); :func:`label_names` gives
-the sorted label list whose positions are the label ids. Passing that list as ``labels``
+the sorted label list whose positions are the label ids. Passing that list as
+``label_names``
 when reading evaluation data makes a label never seen in training an error.
 
-For NER on subword models, :func:`encode_words` encodes pre-split words,
-:func:`align_labels` puts each word's label on its first subword, :func:`align_predictions`
-reads word tags back from subword predictions and :func:`tags_to_spans` turns word tags
-into entity spans with character offsets.
+NER tags are aligned with subwords and character spans in :mod:`lmkit.tasks.alignment`.
 """
 
 from __future__ import annotations
@@ -27,16 +25,10 @@ import dataclasses
 import json
 import os
 import re
-from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from lmkit.config import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from lmkit.tokenizer import Encoding, Tokenizer
+from typing import Any
 
 PathLike = str | os.PathLike
 TAG = re.compile(r"O|[BI]-\S+")
@@ -247,7 +239,7 @@ def _limited(items: Iterator, limit: int | None) -> list:
 def read_classification(path: PathLike, *, text_column: str | int | None = None,
                         pair_column: str | int | None = None,
                         label_column: str | int | None = None, format: str | None = None,
-                        header: bool = True, labels: Sequence[str] | None = None,
+                        header: bool = True, label_names: Sequence[str] | None = None,
                         limit: int | None = None) -> list[ClassificationExample]:
     """Read a sentence(-pair) classification file.
 
@@ -255,8 +247,8 @@ def read_classification(path: PathLike, *, text_column: str | int | None = None,
     a TSV / CSV names the columns (``header=False``: columns are numbers). Unnamed columns
     are found among the usual names: sentence1+sentence2, premise+hypothesis,
     question1+question2, question+sentence, text(+text_pair), sentence, text; and label,
-    gold_label, labels. ``labels`` (from :func:`label_names` on the training data) makes an
-    unseen label an error.
+    gold_label, labels. ``label_names`` (from :func:`label_names` on the training data) makes
+    an unseen label an error.
     """
     path = Path(path)
     rows = _table(path, _format(path, format), header)
@@ -277,7 +269,7 @@ def read_classification(path: PathLike, *, text_column: str | int | None = None,
             label = _label(_field(row, label_column, path, number), path, number)
             yield ClassificationExample(
                 text=_text(row, text_column, path, number),
-                label=_check_label(label, labels, path, number),
+                label=_check_label(label, label_names, path, number),
                 text_pair=None if pair_column is None else _text(row, pair_column, path,
                                                                  number))
 
@@ -312,7 +304,7 @@ def label_names(examples: Iterable[ClassificationExample | TokenClassificationEx
 def read_token_classification(path: PathLike, *, format: str | None = None,
                               tokens_field: str | None = None, tags_field: str | None = None,
                               tag_names: Sequence[str] | None = None,
-                              labels: Sequence[str] | None = None,
+                              label_names: Sequence[str] | None = None,
                               limit: int | None = None) -> list[TokenClassificationExample]:
     """Read NER / tagging data: CoNLL (default) or JSONL (``.jsonl``, ``format="jsonl"``).
 
@@ -321,7 +313,8 @@ def read_token_classification(path: PathLike, *, format: str | None = None,
     ends a sentence; ``-DOCSTART-`` lines are skipped. JSONL: a list of tokens
     (``tokens``/``words``) and a list of tags (``tags``/``ner_tags``/``labels``) per line;
     integer tags (as in Hugging Face datasets) need ``tag_names``. Every tag must be
-    ``O``, ``B-TYPE`` or ``I-TYPE``. ``labels`` makes a tag unseen in training an error.
+    ``O``, ``B-TYPE`` or ``I-TYPE``. ``label_names`` makes a tag unseen in training an
+    error.
     """
     path = Path(path)
     if format is None:
@@ -339,7 +332,7 @@ def read_token_classification(path: PathLike, *, format: str | None = None,
                 if not TAG.fullmatch(tag):
                     raise TaskDataError(path, number, f"tag {tag!r} is not O, B-TYPE or "
                                         "I-TYPE (BIO tagging)")
-                _check_label(tag, labels, path, number)
+                _check_label(tag, label_names, path, number)
             yield TokenClassificationExample(tokens, tags)
 
     return _limited(examples(), limit)
@@ -461,115 +454,3 @@ def read_generation(path: PathLike, *, prompt_field: str = "prompt",
             yield GenerationExample(prompt, completion)
 
     return _limited(examples(), limit)
-
-
-# ---- NER: words <-> subwords <-> character spans ---------------------------------------------
-
-
-@dataclass
-class Span:
-    """An entity: its type, character offsets ``[start, end)`` and text."""
-
-    type: str
-    start: int
-    end: int
-    text: str
-
-
-def encode_words(tokenizer: Tokenizer, words: Sequence[str],
-                 add_special_tokens: bool = True) -> Encoding:
-    """Encode pre-split words (a CoNLL sentence) so that ``word_ids`` number THESE words.
-
-    The words are joined with single spaces and encoded; each subword is assigned to the
-    word its character offsets fall in (a zero-width or whitespace token, such as a lone
-    ``Ġ`` or ``▁``, to the word that follows). The tokenizer's own word splitting (which
-    may cut "U.S." into four words) is ignored, so labels stay one per given word.
-    """
-    starts, ends, at = [], [], 0
-    for w in words:
-        starts.append(at)
-        ends.append(at + len(w))
-        at += len(w) + 1
-    enc = tokenizer.encode_with_offsets(" ".join(words), add_special_tokens=add_special_tokens)
-    word_ids: list[int | None] = []
-    for (start, _), special in zip(enc.offsets, enc.special_tokens_mask):
-        w = bisect_right(ends, start)  # the first word ending after the token starts
-        word_ids.append(None if special or w >= len(words) else w)
-    return dataclasses.replace(enc, word_ids=word_ids)
-
-
-def split_words(tokenizer: Tokenizer, text: str) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of the words of raw ``text`` as the tokenizer's
-    pre-tokenizer splits it (whitespace trimmed, empty words dropped). For NER on raw text:
-    ``words = [text[s:e] for s, e in spans]``, then :func:`encode_words`."""
-    enc = tokenizer.encode_with_offsets(text, add_special_tokens=False)
-    spans: dict[int, tuple[int, int]] = {}
-    for w, (s, e) in zip(enc.word_ids, enc.offsets):
-        if w is not None:
-            lo, hi = spans.get(w, (s, e))
-            spans[w] = (min(lo, s), max(hi, e))
-    out = []
-    for s, e in (spans[w] for w in sorted(spans)):
-        word = text[s:e]
-        s += len(word) - len(word.lstrip())
-        e -= len(word) - len(word.rstrip())
-        if e > s:
-            out.append((s, e))
-    return out
-
-
-def align_labels(word_tags: Sequence[str], word_ids: Sequence[int | None],
-                 label_to_id: Mapping[str, int]) -> list[int]:
-    """Per-subword label ids: a word's label on its first subword; -100 (ignored by the
-    loss) on its other subwords and on special tokens."""
-    out, labelled = [], set()
-    for w in word_ids:
-        if w is None or w in labelled:
-            out.append(IGNORE_INDEX)
-        else:
-            labelled.add(w)
-            if w >= len(word_tags):
-                raise ValueError(f"word id {w} but only {len(word_tags)} tags: pass the "
-                                 "word_ids of an encoding of these words (encode_words)")
-            tag = word_tags[w]
-            if tag not in label_to_id:
-                raise ValueError(f"tag {tag!r} is not in the label set "
-                                 f"({', '.join(label_to_id)})")
-            out.append(label_to_id[tag])
-    return out
-
-
-def align_predictions(pred_ids: Sequence[int], word_ids: Sequence[int | None],
-                      id_to_label: Sequence[str], num_words: int | None = None) -> list[str]:
-    """Word tags from per-subword predicted ids: each word takes its first subword's
-    prediction (the position trained by :func:`align_labels`). Words with no subword
-    (cut off by truncation) get ``O``; ``num_words`` defaults to the last word id + 1."""
-    if len(pred_ids) < len(word_ids):
-        raise ValueError(f"{len(pred_ids)} predictions for {len(word_ids)} subwords")
-    if num_words is None:
-        num_words = max((w for w in word_ids if w is not None), default=-1) + 1
-    tags: list[str | None] = [None] * num_words
-    for w, p in zip(word_ids, pred_ids):
-        if w is not None and w < num_words and tags[w] is None:
-            tags[w] = id_to_label[int(p)]
-    return [t if t is not None else "O" for t in tags]
-
-
-def tags_to_spans(words: Sequence[str], tags: Sequence[str],
-                  word_char_offsets: Sequence[tuple[int, int]],
-                  text: str | None = None) -> list[Span]:
-    """Entities of BIO-tagged words, with character offsets: an entity runs from its first
-    word's start to its last word's end. Entities are decoded as :func:`~lmkit.tasks.
-    metrics.entity_scores` decodes them (seqeval, conlleval rules). The span text is
-    ``text[start:end]`` when the raw ``text`` is given, else its words joined by spaces."""
-    if not len(words) == len(tags) == len(word_char_offsets):
-        raise ValueError(f"{len(words)} words, {len(tags)} tags and "
-                         f"{len(word_char_offsets)} offsets: pass one of each per word")
-    from seqeval.metrics.sequence_labeling import get_entities  # lazy: imports scikit-learn
-
-    spans = []
-    for kind, first, last in get_entities(list(tags)):
-        start, end = word_char_offsets[first][0], word_char_offsets[last][1]
-        surface = text[start:end] if text is not None else " ".join(words[first:last + 1])
-        spans.append(Span(kind, start, end, surface))
-    return spans

@@ -9,17 +9,15 @@ from pathlib import Path
 import torch
 
 from lmkit.model import Model
-from lmkit.tasks.formats import (
-    TokenClassificationExample,
+from lmkit.tasks.alignment import (
     align_labels,
     align_predictions,
     encode_words,
-    label_names,
-    read_token_classification,
     split_words,
     tags_to_spans,
 )
-from lmkit.tasks.metrics import entity_scores
+from lmkit.tasks.formats import TokenClassificationExample, label_names, read_token_classification
+from lmkit.tasks.scores import entity_scores
 from lmkit.tasks.task import Features, Task, forward_batches
 
 
@@ -27,9 +25,9 @@ class NERTask(Task):
     name, head = "ner", "token-classification"
     families = ("encoder", "decoder", "encoder-decoder")
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[TokenClassificationExample]:
-        return read_token_classification(path, labels=labels, limit=limit)
+        return read_token_classification(path, label_names=label_names, limit=limit)
 
     def label_names(self, examples: list) -> list[str]:
         return label_names(examples)
@@ -43,7 +41,7 @@ class NERTask(Task):
 
     def features(self, example: TokenClassificationExample) -> Features:
         feats, word_ids = self._encode(example.tokens)
-        l2i = {name: i for i, name in enumerate(self.config.labels)}
+        l2i = {name: i for i, name in enumerate(self.config.label_names)}
         return {**feats, "labels": align_labels(example.tags, word_ids, l2i)}
 
     def _tag(self, model: Model, sentences: list[Sequence[str]], batch_size: int
@@ -54,7 +52,7 @@ class NERTask(Task):
         for i, logits in forward_batches(model, [f for f, _ in encoded], batch_size):
             probs, ids = logits.softmax(-1).max(-1)
             word_ids = encoded[i][1]
-            tags = align_predictions(ids.tolist(), word_ids, model.config.labels,
+            tags = align_predictions(ids.tolist(), word_ids, model.config.label_names,
                                      num_words=len(sentences[i]))
             first = {}
             for pos, w in enumerate(word_ids):

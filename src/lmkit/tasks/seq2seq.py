@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmkit.config import IGNORE_INDEX
+from lmkit.data.batches import collate
 from lmkit.generate import generate
 from lmkit.model import Model
 from lmkit.tasks.formats import GenerationExample, Seq2SeqExample, read_generation, read_seq2seq
-from lmkit.tasks.metrics import bleu, chrf, rouge
+from lmkit.tasks.scores import bleu, chrf, rouge
 from lmkit.tasks.task import Features, Task, TaskOptions
+from lmkit.train.loop import evaluate
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Seq2SeqTask(Task):
     families = ("encoder-decoder", "decoder")
     Options = Seq2SeqOptions
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[Seq2SeqExample]:
         return read_seq2seq(path, source_field=self.options.source_field,
                             target_field=self.options.target_field, limit=limit)
@@ -122,7 +124,7 @@ class GenerationTask(Seq2SeqTask):
     families = ("decoder",)
     Options = GenerationOptions
 
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[GenerationExample]:
         return read_generation(path, limit=limit)
 
@@ -136,9 +138,6 @@ class GenerationTask(Seq2SeqTask):
         return self.pair(example.prompt, example.completion)
 
     def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
-        from lmkit.tasks.batching import collate
-        from lmkit.train.loop import evaluate
-
         feats = [self.features(e) for e in examples]
         pad = model.config.fill_id(self.eos)
         batches = [collate(feats[i:i + batch_size], pad)

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import torch
 
 from lmkit.config import HEADS
+from lmkit.data.batches import collate, length_grouped_batches
 from lmkit.model import Model, eval_mode
-from lmkit.tasks.batching import collate, length_grouped_batches
 
 Features = dict[str, Any]
 
@@ -42,7 +42,7 @@ class Task:
     @property
     def labelled(self) -> bool:
         """The head has a fixed label set, read from the training data."""
-        return HEADS[self.head].needs_labels
+        return HEADS[self.head].needs_label_names
 
     @classmethod
     def option_names(cls) -> list[str]:
@@ -71,7 +71,7 @@ class Task:
                               config.max_positions)
 
     # ---- to be implemented --------------------------------------------------------------
-    def read(self, path: str | Path, labels: Sequence[str] | None = None,
+    def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list:
         raise NotImplementedError
 

@@ -1,7 +1,7 @@
 """Training: the loop, optimizer and schedule, checkpoints and exact resume, metrics and
 compute accounting, data-parallel runs under torchrun, and the pretraining entry point."""
 
-from lmkit.train.batches import BatchStream, fixed_batches
+from lmkit.data.batches import BatchStream, fixed_batches
 from lmkit.train.distributed import DistEnv, cleanup, init_distributed
 from lmkit.train.loop import (
                               TrainConfig,

@@ -1,4 +1,5 @@
-"""Run records: metrics.jsonl + TensorBoard, the loss-curve PNG, compute accounting."""
+"""Run records: metrics.jsonl + TensorBoard, the loss-curve PNG, compute accounting (task
+scores such as accuracy or BLEU are `lmkit.tasks.scores`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Run configurations from YAML files and command-line overrides, for any config dataclass.
 
-    cfg = load_config(PretrainConfig, "cfg.yaml", {"steps": 2000, "model.hidden_size": "128"})
+    cfg = read_config(PretrainConfig, "cfg.yaml", {"steps": 2000, "model.hidden_size": "128"})
 
 Defaults, then the YAML file (flat keys; a field typed `dict` such as `model:` holds a
 mapping), then the overrides (dotted keys reach into a nested mapping). Every value is
@@ -25,7 +25,7 @@ C = TypeVar("C")
 
 def parse_set(items: list[str] | None) -> dict[str, str]:
     """`["lr=1e-3", "model.hidden_size=128"]` -> `{"lr": "1e-3", "model.hidden_size": "128"}`
-    (values are converted to the field's type by `load_config`)."""
+    (values are converted to the field's type by `read_config`)."""
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
@@ -100,7 +100,7 @@ def _expand(value: str) -> str:
     return os.path.expanduser(os.path.expandvars(value))
 
 
-def load_config(cls: type[C], path: str | Path | None = None,
+def read_config(cls: type[C], path: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> C:
     """An instance of the dataclass `cls` from its defaults, a YAML file and overrides (an
     override of None is ignored: an argparse option that was not given). Validated when the
@@ -140,5 +140,5 @@ def load_config(cls: type[C], path: str | Path | None = None,
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a config dataclass as YAML (what `load_config` reads back)."""
+    """Write a config dataclass as YAML (what `read_config` reads back)."""
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -29,13 +29,14 @@ from typing import Any, ClassVar, TypeVar
 import torch.distributed as dist
 
 from lmkit.config import PRESETS, ModelConfig
-from lmkit.data.corpus import TokenCache, check_files, tokenize_corpus
+from lmkit.data.batches import BatchStream, fixed_batches
+from lmkit.data.corpus import TokenCache, tokenize_corpus
 from lmkit.data.packing import PackedDataset
 from lmkit.model import Model
 from lmkit.objectives import CausalLM, MaskedLM, Objective, SpanCorruption, TextInfilling
+from lmkit.textfiles import check_files
 from lmkit.tokenizer import Tokenizer
 from lmkit.train import options
-from lmkit.train.batches import BatchStream, fixed_batches
 from lmkit.train.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
 from lmkit.train.loop import TrainConfig, train
 from lmkit.train.state import list_checkpoints, seed_everything
@@ -131,7 +132,7 @@ def load_config(path: str | Path | None = None,
     """A PretrainConfig from its defaults, a YAML file (flat keys plus a `model:` mapping of
     ModelConfig fields) and overrides (dotted keys: "model.hidden_size"); `$VARS` and ~ in
     paths are expanded ("$LMKIT_DATA/tinyshakespeare/input.txt")."""
-    return options.load_config(PretrainConfig, path, overrides)
+    return options.read_config(PretrainConfig, path, overrides)
 
 
 # ---- the steps --------------------------------------------------------------------------------

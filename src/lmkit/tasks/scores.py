@@ -1,4 +1,6 @@
-"""Task metrics as pure functions: predictions and references in, a plain dict out.
+"""Task scores (the metrics a task is judged by) as pure functions: predictions and
+references in, a plain dict out. Not to be confused with `lmkit.train.metrics`, the run
+records (loss curves, compute) of training.
 
 Every score is a percentage on a 0-100 scale (accuracy, F1, precision, recall, BLEU, chrF,
 ROUGE), the scale papers and leaderboards report. Corpus metrics come from the reference
@@ -12,6 +14,7 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import sacrebleu
 
@@ -35,22 +38,22 @@ def accuracy(preds: Sequence[Hashable], golds: Sequence[Hashable]) -> dict[str, 
 
 
 def macro_f1(preds: Sequence[Hashable], golds: Sequence[Hashable],
-             labels: Sequence[Hashable] | None = None) -> dict[str, float]:
+             label_names: Sequence[Hashable] | None = None) -> dict[str, float]:
     """``{"macro_f1": unweighted mean over labels of each label's F1}`` (percent).
 
-    ``labels`` defaults to every label seen in ``preds`` or ``golds``. A label with no true
-    positive scores F1 = 0, including one listed in ``labels`` that occurs nowhere (the
+    ``label_names`` defaults to every label seen in ``preds`` or ``golds``. A label with no
+    true positive scores F1 = 0, including one listed in ``label_names`` that occurs nowhere (the
     convention of scikit-learn's ``f1_score(average="macro")``).
     """
     _check_pairs(preds, golds, "gold labels")
-    if labels is None:
-        labels = sorted(set(preds) | set(golds), key=str)
-    if not labels:
+    if label_names is None:
+        label_names = sorted(set(preds) | set(golds), key=str)
+    if not label_names:
         raise ValueError("macro_f1 needs at least one label")
     tp = Counter(p for p, g in zip(preds, golds) if p == g)
     predicted, gold = Counter(preds), Counter(golds)
     # F1 = 2TP / (2TP + FP + FN) = 2TP / (#predicted + #gold): no 0/0 when TP > 0.
-    f1s = [2 * tp[x] / (predicted[x] + gold[x]) if tp[x] else 0.0 for x in labels]
+    f1s = [2 * tp[x] / (predicted[x] + gold[x]) if tp[x] else 0.0 for x in label_names]
     return {"macro_f1": 100.0 * sum(f1s) / len(f1s)}
 
 
@@ -110,24 +113,23 @@ def bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]],
     hypothesis (the same number for each). ``tokenize`` is sacrebleu's tokenizer: "13a"
     (default, WMT), "intl", "zh", "ja-mecab", "char", "flores200", "none".
     """
-    if not hyps:
-        raise ValueError("no hypotheses to score: pass at least one")
-    streams = _reference_streams(refs, len(hyps))
-    metric = sacrebleu.metrics.BLEU(tokenize=tokenize)
-    score = metric.corpus_score(list(hyps), streams)
-    return {"bleu": float(score.score), "signature": str(metric.get_signature())}
+    return _corpus_score("bleu", sacrebleu.metrics.BLEU(tokenize=tokenize), hyps, refs)
 
 
 def chrf(hyps: Sequence[str], refs: Sequence[str | Sequence[str]],
          word_order: int = 0) -> dict[str, float | str]:
     """Corpus chrF (0-100): ``{"chrf": score, "signature": ...}``; ``word_order=2`` is
     chrF++. ``refs`` as in :func:`bleu`."""
+    return _corpus_score("chrf", sacrebleu.metrics.CHRF(word_order=word_order), hyps, refs)
+
+
+def _corpus_score(name: str, metric: Any, hyps: Sequence[str],
+                  refs: Sequence[str | Sequence[str]]) -> dict[str, float | str]:
+    """A sacrebleu corpus metric and its signature (what to quote beside the number)."""
     if not hyps:
         raise ValueError("no hypotheses to score: pass at least one")
-    streams = _reference_streams(refs, len(hyps))
-    metric = sacrebleu.metrics.CHRF(word_order=word_order)
-    score = metric.corpus_score(list(hyps), streams)
-    return {"chrf": float(score.score), "signature": str(metric.get_signature())}
+    score = metric.corpus_score(list(hyps), _reference_streams(refs, len(hyps)))
+    return {name: float(score.score), "signature": str(metric.get_signature())}
 
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")

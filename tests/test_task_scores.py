@@ -1,4 +1,4 @@
-"""Task metrics: hand-computed values, and the reference libraries where they exist."""
+"""Task scores: hand-computed values, and the reference libraries where they exist."""
 
 import math
 

@@ -1,0 +1,80 @@
+"""`lmkit.load`: a Model from any checkpoint format, and `convert` between formats.
+
+The one place that tells the formats apart: an lmkit folder (config.json without a
+"model_type", read here with `lmkit.checkpoint`), a Hugging Face folder (`lmkit.convert.hf`)
+or a GGUF file (`lmkit.convert.gguf`). It sits above both `checkpoint` and `convert`, so
+neither imports the other; a new source (a registry name, say) is one more branch in `load`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lmkit.checkpoint import CONFIG, DTYPES, TOKENIZER, WEIGHTS, CheckpointError, read_tensors, save
+from lmkit.config import ModelConfig
+from lmkit.convert.gguf import load_gguf
+from lmkit.convert.hf import load_hf, retarget, save_hf
+from lmkit.model import Model, build
+from lmkit.tokenizer import Tokenizer
+
+
+def load(path: str | Path, *, head: str | None = None, label_names: list[str] | None = None,
+         dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         allow_pickle: bool = False) -> Model:
+    """Load a checkpoint folder as a Model (with its tokenizer attached when it has one).
+
+    Also reads Hugging Face folders (config.json with a "model_type") and GGUF files (a path
+    ending in .gguf), translated by `lmkit.convert`. `allow_pickle` lets a Hugging Face folder
+    that has only pytorch_model.bin be read (with torch.load(weights_only=True)).
+
+    `head` / `label_names` put a new task head on the pretrained body: every body tensor must be in
+    the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return load_gguf(path, head=head, label_names=label_names, dtype=dtype,
+                         device=device)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {path}: give a folder holding "
+                              f"{CONFIG} and {WEIGHTS}")
+    if not (path / CONFIG).exists():
+        raise CheckpointError(f"{path} has no {CONFIG}: it is not a checkpoint folder")
+    raw = json.loads((path / CONFIG).read_text())
+    if "model_type" in raw:  # a Hugging Face folder: translated at the edge
+        return load_hf(path, head=head, label_names=label_names, dtype=dtype, device=device,
+                       allow_pickle=allow_pickle)
+    return load_lmkit(path, head=head, label_names=label_names, dtype=dtype, device=device)
+
+
+def load_lmkit(path: str | Path, *, head: str | None = None,
+               label_names: list[str] | None = None,
+               dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu") -> Model:
+    """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`)."""
+    path = Path(path)
+    source = ModelConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    config = retarget(source, head, label_names)
+    new = ("head.",) if config is not source else ()
+    tensors, _ = read_tensors(path / WEIGHTS)
+    if new:  # the old head's tensors have no place in the new model
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(new)}
+    if isinstance(dtype, str):
+        dtype = DTYPES[dtype]
+    model = build(config, tensors, new=new, dtype=dtype, device=device)
+    if (path / TOKENIZER).exists():
+        model.tokenizer = Tokenizer.from_dir(path)
+    return model
+
+
+def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str | None = None,
+            allow_pickle: bool = False) -> Path:
+    """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
+    (`to="hf"`) or an lmkit folder (`to="lmkit"`) at `dst`. Returns `dst`."""
+    if to not in ("hf", "lmkit"):
+        raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder) or 'lmkit'")
+    model = load(src, allow_pickle=allow_pickle)
+    if to == "hf":
+        return save_hf(model, dst, model_type=model_type)
+    return save(model, dst)
