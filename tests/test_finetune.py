@@ -20,9 +20,9 @@ from lmkit.finetune import (
     finetune,
     pipeline,
 )
+from lmkit.flops import flops_per_token
 from lmkit.tasks import TaskDataError, bleu, read_classification, read_seq2seq
 from lmkit.tokenizer import Tokenizer
-from lmkit.flops import flops_per_token
 from lmkit.train import latest_checkpoint
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
