@@ -3,14 +3,27 @@ through the same functions the CLI calls."""
 
 import json
 import random
+import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
 import lmkit
-from lmkit.finetune import FinetuneConfig, evaluate_run, finetune, pipeline
+from lmkit.finetune import (
+    FinetuneConfig,
+    LoRAConfig,
+    apply_scheme,
+    evaluate_run,
+    finetune,
+    pipeline,
+)
+from lmkit.flops import flops_per_token
 from lmkit.tasks import DataError, bleu, read_classification, read_seq2seq
 from lmkit.tokenizer import Tokenizer
+from lmkit.train import latest_checkpoint
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
 CITIES = ["paris", "rome", "oslo", "lima", "cairo", "tokyo"]
@@ -188,3 +201,153 @@ def test_bad_input_names_file_and_line(tmp_path, data, encoder, decoder):
         run(tmp_path, encoder, task="translation", train=str(data / "mt_train.tsv"), steps=1)
     with pytest.raises(ValueError, match="unknown task 'sentiment'"):
         run(tmp_path, encoder, task="sentiment", train=str(data / "cls_train.tsv"), steps=1)
+
+
+def last_word_rows(path, n, seed):
+    """Sentiment given by the last word only: the first tokens say nothing about the label."""
+    rng = random.Random(seed)
+    rows = ["sentence\tlabel"]
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        rows.append(f"{sentence(rng, 5)} {rng.choice(GOOD if label == 'pos' else BAD)}\t{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("pooling", [None, "first"])
+def test_decoder_classification_pools_the_last_token(tmp_path, decoder, pooling):
+    """A decoder's first token has seen only itself: by default a decoder classifier pools
+    its last real token, and learns a label that only the last word gives away."""
+    train, dev = last_word_rows(tmp_path / "t.tsv", 300, 1), last_word_rows(tmp_path / "d.tsv",
+                                                                            60, 2)
+    res = run(tmp_path, decoder, task="classification", train=train, dev=dev, epochs=4,
+              lr=3e-3, batch_size=16, pooling=pooling)
+    assert lmkit.load(res.out_dir).config.pooling == (pooling or "last")
+    if pooling is None:
+        assert res.metrics["accuracy"] > 90, res.metrics
+    else:  # the bug this guards against: token 0 cannot know the label
+        assert res.metrics["accuracy"] < 75, res.metrics
+
+
+def test_unknown_pooling_is_an_error(tmp_path, data, encoder):
+    from lmkit.model.heads import pool
+    from lmkit.train.options import read_config
+
+    with pytest.raises(ValueError, match="pooling='max' is not supported"):
+        read_config(FinetuneConfig, None, {"pooling": "max", "train": "x"})  # --set pooling=max
+    with pytest.raises(ValueError, match="pooling is a classification option"):
+        run(tmp_path, encoder, task="ner", train=str(data / "ner_train.txt"), steps=1,
+            pooling="mean")
+    with pytest.raises(ValueError, match="pooling='max' is not supported"):
+        pool(torch.zeros(1, 3, 4), "max", None, torch.zeros(1, 3, dtype=torch.long), None)
+    # Padded with the EOS id (a decoder without a pad token): pool the real EOS, not padding.
+    hidden = torch.arange(4.0)[None, :, None]  # each position's vector is its index
+    ids, segments = torch.tensor([[7, 2, 2, 2]]), torch.tensor([[1, 1, 0, 0]])
+    assert pool(hidden, "eos", segments, ids, 2).item() == 1
+    assert pool(hidden, "last", segments, ids, 2).item() == 1
+
+
+def test_task_options_are_typed_and_checked(tmp_path, data, encoder):
+    with pytest.raises(ValueError, match="num_beams: not an option of the classification task"):
+        run(tmp_path, encoder, task="classification", train=str(data / "cls_train.tsv"),
+            steps=1, num_beams=2)
+    res = run(tmp_path, encoder, task="classification", train=str(data / "cls_train.tsv"),
+              steps=1, text_column="sentence")
+    assert json.loads((res.out_dir / "task.json").read_text())["options"] == {
+        "text_column": "sentence"}  # only what was set: the defaults live in the task
+    with pytest.raises(ValueError, match="top_k: not an option of the classification task"):
+        pipeline("classification", res.out_dir, top_k=3)
+
+
+def test_loaded_models_are_in_eval_mode_and_prediction_restores_the_mode(tmp_path, encoder):
+    from lmkit.model import eval_mode
+
+    model = lmkit.load(encoder)
+    assert not model.training  # like from_pretrained: no dropout until training starts
+    model.train()
+    with eval_mode(model):
+        assert not model.training
+    assert model.training
+    fill = lmkit.pipeline("fill-mask", encoder)
+    fill.model.train()
+    assert len(fill("the [MASK] was good")) == 5
+    assert fill.model.training  # predict left the caller's mode as it was
+
+
+def test_finetune_resumes_exactly_after_ctrl_c(tmp_path, data, encoder):
+    """Stop a fine-tuning process with SIGINT, continue it with `lmkit finetune --resume`:
+    the final weights are those of a run that was never stopped, bit for bit."""
+    args = ["--task", "classification", "--train", data / "cls_train.tsv", "--steps", "16",
+            "--lr", "2e-3", "--batch-size", "8", "--precision", "fp32", "--set", "progress=false",
+            "--set",
+            "tensorboard=false", "--set", "plot=false", "--set", "save_every=2", "--set",
+            "log_every=1"]
+
+    def cli(*more, ok=True):
+        proc = subprocess.run([sys.executable, "-m", "lmkit.cli", "finetune", *map(str, more)],
+                              capture_output=True, text=True, timeout=300)
+        assert (proc.returncode == 0) == ok, proc.stderr[-3000:]
+        return proc
+
+    cli(encoder, *args, "--out", tmp_path / "straight")
+    script = tmp_path / "stop.py"  # the CLI, with a hook that says when step 3 is done
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        import lmkit.finetune.run as run
+        train = run.train
+        def slow_train(*args, on_step, **kwargs):
+            def hook(step, record):
+                on_step(step, record)
+                if step == 3:
+                    print("READY", flush=True)
+                if step >= 3:
+                    time.sleep(0.2)  # the signal arrives long before the last step
+            return train(*args, on_step=hook, **kwargs)
+        run.train = slow_train
+        from lmkit.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """))
+    proc = subprocess.Popen([sys.executable, str(script), "finetune", str(encoder),
+                             *map(str, args), "--out", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "READY"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and f"lmkit finetune --resume {tmp_path / 'run'}" in err
+    stopped = int(latest_checkpoint(tmp_path / "run").name.split("-")[1])
+    assert 3 < stopped < 16
+
+    again = cli(encoder, *args, "--out", tmp_path / "run", ok=False)  # a run is there
+    assert "lmkit finetune --resume" in again.stderr and "--overwrite" in again.stderr
+    cli("--resume", tmp_path / "run")
+    a, b = lmkit.load(tmp_path / "straight"), lmkit.load(tmp_path / "run")
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    compute = json.loads((tmp_path / "run" / "compute.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "compute.json").read_text())
+    assert compute["tokens"] == straight["tokens"] and compute["sessions"] == 2
+    assert [(s["start_step"], s["end_step"]) for s in compute["segments"]] == [
+        (0, stopped), (stopped, 16)]
+    assert all(s["precision"] == "fp32" and s["device"] for s in compute["segments"])
+    cli(encoder, *args, "--out", tmp_path / "run", "--overwrite")  # replaced by a new run
+    assert json.loads((tmp_path / "run" / "compute.json").read_text())["sessions"] == 1
+
+
+def test_flops_follow_what_trains():
+    """Full training costs 6N per token, a frozen body about 2N, LoRA about 4N."""
+    with torch.device("meta"):
+        model = lmkit.Model(lmkit.preset("bert-base", head="classification",
+                                         label_names=["a", "b"]))
+    kaplan = flops_per_token(model.config, 128)  # 6 x non-embedding parameters + attention
+    flops = {}
+    for scheme in ("full", "frozen", "lora"):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if scheme == "lora":
+            apply_scheme(model, "lora", lora=LoRAConfig(rank=8))
+        else:
+            apply_scheme(model, scheme)
+        flops[scheme] = model.flops_per_token(128)
+    assert flops["full"] == kaplan
+    assert flops["full"] / flops["frozen"] == pytest.approx(3, rel=0.02)
+    assert flops["full"] / flops["lora"] == pytest.approx(1.5, rel=0.02)

@@ -157,7 +157,8 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
+    p.add_argument("checkpoint", nargs="?",
+                   help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
     p.add_argument("--task", type=_value(str, _FINETUNE, "task"),
                    help="classification | ner | translation | summarization | generation")
     p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
@@ -174,13 +175,17 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
     _device_args(p, device=None, weights=False)
     p.add_argument("--config", help="YAML file of FinetuneConfig fields")
+    p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run in this folder "
+                   "(with its saved checkpoint and config; flags and --set change fields)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out and start again")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable)")
 
 
 @command("finetune", "fine-tune a pretrained checkpoint on a labelled task", _finetune_args)
 def finetune(args: argparse.Namespace) -> None:
-    from lmkit.finetune.run import FinetuneConfig
+    from lmkit.finetune.run import FinetuneConfig, resume
     from lmkit.finetune.run import finetune as run
     from lmkit.train.options import parse_set, read_config
 
@@ -188,10 +193,20 @@ def finetune(args: argparse.Namespace) -> None:
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
              "batch_size": args.batch_size, "precision": args.precision,
              "device": args.device}
-    cfg = read_config(FinetuneConfig, args.config, {**flags, **parse_set(args.set)})
-    if not cfg.train:
-        raise ValueError("give the training data with --train FILE")
-    result = run(args.checkpoint, cfg)
+    overrides = {**flags, **parse_set(args.set)}
+    if args.resume:
+        if args.checkpoint or args.config or args.overwrite:
+            raise ValueError("--resume continues the run with its own checkpoint and config: "
+                             "drop CHECKPOINT, --config and --overwrite (change single fields "
+                             "with flags or --set)")
+        result = resume(args.resume, overrides)
+    else:
+        if not args.checkpoint:
+            raise ValueError("give the pretrained CHECKPOINT to fine-tune (or --resume RUN)")
+        cfg = read_config(FinetuneConfig, args.config, overrides)
+        if not cfg.train:
+            raise ValueError("give the training data with --train FILE")
+        result = run(args.checkpoint, cfg, overwrite=args.overwrite)
     print(json.dumps({"out": str(result.out_dir), "dev": result.metrics,
                       "trainable_parameters": result.trainable, "steps": result.steps,
                       "wall_time_s": round(result.wall_time_s, 1),

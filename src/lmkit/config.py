@@ -22,9 +22,45 @@ FAMILIES = ("encoder", "decoder", "encoder-decoder")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
-HEADS = ("none", "lm", "mlm", "classification", "token-classification")
 POOLINGS = ("first", "last", "mean", "eos")
+DEFAULT_POOLING = {"encoder": "first", "decoder": "last", "encoder-decoder": "last"}
 DTYPES = ("float32", "bfloat16", "float16")
+IGNORE_INDEX = -100  # the label id the loss skips (padding, prompts, unpicked tokens)
+
+
+@dataclass(frozen=True)
+class Head:
+    """What the code needs to know about a task head: one row of `HEADS` per head.
+
+    module: the class in lmkit.model.heads (None: no head, the model returns hidden states).
+    loss: "token" (a label per position, cross-entropy over positions) or "sequence" (one
+        label per row); None without a head.
+    tied_output: its output projection can share the token embeddings (`tie_embeddings`).
+    needs_label_names: its outputs are the class / tag names in `config.label_names`.
+    pooled: it reads one vector per sequence (`config.pooling` says which).
+    shifts_labels: on a decoder-only model the labels are the input ids and the model shifts
+        them (position t predicts token t + 1).
+    families: the model families it fits.
+    """
+
+    module: str | None
+    loss: str | None = "token"
+    tied_output: bool = False
+    needs_label_names: bool = False
+    pooled: bool = False
+    shifts_labels: bool = False
+    families: tuple[str, ...] = FAMILIES
+
+
+HEADS: dict[str, Head] = {
+    "none": Head(None, loss=None),
+    "lm": Head("LMHead", tied_output=True, shifts_labels=True),
+    "mlm": Head("MLMHead", tied_output=True, families=("encoder", "encoder-decoder")),
+    "classification": Head("ClassificationHead", loss="sequence", needs_label_names=True,
+                           pooled=True),
+    "token-classification": Head("TokenClassificationHead", needs_label_names=True),
+}
+
 RENAMED = {"labels": "label_names"}  # config.json keys written by earlier versions -> fields
 
 
@@ -74,7 +110,9 @@ class ModelConfig:
     # The task head on top of the body.
     head: str = "lm"
     label_names: list[str] = field(default_factory=list)  # class / tag names of task heads
-    pooling: str = "first"  # how classification reduces a sequence to one vector
+    # How classification reduces a sequence to one vector; None = the family's default
+    # (DEFAULT_POOLING: the first token of an encoder, the last real token of a decoder).
+    pooling: str | None = None
     classifier_hidden: bool = False  # dense + activation before the classifier (BERT pooler)
     classifier_activation: str = "tanh"
     mlm_transform: bool = True  # dense + activation + norm before the MLM projection (BERT)
@@ -83,6 +121,8 @@ class ModelConfig:
     lora: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.pooling is None:
+            self.pooling = DEFAULT_POOLING.get(self.family, "first")
         self.check_types()
         self.validate()
 
@@ -106,6 +146,26 @@ class ModelConfig:
     @property
     def has_decoder(self) -> bool:
         return self.family in ("decoder", "encoder-decoder")
+
+    @property
+    def head_spec(self) -> Head:
+        return HEADS[self.head]
+
+    @property
+    def tied_output(self) -> bool:
+        """The head's output projection is the token embedding matrix (stored once)."""
+        return self.tie_embeddings and self.head_spec.tied_output
+
+    @property
+    def shifts_labels(self) -> bool:
+        """The labels are the input ids and the model shifts them (a decoder-only LM)."""
+        return self.head_spec.shifts_labels and self.family == "decoder"
+
+    def fill_id(self, eos_id: int | None = None) -> int:
+        """The id that fills padded positions: pad_id, else the end-of-sequence id (`eos_id`
+        or the config's), else 0. Padding is masked, so any id in the vocabulary works."""
+        eos = self.eos_id if eos_id is None else eos_id
+        return next(i for i in (self.pad_id, eos, 0) if i is not None)
 
     # ---- validation ----------------------------------------------------------------------
     def check_types(self) -> None:
@@ -133,7 +193,7 @@ class ModelConfig:
                 raise ValueError(f"{name}={value!r} is not supported; choose one of {allowed}")
 
         for name, allowed in [("family", FAMILIES), ("activation", ACTIVATIONS),
-                              ("norm", NORMS), ("position", POSITIONS), ("head", HEADS),
+                              ("norm", NORMS), ("position", POSITIONS), ("head", tuple(HEADS)),
                               ("pooling", POOLINGS), ("norm_position", ("pre", "post")),
                               ("dtype", DTYPES),
                               ("classifier_activation", ACTIVATIONS + ("tanh",))]:
@@ -179,9 +239,11 @@ class ModelConfig:
         if self.family == "encoder-decoder" and self.decoder_start_id is None:
             raise ValueError("an encoder-decoder model needs decoder_start_id (the first "
                              "decoder token; often the pad or bos id)")
-        if self.head == "mlm" and not self.has_encoder:
-            raise ValueError("the masked-LM head needs an encoder; use head='lm' for decoders")
-        if self.head in ("classification", "token-classification") and not self.label_names:
+        if self.family not in self.head_spec.families:
+            raise ValueError(f"the {self.head} head does not fit a {self.family} model (it "
+                             f"needs {' or '.join(self.head_spec.families)}); use head='lm' "
+                             "for decoders")
+        if self.head_spec.needs_label_names and not self.label_names:
             raise ValueError(f"a {self.head} head needs label_names (the class names)")
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:

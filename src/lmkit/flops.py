@@ -12,18 +12,18 @@ from lmkit.config import ModelConfig
 from lmkit.model import Model
 
 
+def _meta_model(config: ModelConfig) -> Model:
+    with torch.device("meta"):
+        return Model(config)
+
+
 def num_parameters(config: ModelConfig, include_embeddings: bool = True) -> int:
     """Parameter count, computed from the config alone (no model needed)."""
-    with torch.device("meta"):
-        model = Model(config)
-    return model.num_parameters(include_embeddings)
+    return _meta_model(config).num_parameters(include_embeddings)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), Kaplan/Chinchilla style:
-    6 * non-embedding params + attention score and value terms."""
-    d_attn = config.num_heads * config.dim_per_head
-    layers = config.encoder_layers + config.decoder_layers
-    attention = 2 * 2 * layers * seq_len * d_attn  # QK^T and AV, forward
-    return 6 * num_parameters(config, include_embeddings=False) + 3 * attention + \
-        6 * config.hidden_size * config.vocab_size * (config.head in ("lm", "mlm"))
+    """Training FLOPs per token of full training, Kaplan/Chinchilla style: 6 x non-embedding
+    parameters + attention scores and values (`Model.flops_per_token`, which also counts
+    partial schemes: a frozen body, LoRA)."""
+    return _meta_model(config).flops_per_token(seq_len)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmkit.errors import ConfigError
-from lmkit.model import Model
+from lmkit.model import Model, eval_mode
 
 # The range of each option of `generate` (checked there and by the CLI at parse time).
 OPTION_RANGES = {
@@ -246,7 +246,7 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
         prompts = [prompts] if isinstance(prompts, str) else prompts
         prompts = model.tokenizer.encode_batch(prompts)
     eos = cfg.eos_id if eos_id is None else eos_id
-    pad = cfg.pad_id if cfg.pad_id is not None else (eos if eos is not None else 0)
+    pad = cfg.fill_id(eos)
     if isinstance(prompts, torch.Tensor):
         ids, mask = prompts, attention_mask
     else:
@@ -256,9 +256,7 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
     device = next(model.parameters()).device
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         dec = _Decoder(model, ids, mask)
         if num_beams > 1:
             seqs, scores = _beam(dec, max_new_tokens, eos, num_beams, length_penalty,
@@ -267,8 +265,6 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
             gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
             seqs, scores = _sample(dec, max_new_tokens, eos, pad, not do_sample, temperature,
                                    top_k, top_p, gen)
-    finally:
-        model.train(was_training)
     out = Generation(seqs, scores)
     if model.tokenizer is not None:
         out.texts = [model.tokenizer.decode(s) for s in seqs]

@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmkit.config import IGNORE_INDEX
 from lmkit.data.packing import pad_batch
 
 if TYPE_CHECKING:
     from lmkit.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
 
 

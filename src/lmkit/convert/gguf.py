@@ -209,7 +209,7 @@ def _read_file(gguf: Any, path: Path, head: str | None, label_names: list[str] |
                               f"({e})") from None
     check_layers(source, shapes, path, layer_names(_TABLE))  # before anything per layer
     cfg = retarget(source, head, label_names)
-    tied = cfg.tie_embeddings and cfg.head == "lm"
+    tied = cfg.tied_output
     ignore = () if cfg is source else (r"output\.weight",)
     # Rename first (values are the lazy reader tensors), then dequantize one tensor at a time.
     lazy = to_lmkit_names({t.name: t for t in reader.tensors}, expand(_TABLE, cfg), ignore, tied)

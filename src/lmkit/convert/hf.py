@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmkit.checkpoint import CONFIG, DTYPES, atomic_folder, check_layers, read_pickle, read_tensors
-from lmkit.config import ModelConfig
+from lmkit.config import HEADS, ModelConfig
 from lmkit.convert.tables import (
     Table,
     Tensors,
@@ -213,12 +213,12 @@ def _head_of(spec: Spec, hf: dict[str, Any], names: set[str], cfg: ModelConfig) 
     # No architectures field: the first head whose tensors are all in the file (a tied LM
     # head needs none), else the bare body.
     for head in spec.architectures:
-        if head in ("none", "classification", "token-classification"):
+        if head == "none" or HEADS[head].needs_label_names:  # their labels say nothing here
             continue
         headed = cfg.replace(head=head)
         entries = expand(spec.table(headed), headed)
         wanted = [alts for lm, alts in entries.items() if lm.startswith("head.")
-                  and not (lm == "head.proj.weight" and headed.tie_embeddings)]
+                  and not (lm == "head.proj.weight" and headed.tied_output)]
         if all(any(a in names or any(n.startswith(a + ".") for n in names) for a in alts)
                for alts in wanted):
             return head
@@ -242,7 +242,7 @@ def config_from_hf(raw: dict[str, Any], names: set[str] | None = None) -> ModelC
             check_layers(cfg, body, f"this {spec.model_type} checkpoint", layer_names(
                 spec.table(cfg)))
         head = _head_of(spec, raw, names or set(), cfg)
-        names = _label_names(raw) if head in ("classification", "token-classification") else []
+        names = _label_names(raw) if HEADS[head].needs_label_names else []
         return cfg.replace(head=head, label_names=names)
     except CheckpointError:
         raise
@@ -269,7 +269,7 @@ def new_head_parts(cfg: ModelConfig, tensors: Tensors) -> tuple[str, ...]:
         head = Model(cfg).head
     if head is None:
         return ()
-    tied = cfg.tie_embeddings and cfg.head in ("lm", "mlm")
+    tied = cfg.tied_output
     parts = []
     for sub, module in head.named_children():
         shapes = {f"head.{sub}.{p}": t.shape for p, t in module.named_parameters()}
@@ -303,7 +303,7 @@ def load_hf(path: str | Path, *, head: str | None = None,
     if cfg is not source:  # the checkpoint's own head has no place in the new model
         ignore += tuple(re.escape(m) + r"\..*|" + re.escape(m) for m in spec.head_modules)
     mapped = to_lmkit_names(tensors, table, ignore,
-                            cfg.tie_embeddings and cfg.head in ("lm", "mlm"))
+                            cfg.tied_output)
     del tensors
     new: tuple[str, ...] = ()
     if cfg is not source:
@@ -368,7 +368,7 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
         drop |= {"relative_buckets", "relative_max_distance"}
     else:
         drop |= {"max_positions"}  # relative positions have no table and no length limit
-    if cfg.head != "classification":
+    if not cfg.head_spec.pooled:
         drop |= {"pooling", "classifier_hidden", "classifier_activation"}
     if cfg.head != "mlm":
         drop |= {"mlm_transform"}

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmkit.config import IGNORE_INDEX
 from lmkit.data.packing import PackedDataset, pad_batch
 
 Batch = dict[str, torch.Tensor]
@@ -107,7 +108,6 @@ def fixed_batches(dataset: PackedDataset, batch_size: int,
 
 
 # ---- variable-length task features ---------------------------------------------------------------
-IGNORE_INDEX = -100
 MEGA_BATCH = 50  # batches per sorted bucket: the padding / randomness trade-off
 
 

@@ -26,11 +26,13 @@ def _run_task(run_dir: str | Path, task_name: str | None = None, device: str = "
     name = task_name or info.get("task") or _task_for(model)
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    task = TASKS[name](model.tokenizer, model.config, **{**info.get("options", {}), **options})
+    stored = {k: v for k, v in info.get("options", {}).items()
+              if k in TASKS[name].option_names()}  # for another task, or from older runs
+    task = TASKS[name](model.tokenizer, model.config, **{**stored, **options})
     if task.head != model.config.head:
         raise ValueError(f"{run_dir} has a {model.config.head!r} head but the {name} task "
                          f"needs {task.head!r}: fine-tune it for {name} first")
-    return model.eval(), task
+    return model, task  # loaded in eval mode
 
 
 def _task_for(model: Model) -> str:

@@ -16,13 +16,17 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import yaml
 
+from lmkit.config import DEFAULT_POOLING, HEADS, POOLINGS
 from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
 from lmkit.finetune.card import model_card
 from lmkit.finetune.inference import TASK_FILE
@@ -33,10 +37,13 @@ from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
 from lmkit.train.distributed import launch_ranks
 from lmkit.train.loop import TrainConfig, train
+from lmkit.train.options import read_config
+from lmkit.train.state import list_checkpoints
 
 log = logging.getLogger("lmkit")
-EVAL_FILE = "eval.json"
-# Task options a user may set; they are stored in task.json so evaluate/predict reuse them.
+EVAL_FILE, CONFIG_FILE = "eval.json", "finetune_config.yaml"
+# Task options a fine-tuning run may set (None: the task's default, in its Options class);
+# they are stored in task.json so evaluate/predict reuse them.
 OPTION_FIELDS = ("text_column", "pair_column", "label_column", "source_field", "target_field",
                  "max_length", "num_beams", "max_new_tokens")
 
@@ -69,7 +76,7 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])
-    pooling: str | None = None  # classification: first | last | mean | eos (default: family's)
+    pooling: str | None = None  # classification: first | last | mean | eos (None: family's)
     from_scratch: bool = False  # same architecture, random weights (the baseline)
     train_limit: int | None = None  # use only the first N training examples
     dev_limit: int | None = None
@@ -79,7 +86,7 @@ class FinetuneConfig(TrainConfig):
     source_field: str | None = None
     target_field: str | None = None
     max_length: int | None = None  # truncate inputs (default: the model's max positions)
-    num_beams: int = 4  # generation tasks: beam width when scoring the dev set
+    num_beams: int | None = None  # translation / summarization: beam width (task default 4)
     max_new_tokens: int | None = None
 
     PATH_FIELDS: ClassVar = ("train", "dev", "out")
@@ -106,9 +113,18 @@ class FinetuneConfig(TrainConfig):
                              f"steps={self.steps}, epochs={self.epochs}")
         if self.steps <= 0 and self.epochs <= 0:
             raise ValueError("give a positive number of --steps or --epochs")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not supported; choose one of "
+                             f"{POOLINGS}")
+        if self.pooling is not None and not HEADS[TASKS[self.task].head].pooled:
+            raise ValueError(f"pooling is a classification option, not one of {self.task}")
+        TASKS[self.task].parse_options(self.options(known_only=False))
 
-    def options(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in OPTION_FIELDS if getattr(self, k) is not None}
+    def options(self, known_only: bool = True) -> dict[str, Any]:
+        """The task options that are set (the rest take the task's defaults)."""
+        names = TASKS[self.task].option_names() if known_only else OPTION_FIELDS
+        return {k: getattr(self, k) for k in OPTION_FIELDS
+                if k in names and getattr(self, k) is not None}
 
 
 @dataclass
@@ -123,11 +139,6 @@ class FinetuneResult:
     wall_time_s: float
     compute: dict[str, Any]
     curve: list[dict[str, Any]] = field(default_factory=list)  # dev metric during training
-
-
-def _pad_id(model: Model) -> int:
-    cfg = model.config
-    return next(i for i in (cfg.pad_id, cfg.eos_id, 0) if i is not None)
 
 
 def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, list, list]:
@@ -146,8 +157,12 @@ def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, l
         model = load(checkpoint, head=task.head, label_names=label_names)
     else:
         model = base
-    if cfg.pooling:
-        model.config.pooling = cfg.pooling
+    if model.config.head_spec.pooled:  # a new head pools as the family does unless told
+        kept = base.config.head == model.config.head
+        family = model.config.family
+        model.config.pooling = cfg.pooling or (model.config.pooling if kept
+                                               else DEFAULT_POOLING[family])
+        model.config.validate()
     if cfg.from_scratch:  # the baseline: same architecture, nothing pretrained
         tokenizer, model = model.tokenizer, Model(model.config)
         model.tokenizer, model.new_tensors = tokenizer, ["(all: trained from scratch)"]
@@ -155,11 +170,20 @@ def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, l
     return model, task, train_examples, dev_examples
 
 
-def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune `checkpoint` (an lmkit or Hugging Face folder, or a .gguf file) on a task."""
+def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = False,
+             overwrite: bool = False) -> FinetuneResult:
+    """Fine-tune `checkpoint` (an lmkit or Hugging Face folder, or a .gguf file) on a task.
+
+    `cfg.out` must not hold a run already: `resume` continues it from its latest checkpoint
+    (see `resume`, which also restores the saved config), `overwrite` deletes it first."""
+    cfg.validate()
     start = time.perf_counter()
+    out = Path(cfg.out)
+    _claim(out, resume, overwrite)
     torch.manual_seed(cfg.seed)
     model, task, train_examples, dev_examples = prepare(checkpoint, cfg)
+    if not resume and launch_ranks()[0] == 0:
+        _save_run_config(out, checkpoint, cfg)
     lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
     counts = apply_scheme(model, cfg.scheme, top_k=cfg.top_k, lora=lora)
     log.info("new tensors: %s; training %s of %s parameters (%s)",
@@ -167,8 +191,8 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
              f"{counts['total']:,}", cfg.scheme)
     features = [task.features(e) for e in train_examples]
     rank, world, _ = launch_ranks()
-    batches = TaskBatches(features, _pad_id(model), cfg.batch_size, cfg.max_tokens, cfg.seed,
-                          rank, world)
+    pad = model.config.fill_id()
+    batches = TaskBatches(features, pad, cfg.batch_size, cfg.max_tokens, cfg.seed, rank, world)
     steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(batches)
                                                              / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.06 * steps)
@@ -178,8 +202,7 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
         dev_feats = [task.features(e) for e in dev_examples]
         order = length_grouped_batches([len(f["input_ids"]) for f in dev_feats],
                                        cfg.batch_size, shuffle=False)
-        dev_batches = [collate([dev_feats[i] for i in idx], _pad_id(model)) for idx in order]
-    out = Path(cfg.out)
+        dev_batches = [collate([dev_feats[i] for i in idx], pad) for idx in order]
     curve: list[dict[str, Any]] = []
 
     def score(step: int, record: dict[str, Any]) -> None:
@@ -189,7 +212,8 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
                           "elapsed_s": record["elapsed_s"],
                           **task.evaluate(model, dev_examples, cfg.batch_size)})
 
-    result = train(model, batches, train_cfg, out, dev_batches, on_step=score)
+    result = train(model, batches, train_cfg, out, dev_batches, on_step=score, resume=resume,
+                   resume_hint=f"lmkit finetune --resume {out}")
     metrics = task.evaluate(model, dev_examples, cfg.batch_size) if dev_examples else {}
     if dev_examples:
         curve.append({"step": result.step, "flops": result.compute.get("flops"),
@@ -204,6 +228,49 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig) -> FinetuneResult:
     return FinetuneResult(out, metrics, list(model.new_tensors), counts["trainable"],
                           counts["total"], len(train_examples), result.step, wall,
                           result.compute, curve)
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> FinetuneResult:
+    """Continue the fine-tuning run in `run_dir` from its latest checkpoint, with its saved
+    checkpoint and config (`overrides`, e.g. {"epochs": 5}, change fields)."""
+    run_dir = Path(run_dir)
+    file = run_dir / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}: it is not a run folder "
+                                "written by `lmkit finetune`")
+    saved = yaml.safe_load(file.read_text())
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: not given
+    cfg = read_config(FinetuneConfig, None, {**saved["config"], **changes, "out": str(run_dir)})
+    return finetune(saved["checkpoint"], cfg, resume=True)
+
+
+def _claim(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check that `out` may take this run: a resumed run has a checkpoint; a new one does
+    not overwrite another unless told to (then the old run is deleted)."""
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or "
+                         "delete it and start again")
+    if resume:
+        if not list_checkpoints(out):
+            raise ValueError(f"{out} has no checkpoint to resume from (none was saved before "
+                             "it stopped): start it again without --resume")
+        return
+    holds_run = any((out / name).exists() for name in (CONFIG_FILE, "checkpoints", "config.json"))
+    if holds_run and not overwrite:
+        raise ValueError(f"{out} already holds a run: continue it with `lmkit finetune --resume "
+                         f"{out}`, replace it with --overwrite, or choose another --out")
+    if holds_run and launch_ranks()[0] == 0:
+        shutil.rmtree(out)
+
+
+def _save_run_config(out: Path, checkpoint: str | Path, cfg: FinetuneConfig) -> None:
+    """What `resume` reads: the base checkpoint and the config, written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(checkpoint).resolve() if Path(checkpoint).exists() else checkpoint
+    tmp = out / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(yaml.safe_dump({"checkpoint": str(base), "config": dataclasses.asdict(cfg)},
+                                  sort_keys=False))
+    os.replace(tmp, out / CONFIG_FILE)
 
 
 def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Task,

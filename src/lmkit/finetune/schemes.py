@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmkit.model.lora import LoRAConfig, apply_lora
-from lmkit.train.optim import layer_depth
+from lmkit.model.lora import LoRAConfig, adapter_parameters, apply_lora
 
 SCHEMES = ("full", "frozen", "top-k", "lora")
 
@@ -32,11 +31,14 @@ def apply_scheme(model: nn.Module, scheme: str = "full", *, top_k: int = 1,
     total = cfg.encoder_layers + cfg.decoder_layers
     if scheme == "top-k" and not 0 < top_k <= total:
         raise ValueError(f"top_k={top_k} must be between 1 and the model's {total} blocks")
+    depths = model.parameter_depths()
+    trains = {id(p) for p in model.head_parameters()}  # every scheme trains the head
+    if scheme == "lora":
+        trains |= {id(p) for p in adapter_parameters(model)}
     for name, p in model.named_parameters():
-        depth = layer_depth(name, total, cfg.encoder_layers)
         p.requires_grad_({"full": True,
-                          "frozen": name.startswith("head."),
-                          "top-k": depth > total - top_k,
-                          "lora": ".lora_" in name or name.startswith("head.")}[scheme])
+                          "frozen": id(p) in trains,
+                          "top-k": depths[name] > total - top_k,
+                          "lora": id(p) in trains}[scheme])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable": trainable, "total": sum(p.numel() for p in model.parameters())}

@@ -1,11 +1,14 @@
-"""Task heads on top of the body's hidden states: LM, masked LM, classification, tagging."""
+"""Task heads on top of the body's hidden states: LM, masked LM, classification, tagging.
+
+Each class is a row of `lmkit.config.HEADS`, which says what the rest of the code needs to
+know about it (its loss, whether it ties to the embeddings, needs labels, pools)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from lmkit.config import ModelConfig
+from lmkit.config import POOLINGS, ModelConfig
 from lmkit.model.layers import ACTIVATIONS
 
 
@@ -68,14 +71,10 @@ class TokenClassificationHead(nn.Module):
         return self.proj(self.drop(h))
 
 
-HEADS = {"lm": LMHead, "mlm": MLMHead, "classification": ClassificationHead,
-         "token-classification": TokenClassificationHead}
-
-
 def pool(h: torch.Tensor, how: str, segments: torch.Tensor | None,
          input_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """Reduce (B, T, d) to (B, d): the first token, the last real token (works with left and
-    right padding), the mean of real tokens, or the last EOS token (BART)."""
+    right padding), the mean of real tokens, or the last real EOS token (BART)."""
     real = torch.ones_like(input_ids, dtype=torch.bool) if segments is None else segments > 0
     rows = torch.arange(h.shape[0], device=h.device)
     idx = torch.arange(h.shape[1], device=h.device)
@@ -86,6 +85,8 @@ def pool(h: torch.Tensor, how: str, segments: torch.Tensor | None,
     if how == "eos":
         if eos_id is None:
             raise ValueError("eos pooling needs config.eos_id")
-        return h[rows, (idx * (input_ids == eos_id)).argmax(-1)]
-    weights = real.to(h.dtype)[..., None]
-    return (h * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return h[rows, (idx * ((input_ids == eos_id) & real)).argmax(-1)]
+    if how == "mean":
+        weights = real.to(h.dtype)[..., None]
+        return (h * weights).sum(1) / weights.sum(1).clamp(min=1)
+    raise ValueError(f"pooling={how!r} is not supported; choose one of {POOLINGS}")

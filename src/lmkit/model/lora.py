@@ -74,9 +74,16 @@ class LoRALinear(nn.Linear):
 
 
 def _targets(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and ".layers." in name
-            and name.rsplit(".", 1)[-1] in cfg.targets]
+    """The names of the target linear layers inside the model's blocks."""
+    return [f"{prefix}.{name}" for prefix, block in model.blocks()
+            for name, m in block.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in cfg.targets]
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA matrices of every adapted layer (what the LoRA scheme trains)."""
+    return [p for m in model.modules() if isinstance(m, LoRALinear)
+            for p in (m.lora_a, m.lora_b)]
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -10,8 +10,9 @@ What differs between BERT, GPT-2, Llama, BART, T5 or Marian is only the ModelCon
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.checkpoint import check_layers, check_tensors, save
-from lmkit.config import ModelConfig
+from lmkit.config import IGNORE_INDEX, ModelConfig
 from lmkit.device import resolve_device, weight_dtype
 from lmkit.errors import CheckpointError
+from lmkit.model import heads
 from lmkit.model.attention import (
     Attention,
     KVCache,
@@ -33,12 +35,10 @@ from lmkit.model.attention import (
     rotary,
     segments_from,
 )
-from lmkit.model.heads import HEADS, pool
 from lmkit.model.layers import MLP, make_norm, sinusoidal
 from lmkit.model.lora import LoRAConfig, apply_lora
 
 log = logging.getLogger("lmkit")
-IGNORE_INDEX = -100
 
 
 class Block(nn.Module):
@@ -141,17 +141,31 @@ class Stack(nn.Module):
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # mean per target: loss_sum / num_targets
     hidden_states: torch.Tensor | None = None
     encoder_hidden_states: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None  # summed over the targets (0, in the graph, if none)
+    num_targets: torch.Tensor | None = None  # labels that count (not IGNORE_INDEX)
 
 
-def shift_right(labels: torch.Tensor, start_id: int, pad_id: int | None) -> torch.Tensor:
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tensor:
     """Decoder inputs for teacher forcing: the targets moved one step right behind a start
-    token, with ignored (-100) targets turned into padding."""
+    token, with ignored (IGNORE_INDEX) targets turned into padding."""
     out = labels.new_full(labels.shape, start_id)
     out[:, 1:] = labels[:, :-1]
-    return out.masked_fill(out == IGNORE_INDEX, pad_id if pad_id is not None else 0)
+    return out.masked_fill(out == IGNORE_INDEX, pad_id)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with `model` in eval mode (no dropout), then restore its previous mode:
+    every evaluation and prediction goes through here."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class Model(nn.Module):
@@ -167,29 +181,70 @@ class Model(nn.Module):
         self.decoder = (Stack(cfg, cfg.decoder_layers, causal=True,
                               cross=cfg.family == "encoder-decoder")
                         if cfg.has_decoder else None)
-        self.head = HEADS[cfg.head](cfg) if cfg.head != "none" else None
+        module = cfg.head_spec.module
+        self.head = getattr(heads, module)(cfg) if module is not None else None
         self.tokenizer: Any = None  # attached by lmkit.load / the trainers; saved with the model
         self.reset_parameters()
         if cfg.lora:
             apply_lora(self, LoRAConfig(**cfg.lora))
 
+    # ---- module roles -------------------------------------------------------------------------
+    def blocks(self) -> list[tuple[str, Block]]:
+        """(name, block) of every block, bottom to top: the encoder's, then the decoder's.
+        Block i of this list has depth i + 1 (see `depth_groups`)."""
+        return [(f"{where}.layers.{i}", block)
+                for where, stack in (("encoder", self.encoder), ("decoder", self.decoder))
+                if stack is not None for i, block in enumerate(stack.layers)]
+
+    def depth_groups(self) -> list[list[nn.Module]]:
+        """The modules by depth: [embeddings (tokens, positions, token types, embedding
+        norms, relative position biases)], [block 1], ..., [block L], [final norms + head].
+        Layer-wise LR decay, the top-k scheme and FLOP accounting read depths from here."""
+        stacks = [s for s in (self.encoder, self.decoder) if s is not None]
+        embeddings = [self.tokens] + [m for s in stacks for m in (
+            s.positions, s.types, s.embed_norm, s.relative_bias) if m is not None]
+        top = [s.final_norm for s in stacks if s.final_norm is not None]
+        return [embeddings, *([b] for _, b in self.blocks()),
+                top + ([self.head] if self.head is not None else [])]
+
+    def parameter_depths(self) -> dict[str, int]:
+        """Depth (index in `depth_groups`) of every named parameter."""
+        depth_of: dict[int, int] = {}
+        for d, group in enumerate(self.depth_groups()):  # a tied weight is an embedding
+            for p in (p for m in group for p in m.parameters()):
+                depth_of.setdefault(id(p), d)
+        return {name: depth_of[id(p)] for name, p in self.named_parameters()}
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The task head's own parameters (a tied output projection is the embeddings')."""
+        tied = {id(self.tokens.weight)} if self.config.tied_output else set()
+        return [p for p in self.head.parameters() if id(p) not in tied] \
+            if self.head is not None else []
+
+    def residual_projections(self) -> list[nn.Linear]:
+        """The linear layers that write into the residual stream (attention and MLP output
+        projections): GPT-2 initialises them smaller, by depth."""
+        return [m for _, b in self.blocks() for m in (
+            b.attn.o, b.cross_attn.o if b.cross_attn is not None else None, b.mlp.down)
+            if m is not None]
+
     # ---- weights ----------------------------------------------------------------------------
     def tie_weights(self) -> None:
         """Share the output projection with the token embeddings (when the config says so)."""
-        if self.config.tie_embeddings and self.config.head in ("lm", "mlm"):
+        if self.config.tied_output:
             self.head.proj.weight = self.tokens.weight
 
     def tied_names(self) -> set[str]:
         """Parameter names that are views of another (left out of a saved checkpoint)."""
-        tied = self.config.tie_embeddings and self.config.head in ("lm", "mlm")
-        return {"head.proj.weight"} if tied else set()
+        return {"head.proj.weight"} if self.config.tied_output else set()
 
     def reset_parameters(self, module: nn.Module | None = None) -> None:
         """GPT-2 style init: N(0, 0.02), residual output projections scaled by depth."""
         depth = 2 * max(1, self.config.encoder_layers + self.config.decoder_layers)
-        for name, m in (module or self).named_modules():
+        residual = {id(m) for m in self.residual_projections()}
+        for m in (module or self).modules():
             if isinstance(m, nn.Linear):
-                std = 0.02 / depth ** 0.5 if name.endswith((".o", ".down")) else 0.02
+                std = 0.02 / depth ** 0.5 if id(m) in residual else 0.02
                 nn.init.normal_(m.weight, std=std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
@@ -209,6 +264,35 @@ class Model(nn.Module):
                 if stack is not None and stack.positions is not None:
                     n -= stack.positions.weight.numel()
         return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token as the parameters are set to train (`requires_grad`).
+
+        Per depth group (`depth_groups`), with P its parameters (embedding lookups left out;
+        a tied output projection counted in the head): the forward pass costs 2P, the
+        gradients of the activations 2P wherever backpropagation must reach a trainable
+        parameter at that depth or below, the gradients of the weights 2 per trainable
+        parameter. Attention scores and values add 4 x seq_len x width per block forward,
+        twice that backward. Full training gives Kaplan's 6N; a frozen body about 2N, LoRA
+        about 4N."""
+        lookups = {id(self.tokens.weight)} | {
+            id(s.positions.weight) for s in (self.encoder, self.decoder)
+            if s is not None and s.positions is not None}
+        attention = 2 * 2 * seq_len * self.config.num_heads * self.config.dim_per_head
+        groups = self.depth_groups()
+        total, backprop = 0.0, False
+        for depth, group in enumerate(groups):
+            params = list({id(p): p for m in group for p in m.parameters()}.values())
+            backprop = backprop or any(p.requires_grad for p in params)
+            if depth == 0:  # a lookup costs nothing; a tied projection is counted in the head
+                params = [p for p in params if id(p) not in lookups]
+            matmuls = 2 * sum(p.numel() for p in params)
+            scores = attention if 0 < depth < len(groups) - 1 else 0  # a block
+            weight_grads = 2 * sum(p.numel() for p in params if p.requires_grad)
+            total += matmuls + scores + weight_grads
+            if backprop:  # activation gradients: the matmuls again, the scores twice
+                total += matmuls + 2 * scores
+        return total
 
     # ---- the forward pass --------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -258,10 +342,11 @@ class Model(nn.Module):
             dec = self.decode(input_ids, attention_mask, segment_ids)
         elif cfg.family == "encoder-decoder":
             if decoder_input_ids is None:
-                source = input_ids if cfg.head == "classification" else labels
+                # a pooled head's decoder reads the input text; an LM's, its targets
+                source = input_ids if cfg.head_spec.pooled else labels
                 if source is None:
                     raise ValueError("an encoder-decoder model needs decoder_input_ids or labels")
-                decoder_input_ids = shift_right(source, cfg.decoder_start_id, cfg.pad_id)
+                decoder_input_ids = shift_right(source, cfg.decoder_start_id, cfg.fill_id())
             dec = self.decode(decoder_input_ids, decoder_attention_mask, decoder_segment_ids,
                               context=enc, context_mask=attention_mask,
                               context_segment_ids=segment_ids)
@@ -269,23 +354,38 @@ class Model(nn.Module):
         out = ModelOutput(hidden_states=hidden, encoder_hidden_states=enc)
         if self.head is None:
             return out
-        if cfg.head == "classification":
+        if cfg.head_spec.pooled:
             ids = decoder_input_ids if cfg.family == "encoder-decoder" else input_ids
             if cfg.pooling == "eos" and cfg.family == "encoder-decoder":
                 ids = input_ids  # BART: the decoder reads the same text; pool at its last EOS
             segs = segments_from(attention_mask, segment_ids)
-            hidden = pool(hidden, cfg.pooling, segs, ids, cfg.eos_id)
+            hidden = heads.pool(hidden, cfg.pooling, segs, ids, cfg.eos_id)
         out.logits = self.head(hidden)
         if labels is not None:
-            out.loss = self.loss(out.logits, labels)
+            out.loss_sum, out.num_targets = self.loss(out.logits, labels)
+            out.loss = out.loss_sum / out.num_targets
         return out
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.config.head == "lm" and self.config.family == "decoder":
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels aligned with the logits: a decoder-only LM's are shifted left (position
+        t predicts token t + 1; the last position predicts nothing)."""
+        if self.config.shifts_labels:
             # Shift the labels, not the logits: slicing (B, T, vocab) logits would copy them.
-            labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                               labels.reshape(-1), ignore_index=IGNORE_INDEX)
+            return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+        return labels
+
+    def num_targets(self, labels: torch.Tensor) -> int:
+        """How many labels the loss counts (known before the forward pass, for the loop's
+        normalisation over micro-batches and processes)."""
+        return int((self.targets(labels) != IGNORE_INDEX).sum())
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, number of targets): labels of IGNORE_INDEX are skipped."""
+        targets = self.targets(labels).reshape(-1)
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
+                                ignore_index=IGNORE_INDEX, reduction="sum")
+        return total, (targets != IGNORE_INDEX).sum()
 
     # ---- conveniences ------------------------------------------------------------------------
     def save(self, path: Any, tokenizer: Any = None) -> None:
@@ -322,4 +422,4 @@ def build(config: ModelConfig, tensors: dict[str, torch.Tensor], *, new: tuple[s
     if fresh:
         log.info("initialised new tensors (not in the checkpoint): %s", ", ".join(fresh))
     model.new_tensors = fresh
-    return model
+    return model.eval()  # like from_pretrained: no dropout until a trainer says so

@@ -13,9 +13,8 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from lmkit.config import IGNORE_INDEX
 from lmkit.tokenizer import Encoding, Tokenizer
-
-IGNORE_INDEX = -100  # the label id the model's loss skips
 
 
 @dataclass

@@ -3,25 +3,33 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lmkit.model import Model
 from lmkit.tasks.formats import ClassificationExample, label_names, read_classification
 from lmkit.tasks.scores import accuracy, macro_f1
-from lmkit.tasks.task import Features, Task, forward_batches
+from lmkit.tasks.task import Features, Task, TaskOptions, forward_batches
+
+
+@dataclass
+class ClassificationOptions(TaskOptions):
+    text_column: str | None = None  # None: found from the header (see tasks.formats)
+    pair_column: str | None = None
+    label_column: str | None = None
 
 
 class ClassificationTask(Task):
-    name, head, labelled = "classification", "classification", True
+    name, head = "classification", "classification"
     families = ("encoder", "decoder", "encoder-decoder")
+    Options = ClassificationOptions
 
     def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[ClassificationExample]:
         o = self.options
-        return read_classification(path, text_column=o.get("text_column"),
-                                   pair_column=o.get("pair_column"),
-                                   label_column=o.get("label_column"), label_names=label_names,
+        return read_classification(path, text_column=o.text_column, pair_column=o.pair_column,
+                                   label_column=o.label_column, label_names=label_names,
                                    limit=limit)
 
     def label_names(self, examples: list) -> list[str]:

@@ -4,18 +4,25 @@ masked LM is trained with `lmkit pretrain`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from lmkit.model import Model
-from lmkit.tasks.task import Task
+from lmkit.model import Model, eval_mode
+from lmkit.tasks.task import Task, TaskOptions
 
 MASK_SPELLINGS = ("[MASK]", "<mask>")
+
+
+@dataclass
+class FillMaskOptions(TaskOptions):
+    top_k: int = 5  # fillings per mask
 
 
 class FillMaskTask(Task):
     name, head = "fill-mask", "mlm"
     families = ("encoder",)
+    Options = FillMaskOptions
 
     def features(self, example: object) -> dict:
         raise ValueError("fill-mask is inference only: train a masked LM with `lmkit pretrain`")
@@ -28,25 +35,26 @@ class FillMaskTask(Task):
         mask = self.tok.id_to_token(mask_id) if mask_id is not None else None
         if mask is None:
             raise ValueError("this tokenizer has no mask token: not a masked-LM checkpoint")
-        k = self.options.get("top_k", 5)
-        results = []
-        model.eval()
+        k = self.options.top_k
         device = next(model.parameters()).device
-        for text in inputs:
-            for spelling in MASK_SPELLINGS:
-                text = text.replace(spelling, mask)
-            ids = self.truncate(self.tok.encode(text))
-            where = [i for i, t in enumerate(ids) if t == mask_id]
-            if not where:
-                raise ValueError(f"no {mask} in {text!r}: put one where a word should go")
-            probs = model(torch.tensor([ids], device=device)).logits[0].float().softmax(-1)
-            per_mask = []
-            for pos in where:
-                top = probs[pos].topk(k)
-                per_mask.append([{"token": self.tok.decode([int(t)]).strip(),
-                                  "token_id": int(t), "score": float(p),
-                                  "sequence": self.tok.decode(ids[:pos] + [int(t)]
-                                                              + ids[pos + 1:])}
-                                 for p, t in zip(top.values, top.indices)])
-            results.append(per_mask[0] if len(per_mask) == 1 else per_mask)
-        return results
+        with eval_mode(model):
+            return [self._fill(model, text, mask, mask_id, k, device) for text in inputs]
+
+    def _fill(self, model: Model, text: str, mask: str, mask_id: int, k: int,
+              device: torch.device) -> list:
+        for spelling in MASK_SPELLINGS:
+            text = text.replace(spelling, mask)
+        ids = self.truncate(self.tok.encode(text))
+        where = [i for i, t in enumerate(ids) if t == mask_id]
+        if not where:
+            raise ValueError(f"no {mask} in {text!r}: put one where a word should go")
+        probs = model(torch.tensor([ids], device=device)).logits[0].float().softmax(-1)
+        per_mask = []
+        for pos in where:
+            top = probs[pos].topk(k)
+            per_mask.append([{"token": self.tok.decode([int(t)]).strip(),
+                              "token_id": int(t), "score": float(p),
+                              "sequence": self.tok.decode(ids[:pos] + [int(t)]
+                                                          + ids[pos + 1:])}
+                             for p, t in zip(top.values, top.indices)])
+        return per_mask[0] if len(per_mask) == 1 else per_mask

@@ -22,7 +22,7 @@ from lmkit.tasks.task import Features, Task, forward_batches
 
 
 class NERTask(Task):
-    name, head, labelled = "ner", "token-classification", True
+    name, head = "ner", "token-classification"
     families = ("encoder", "decoder", "encoder-decoder")
 
     def read(self, path: str | Path, label_names: Sequence[str] | None = None,

@@ -8,26 +8,50 @@ prediction time it continues `source EOS` until EOS."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from lmkit.config import IGNORE_INDEX
 from lmkit.data.batches import collate
 from lmkit.generate import generate
 from lmkit.model import Model
-from lmkit.objectives import IGNORE_INDEX
 from lmkit.tasks.formats import GenerationExample, Seq2SeqExample, read_generation, read_seq2seq
 from lmkit.tasks.scores import bleu, chrf, rouge
-from lmkit.tasks.task import Features, Task
+from lmkit.tasks.task import Features, Task, TaskOptions
 from lmkit.train.loop import evaluate
+
+
+@dataclass
+class Seq2SeqOptions(TaskOptions):
+    source_field: str | None = None  # None: found from the header / JSON keys
+    target_field: str | None = None
+    num_beams: int = 4  # beam width of predictions (and of dev scoring)
+    max_new_tokens: int = 64
+
+
+@dataclass
+class SummarizationOptions(Seq2SeqOptions):
+    max_new_tokens: int = 128
+
+
+@dataclass
+class GenerationOptions(TaskOptions):
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
 
 
 class Seq2SeqTask(Task):
     families = ("encoder-decoder", "decoder")
-    default_new_tokens = 64
+    Options = Seq2SeqOptions
 
     def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[Seq2SeqExample]:
-        return read_seq2seq(path, source_field=self.options.get("source_field"),
-                            target_field=self.options.get("target_field"), limit=limit)
+        return read_seq2seq(path, source_field=self.options.source_field,
+                            target_field=self.options.target_field, limit=limit)
 
     def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
         raise NotImplementedError
@@ -65,11 +89,8 @@ class Seq2SeqTask(Task):
         out: list[str] = [""] * len(prompts)
         for lo in range(0, len(order), batch_size):
             idx = order[lo:lo + batch_size]
-            gen = generate(model, [prompts[i] for i in idx],
-                           num_beams=self.options.get("num_beams", 4),
-                           max_new_tokens=self.options.get("max_new_tokens",
-                                                           self.default_new_tokens),
-                           eos_id=self.eos)
+            gen = generate(model, [prompts[i] for i in idx], num_beams=self.options.num_beams,
+                           max_new_tokens=self.options.max_new_tokens, eos_id=self.eos)
             for i, seq in zip(idx, gen.sequences):
                 out[i] = self.tok.decode(seq)
         return out
@@ -89,7 +110,7 @@ class TranslationTask(Seq2SeqTask):
 
 class SummarizationTask(Seq2SeqTask):
     name = "summarization"
-    default_new_tokens = 128
+    Options = SummarizationOptions
 
     def score(self, hyps: list[str], refs: list[str]) -> dict[str, float]:
         return rouge(hyps, refs)
@@ -101,6 +122,7 @@ class GenerationTask(Seq2SeqTask):
 
     name = "generation"
     families = ("decoder",)
+    Options = GenerationOptions
 
     def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[GenerationExample]:
@@ -117,16 +139,14 @@ class GenerationTask(Seq2SeqTask):
 
     def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
         feats = [self.features(e) for e in examples]
-        pad = model.config.pad_id if model.config.pad_id is not None else self.eos
+        pad = model.config.fill_id(self.eos)
         batches = [collate(feats[i:i + batch_size], pad)
                    for i in range(0, len(feats), batch_size)]
         return evaluate(model, batches, "fp32")  # no autocast: as the weights are held
 
     def predict(self, model: Model, inputs: Sequence[str], batch_size: int = 32) -> list[str]:
         o = self.options
-        gen = generate(model, [self.prompt(p) for p in inputs],
-                       max_new_tokens=o.get("max_new_tokens", self.default_new_tokens),
-                       do_sample=o.get("do_sample", False), temperature=o.get("temperature", 1.0),
-                       top_p=o.get("top_p"), top_k=o.get("top_k"), seed=o.get("seed"),
-                       eos_id=self.eos)
+        gen = generate(model, [self.prompt(p) for p in inputs], max_new_tokens=o.max_new_tokens,
+                       do_sample=o.do_sample, temperature=o.temperature, top_p=o.top_p,
+                       top_k=o.top_k, seed=o.seed, eos_id=self.eos)
         return [self.tok.decode(s) for s in gen.sequences]

@@ -7,25 +7,55 @@ interface."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
+from lmkit.config import HEADS
 from lmkit.data.batches import collate, length_grouped_batches
-from lmkit.model import Model
+from lmkit.model import Model, eval_mode
 
 Features = dict[str, Any]
 
 
+@dataclass
+class TaskOptions:
+    """Options every task takes; a task with more subclasses this (its `Options`). They are
+    stored in a fine-tuned folder's task.json, so evaluate / predict reuse them."""
+
+    max_length: int | None = None  # truncate inputs (None: the model's max positions)
+
+
 class Task:
-    """Base class. Subclasses set `name`, `head`, `families` and implement the methods."""
+    """Base class. Subclasses set `name`, `head`, `families`, `Options` and implement the
+    methods."""
 
     name = ""
     head = "lm"
     families: tuple[str, ...] = ()
-    labelled = False  # True when the head has a fixed label set read from the training data
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+
+    @property
+    def labelled(self) -> bool:
+        """The head has a fixed label set, read from the training data."""
+        return HEADS[self.head].needs_label_names
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls.Options)]
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any]) -> TaskOptions:
+        """The task's typed options from a mapping; an unknown name is an error."""
+        unknown = sorted(set(values) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not an option of the {cls.name} task; "
+                             f"its options are {cls.option_names()}")
+        return cls.Options(**values)
 
     def __init__(self, tokenizer: Any, config: Any, **options: Any):
         if config.family not in self.families:
@@ -35,8 +65,9 @@ class Task:
         if tokenizer is None:
             raise ValueError(f"the {self.name} task needs the checkpoint's tokenizer "
                              "(tokenizer.json), and this checkpoint has none")
-        self.tok, self.config, self.options = tokenizer, config, options
-        self.max_length = min(options.get("max_length") or config.max_positions,
+        self.tok, self.config = tokenizer, config
+        self.options = self.parse_options(options)
+        self.max_length = min(self.options.max_length or config.max_positions,
                               config.max_positions)
 
     # ---- to be implemented --------------------------------------------------------------
@@ -69,11 +100,9 @@ def forward_batches(model: Model, features: Sequence[Features], batch_size: int 
                     ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, logits of that example without padding) for every feature, computed in
     length-sorted batches so that inference wastes almost nothing on padding."""
-    pad = model.config.pad_id if model.config.pad_id is not None else 0
+    pad = model.config.fill_id()
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         lengths = [len(f["input_ids"]) for f in features]
         for idx in length_grouped_batches(lengths, batch_size, shuffle=False):
             batch = collate([{k: v for k, v in features[i].items() if k != "labels"}
@@ -81,5 +110,3 @@ def forward_batches(model: Model, features: Sequence[Features], batch_size: int 
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
             for row, i in enumerate(idx):
                 yield i, logits[row, :lengths[i]] if logits.dim() == 3 else logits[row]
-    finally:
-        model.train(was_training)

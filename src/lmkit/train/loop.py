@@ -1,12 +1,13 @@
-"""The training loop: plain PyTorch, one function.
+"""The training loop: plain PyTorch.
 
     result = train(model, batches, TrainConfig(steps=1000), "runs/x", eval_batches=valid)
 
-Per optimizer step it takes `grad_accum` micro-batches (dicts of model inputs with
-`labels`) from `batches`, sums the per-token losses and divides by the number of target
-tokens of the whole step (over micro-batches and processes), so the gradient is the same
-however the global batch is split. It then checks the loss, clips, steps AdamW and the
-schedule; evaluates, logs and saves checkpoints on the configured steps.
+`train` is the outline; `_Run` holds what the steps share. Per optimizer step it takes
+`grad_accum` micro-batches (dicts of model inputs with `labels`) from `batches`; `accumulate`
+sums the per-token losses and divides by the number of target tokens of the whole step
+(over micro-batches and processes), so the gradient is the same however the global batch is
+split; `optimizer_step` checks the loss, clips, steps AdamW and the schedule; `after_step`
+logs, evaluates and saves checkpoints on the configured steps.
 
 Resume is exact: a checkpoint holds the weights, the optimizer and scheduler, the random
 states and the data position, and a run resumed from it computes the same losses, bit for
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from lmkit.checkpoint import clean_staging, save
 from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from lmkit.model import eval_mode
 from lmkit.train.distributed import DistEnv, all_reduce_sum, init_distributed, unwrap, wrap_model
 from lmkit.train.metrics import ComputeMeter, MetricsLogger, describe_device, plot_curves
 from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
@@ -49,7 +51,6 @@ from lmkit.train.state import (
 )
 
 log = logging.getLogger("lmkit")
-IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
 
 
@@ -134,13 +135,6 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def count_targets(config: Any, labels: torch.Tensor) -> int:
-    """Tokens the loss is averaged over (decoder-only LM labels are shifted by the model)."""
-    if config.head == "lm" and config.family == "decoder":
-        labels = labels[:, 1:]
-    return int((labels != IGNORE_INDEX).sum())
-
-
 def count_tokens(batch: Batch) -> int:
     """Real (non-padding) input tokens of a batch."""
     if "attention_mask" in batch:
@@ -157,12 +151,6 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _loss_sum(out: Any, n: int) -> torch.Tensor:
-    """The summed per-token loss of a micro-batch (zero, still in the graph, if it has no
-    targets: the mean is then NaN)."""
-    return out.loss * n if n else out.logits.sum() * 0.0
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], precision: str = "auto",
              env: DistEnv | None = None) -> dict[str, float]:
@@ -171,19 +159,13 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], precision: str = "auto"
     model = unwrap(model)
     env = env or DistEnv(device=next(model.parameters()).device)
     precision = resolve_precision(precision, env.device)
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=env.device)
-    try:
+    with eval_mode(model):
         for batch in batches:
             batch = _to(batch, env.device)
             with autocast(precision, env.device):
                 out = model(**batch)
-            n = count_targets(model.config, batch["labels"])
-            if n:
-                sums += torch.stack([out.loss.double() * n, out.loss.new_tensor(n).double()])
-    finally:
-        model.train(was_training)
+            sums += torch.stack([out.loss_sum.double(), out.num_targets.double()])
     all_reduce_sum(sums, env)
     total, n = sums.tolist()
     if not n:
@@ -216,14 +198,23 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def _resume_sources(out_dir: Path, resume: bool | str | Path) -> list[Path]:
+def reduce_loss_and_stop_flag(loss_sum: torch.Tensor, stop: bool,
+                              env: DistEnv) -> tuple[torch.Tensor, bool]:
+    """The cross-rank exchange at the end of each step, one all-reduce for two sums: the
+    step's summed loss, and how many ranks received a stop signal. Every rank then stops at
+    the same step (and saves the same checkpoint) when any one of them was signalled."""
+    stats = torch.stack([loss_sum, loss_sum.new_tensor(float(stop))])
+    all_reduce_sum(stats, env)
+    return stats[0], stats[1].item() > 0
+
+
+def _resume_sources(out_dir: Path, resume: bool | str | Path, hint: str) -> list[Path]:
     """The checkpoints a resume may use, oldest first: all of a run (the newest intact one
     is taken), or the one folder given."""
     if resume is False or resume is None:
         if list_checkpoints(out_dir):
             raise ValueError(f"{out_dir} already holds checkpoints of a run: resume it "
-                             f"(`lmkit pretrain --resume {out_dir}`, or resume=True) or "
-                             "choose a new output folder")
+                             f"({hint}) or choose a new output folder")
         return []
     if resume is True:
         found = list_checkpoints(out_dir)
@@ -244,7 +235,8 @@ def _resume_sources(out_dir: Path, resume: bool | str | Path) -> list[Path]:
 def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir: str | Path,
           eval_batches: Iterable[Batch] | None = None, *, resume: bool | str | Path = False,
           max_steps: int | None = None,
-          on_step: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, dict[str, Any]], None] | None = None,
+          resume_hint: str | None = None) -> TrainResult:
     """Train `model` (an lmkit.Model) on `batches` for `cfg.steps` optimizer steps.
 
     batches: an iterable of input dicts with labels (see lmkit.objectives); give a
@@ -254,166 +246,213 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
     max_steps: stop this call at that global step (saving a checkpoint); the schedule still
         runs to `cfg.steps`.
     on_step: called as on_step(step, record) after every step, on every process.
+    resume_hint: how the caller's user continues this run (`lmkit pretrain --resume RUN`),
+        for the Ctrl-C and "run exists" messages.
 
     Writes to `out_dir` (rank 0 only): checkpoints/step-N/, metrics.jsonl, tensorboard/,
     compute.json, loss.png and, once cfg.steps are done, the final model (config.json,
     model.safetensors, tokenizer.json)."""
     cfg.validate()
-    env = init_distributed(cfg.device)
-    precision = resolve_precision(cfg.precision, env.device)
-    out_dir = Path(out_dir)
-    model.to(env.device)
-    model.train()
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
-                                cfg.eps, cfg.layer_decay)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.warmup_steps, cfg.steps,
-                                cfg.min_lr_ratio)
-    if env.is_main:  # what a kill during a save left behind
-        clean_staging(out_dir / CHECKPOINTS)
-        clean_staging(out_dir.parent, out_dir.name)
-    sources = _resume_sources(out_dir, resume)
-    source, state = None, {}
-    if sources:
-        source, state = resume_checkpoint(sources, model, optimizer, scheduler, batches, env)
-    else:
-        seed_everything(cfg.seed + env.rank)
-    step = start_step = int(state.get("step", 0))
-    drawn = int(state.get("batches", 0))  # micro-batches taken from `batches` so far
-    end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-    compute = ComputeMeter(model.config, state.get("compute"))
-    result = TrainResult(out_dir, step, start_step, checkpoint=source)
-    net = wrap_model(model, env)
-    logger = MetricsLogger(out_dir, env.is_main, cfg.tensorboard,
-                           start_step if source is not None else None)
-    if env.is_main:
-        log.info("training %s parameters on %s in %s (precision %s) from step %d to %d",
-                 f"{model.num_parameters():,}", describe_device(env.device, env.world_size),
-                 precision, cfg.precision, step, end)
-    evals_on = eval_batches is not None and cfg.eval_every > 0
-
-    def run_eval() -> None:
-        record = {"split": "valid", "step": step,
-                  **evaluate(model, eval_batches, precision, env)}
-        logger.log(record)
-        result.evals.append(record)
-        if env.is_main and cfg.progress:
-            tqdm.write(f"step {step}: validation loss {record['loss']:.4f}, "
-                       f"perplexity {record['perplexity']:.2f}")
-
-    def checkpoint() -> Path:
-        extra = {"compute": compute.state_dict(), "batches": drawn}
-        path = save_checkpoint(out_dir, step, model, optimizer, scheduler, batches, env,
-                               cfg.keep_checkpoints, extra)
-        result.checkpoint = path
-        if env.is_main:
-            compute.write(out_dir, **_compute_extra(precision, env, step))
-        return path
-
-    bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (env.is_main and cfg.progress))
-    data = iter(batches)
-    session_start, session_tokens = time.perf_counter(), 0
-    window: list[float] = []
+    hint = f"`{resume_hint}`, or train(..., resume=True)" if resume_hint else \
+        "train(..., resume=True)"
+    run = _Run(model, batches, cfg, Path(out_dir), eval_batches, resume, max_steps, on_step,
+               hint)
     try:
         with _StopSignals() as signals:
-            if evals_on and source is None:
-                run_eval()
-            while step < end:
-                try:
-                    micro = [_to(next(data), env.device) for _ in range(cfg.grad_accum)]
-                    drawn += cfg.grad_accum
-                except StopIteration:
-                    result.stopped = "data_exhausted"
-                    if env.is_main:
-                        log.warning("the training data ran out at step %d of %d", step,
-                                    cfg.steps)
+            if run.evals_on and run.source is None:
+                run.evaluate()
+            while run.step < run.end:
+                micro = run.next_micro_batches()
+                if micro is None:
                     break
-                targets = [count_targets(model.config, b["labels"]) for b in micro]
-                counts = torch.tensor([sum(targets), sum(map(count_tokens, micro))],
-                                      dtype=torch.float64, device=env.device)
-                n_targets, n_tokens = all_reduce_sum(counts, env).tolist()
-                scale = env.world_size / max(n_targets, 1.0)
-                total = torch.zeros((), device=env.device)
-                for i, (batch, n) in enumerate(zip(micro, targets, strict=True)):
-                    last = i == len(micro) - 1
-                    sync = net.no_sync() if env.distributed and not last else \
-                        contextlib.nullcontext()
-                    with sync:
-                        with autocast(precision, env.device):
-                            out = net(**batch)
-                        loss_sum = _loss_sum(out, n)
-                        (loss_sum * scale).backward()
-                    total += loss_sum.detach().float()
-                stats = torch.stack([total, total.new_tensor(float(signals.signum is not None))])
-                all_reduce_sum(stats, env)
-                loss = (stats[0] / max(n_targets, 1.0)).item()
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(_diverged("loss", loss, step + 1, out_dir))
-                grad_norm = float(clip_gradients(model, cfg.grad_clip))
-                if not math.isfinite(grad_norm):
-                    raise TrainingDiverged(_diverged("gradient norm", grad_norm, step + 1,
-                                                     out_dir))
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step = result.step = step + 1
-                result.losses.append(loss)
-                window.append(loss)
-                compute.add(int(n_tokens), micro[0]["input_ids"].shape[1])
-                session_tokens += int(n_tokens)
-                elapsed = time.perf_counter() - session_start
-                record = {"split": "train", "step": step, "loss": loss, "lr": lr,
-                          "grad_norm": grad_norm, "tokens": compute.tokens,
-                          "flops": compute.flops, "tokens_per_s": session_tokens / elapsed,
-                          "elapsed_s": compute.wall_time_s}
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                refresh=False)
-                if step % cfg.log_every == 0 or step == end:
-                    logger.log({**record, "loss": sum(window) / len(window)})
-                    window.clear()
-                if stats[1].item() > 0:
-                    path = checkpoint()
-                    name = signal.Signals(signals.signum or signal.SIGINT).name
-                    message = (f"{name} received: stopped at step {step}; checkpoint saved to "
-                               f"{path}. Continue with `lmkit pretrain --resume {out_dir}` "
-                               "(or train(..., resume=True)).")
-                    if env.is_main:
-                        tqdm.write(message)
-                    raise TrainingInterrupted(message, path)
-                if evals_on and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    run_eval()
-                if (cfg.save_every and step % cfg.save_every == 0) or step == end:
-                    checkpoint()
-                if on_step is not None:
-                    on_step(step, record)
-            if result.stopped == "data_exhausted" and step > start_step:
-                checkpoint()
-        if step >= cfg.steps or result.stopped == "data_exhausted":
-            if env.is_main:
-                save(unwrap(model), out_dir)
-        elif step == end:
-            result.stopped = "max_steps"
+                loss, stop = run.accumulate(micro, signals.signum is not None)
+                run.optimizer_step(loss, micro)
+                run.after_step(loss, stop, signals.signum)
+            if run.result.stopped == "data_exhausted" and run.step > run.start_step:
+                run.checkpoint()
+        run.finish()
     finally:
-        bar.close()
-        logger.close()
+        run.close()
+    run.result.compute = run.compute.summary(**run.compute_extra())
+    return run.result
+
+
+class _Run:
+    """What one call of `train` shares between its steps: the model, optimizer, schedule,
+    data, records and the step counter."""
+
+    def __init__(self, model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig,
+                 out_dir: Path, eval_batches: Iterable[Batch] | None,
+                 resume: bool | str | Path, max_steps: int | None,
+                 on_step: Callable[[int, dict[str, Any]], None] | None, hint: str):
+        self.cfg, self.out_dir, self.batches, self.hint = cfg, out_dir, batches, hint
+        self.eval_batches, self.on_step = eval_batches, on_step
+        self.env = env = init_distributed(cfg.device)
+        self.precision = resolve_precision(cfg.precision, env.device)
+        self.model = model.to(env.device)
+        model.train()
+        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay,
+                                         (cfg.beta1, cfg.beta2), cfg.eps, cfg.layer_decay)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps,
+                                         cfg.steps, cfg.min_lr_ratio)
+        if env.is_main:  # what a kill during a save left behind
+            clean_staging(out_dir / CHECKPOINTS)
+            clean_staging(out_dir.parent, out_dir.name)
+        sources = _resume_sources(out_dir, resume, hint)
+        self.source, state = None, {}
+        if sources:
+            self.source, state = resume_checkpoint(sources, model, self.optimizer,
+                                                   self.scheduler, batches, env)
+        else:
+            seed_everything(cfg.seed + env.rank)
+        self.step = self.start_step = int(state.get("step", 0))
+        self.drawn = int(state.get("batches", 0))  # micro-batches taken from `batches` so far
+        self.end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+        self.compute = ComputeMeter(model, state.get("compute"), step=self.step,
+                                    **self.compute_extra(with_steps=False))
+        self.result = TrainResult(out_dir, self.step, self.start_step, checkpoint=self.source)
+        self.net = wrap_model(model, env)
+        self.logger = MetricsLogger(out_dir, env.is_main, cfg.tensorboard,
+                                    self.start_step if self.source is not None else None)
         if env.is_main:
-            compute.write(out_dir, **_compute_extra(precision, env, step))
-            if cfg.plot:
+            log.info("training %s parameters on %s in %s (precision %s) from step %d to %d",
+                     f"{model.num_parameters():,}", describe_device(env.device, env.world_size),
+                     self.precision, cfg.precision, self.step, self.end)
+        self.evals_on = eval_batches is not None and cfg.eval_every > 0
+        self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                        disable=not (env.is_main and cfg.progress))
+        self.data = iter(batches)
+        self.session_start, self.session_tokens = time.perf_counter(), 0
+        self.window: list[float] = []
+
+    def next_micro_batches(self) -> list[Batch] | None:
+        """The step's `grad_accum` micro-batches on the device; None when the data ran out."""
+        try:
+            micro = [_to(next(self.data), self.env.device) for _ in range(self.cfg.grad_accum)]
+            self.drawn += self.cfg.grad_accum
+            return micro
+        except StopIteration:
+            self.result.stopped = "data_exhausted"
+            if self.env.is_main:
+                log.warning("the training data ran out at step %d of %d", self.step,
+                            self.cfg.steps)
+            return None
+
+    def accumulate(self, micro: list[Batch], stop: bool) -> tuple[float, bool]:
+        """Forward and backward over the micro-batches, each loss sum scaled by the number of
+        targets of the whole step (all micro-batches, all ranks). Returns the step's mean
+        loss and whether any rank was asked to stop."""
+        env, model = self.env, self.model
+        targets = [model.num_targets(b["labels"]) for b in micro]
+        counts = torch.tensor([sum(targets), sum(map(count_tokens, micro))],
+                              dtype=torch.float64, device=env.device)
+        n_targets, self.n_tokens = all_reduce_sum(counts, env).tolist()
+        scale = env.world_size / max(n_targets, 1.0)
+        total = torch.zeros((), device=env.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = self.net.no_sync() if env.distributed and not last else \
+                contextlib.nullcontext()
+            with sync:
+                with autocast(self.precision, env.device):
+                    out = self.net(**batch)
+                (out.loss_sum * scale).backward()
+            total += out.loss_sum.detach().float()
+        loss_sum, stop = reduce_loss_and_stop_flag(total, stop, env)
+        return (loss_sum / max(n_targets, 1.0)).item(), stop
+
+    def optimizer_step(self, loss: float, micro: list[Batch]) -> None:
+        """Check the loss and the gradient norm, clip, step AdamW and the schedule."""
+        if not math.isfinite(loss):
+            raise TrainingDiverged(_diverged("loss", loss, self.step + 1, self.out_dir))
+        self.grad_norm = float(clip_gradients(self.model, self.cfg.grad_clip))
+        if not math.isfinite(self.grad_norm):
+            raise TrainingDiverged(_diverged("gradient norm", self.grad_norm, self.step + 1,
+                                             self.out_dir))
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = self.result.step = self.step + 1
+        self.compute.add(int(self.n_tokens), micro[0]["input_ids"].shape[1])
+        self.session_tokens += int(self.n_tokens)
+
+    def after_step(self, loss: float, stop: bool, signum: int | None) -> None:
+        """Record the step; on a stop signal save and raise; evaluate and save on schedule."""
+        cfg, step = self.cfg, self.step
+        self.result.losses.append(loss)
+        self.window.append(loss)
+        elapsed = time.perf_counter() - self.session_start
+        record = {"split": "train", "step": step, "loss": loss, "lr": self.lr,
+                  "grad_norm": self.grad_norm, "tokens": self.compute.tokens,
+                  "flops": self.compute.flops, "tokens_per_s": self.session_tokens / elapsed,
+                  "elapsed_s": self.compute.wall_time_s}
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                             refresh=False)
+        if step % cfg.log_every == 0 or step == self.end:
+            self.logger.log({**record, "loss": sum(self.window) / len(self.window)})
+            self.window.clear()
+        if stop:
+            path = self.checkpoint()
+            name = signal.Signals(signum or signal.SIGINT).name
+            message = (f"{name} received: stopped at step {step}; checkpoint saved to {path}. "
+                       f"Continue with {self.hint}.")
+            if self.env.is_main:
+                tqdm.write(message)
+            raise TrainingInterrupted(message, path)
+        if self.evals_on and (step % cfg.eval_every == 0 or step == cfg.steps):
+            self.evaluate()
+        if (cfg.save_every and step % cfg.save_every == 0) or step == self.end:
+            self.checkpoint()
+        if self.on_step is not None:
+            self.on_step(step, record)
+
+    def evaluate(self) -> None:
+        record = {"split": "valid", "step": self.step,
+                  **evaluate(self.model, self.eval_batches, self.precision, self.env)}
+        self.logger.log(record)
+        self.result.evals.append(record)
+        if self.env.is_main and self.cfg.progress:
+            tqdm.write(f"step {self.step}: validation loss {record['loss']:.4f}, "
+                       f"perplexity {record['perplexity']:.2f}")
+
+    def checkpoint(self) -> Path:
+        extra = {"compute": self.compute.state_dict(), "batches": self.drawn}
+        path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer,
+                               self.scheduler, self.batches, self.env,
+                               self.cfg.keep_checkpoints, extra)
+        self.result.checkpoint = path
+        if self.env.is_main:
+            self.compute.write(self.out_dir, **self.compute_extra())
+        return path
+
+    def finish(self) -> None:
+        """Save the final model once all steps are done (or the data ran out)."""
+        if self.step >= self.cfg.steps or self.result.stopped == "data_exhausted":
+            if self.env.is_main:
+                save(unwrap(self.model), self.out_dir)
+        elif self.step == self.end:
+            self.result.stopped = "max_steps"
+
+    def close(self) -> None:
+        self.bar.close()
+        self.logger.close()
+        if self.env.is_main:
+            self.compute.write(self.out_dir, **self.compute_extra())
+            if self.cfg.plot:
                 try:
-                    plot_curves(out_dir)
+                    plot_curves(self.out_dir)
                 except Exception as e:  # a plot must never hide the real outcome
                     log.warning("could not draw the loss curve: %s", e)
-    result.compute = compute.summary(**_compute_extra(precision, env, step))
-    return result
 
-
-def _compute_extra(precision: str, env: DistEnv, step: int) -> dict[str, Any]:
-    """What the run ran on, as resolved (precision "auto" is written as what it chose)."""
-    return {"steps": step, "device": describe_device(env.device, env.world_size),
-            "torch_device": str(env.device), "world_size": env.world_size,
-            "precision": precision}
+    def compute_extra(self, with_steps: bool = True) -> dict[str, Any]:
+        """What the run ran on, as resolved (precision "auto" is written as what it chose)."""
+        env = self.env
+        extra = {"device": describe_device(env.device, env.world_size),
+                 "torch_device": str(env.device), "world_size": env.world_size,
+                 "precision": self.precision}
+        return {"steps": self.step, **extra} if with_steps else extra
 
 
 def _diverged(what: str, value: float, step: int, out_dir: Path) -> str:

@@ -13,8 +13,6 @@ from typing import Any
 
 import torch
 
-from lmkit.flops import flops_per_token, num_parameters
-
 log = logging.getLogger("lmkit")
 METRICS, COMPUTE, CURVE, TENSORBOARD = "metrics.jsonl", "compute.json", "loss.png", "tensorboard"
 
@@ -134,12 +132,15 @@ def describe_device(device: torch.device, world_size: int = 1) -> str:
 
 
 class ComputeMeter:
-    """Tokens, training FLOPs (`lmkit.flops.flops_per_token` x tokens: the Kaplan 6N
-    approximation plus attention) and wall time, summed over every session of a run (a
-    resumed run starts from the totals saved in its checkpoint)."""
+    """Tokens, training FLOPs (`Model.flops_per_token(seq_len)` x tokens: from what trains,
+    6N for full training, about 2N for a frozen body, 4N for LoRA) and wall time, summed over
+    every session of a run (a resumed run starts from the totals saved in its checkpoint).
+    `segments` records each session: its steps, hardware, precision and share of the totals."""
 
-    def __init__(self, config: Any, state: dict[str, Any] | None = None):
-        self.config = config
+    def __init__(self, model: Any, state: dict[str, Any] | None = None, *, step: int = 0,
+                 device: str = "", torch_device: str = "", world_size: int = 1,
+                 precision: str = ""):
+        self.model = model
         state = state or {}
         self.tokens = int(state.get("tokens", 0))
         self.flops = float(state.get("flops", 0.0))
@@ -147,6 +148,16 @@ class ComputeMeter:
         self._start = time.perf_counter()
         self.sessions = int(state.get("sessions", 0)) + 1
         self._per_token: dict[int, float] = {}
+        self.segments = list(state.get("segments", []))
+        if state and not self.segments:  # saved before segments were recorded
+            self.segments = [{"start_step": 0, "end_step": step, "device": None,
+                              "torch_device": None, "world_size": None, "precision": None,
+                              "tokens": self.tokens,
+                              "flops": self.flops, "wall_time_s": self._wall_before}]
+        self.segment = {"start_step": step, "end_step": step, "device": device,
+                        "torch_device": torch_device, "world_size": world_size,
+                        "precision": precision, "tokens": 0,
+                        "flops": 0.0, "wall_time_s": 0.0}
 
     @property
     def wall_time_s(self) -> float:
@@ -154,27 +165,34 @@ class ComputeMeter:
 
     def flops_per_token(self, seq_len: int) -> float:
         if seq_len not in self._per_token:
-            self._per_token[seq_len] = float(flops_per_token(self.config, seq_len))
+            self._per_token[seq_len] = float(self.model.flops_per_token(seq_len))
         return self._per_token[seq_len]
 
     def add(self, tokens: int, seq_len: int) -> float:
-        """Count `tokens` trained on in rows of `seq_len`; returns their FLOPs."""
+        """Count `tokens` trained on in rows of `seq_len` (one more step); returns their
+        FLOPs."""
         flops = tokens * self.flops_per_token(seq_len)
         self.tokens += tokens
         self.flops += flops
+        self.segment["tokens"] += tokens
+        self.segment["flops"] += flops
+        self.segment["end_step"] += 1
         return flops
 
     def state_dict(self) -> dict[str, Any]:
+        segment = {**self.segment, "wall_time_s": time.perf_counter() - self._start}
         return {"tokens": self.tokens, "flops": self.flops, "wall_time_s": self.wall_time_s,
-                "sessions": self.sessions}
+                "sessions": self.sessions, "segments": [*self.segments, segment]}
 
     def summary(self, **extra: Any) -> dict[str, Any]:
-        cfg, wall = self.config, self.wall_time_s
+        wall = self.wall_time_s
         return {**self.state_dict(),
                 "tokens_per_s": self.tokens / wall if wall else 0.0,
                 "flops_per_s": self.flops / wall if wall else 0.0,
-                "parameters": num_parameters(cfg),
-                "non_embedding_parameters": num_parameters(cfg, include_embeddings=False),
+                "parameters": self.model.num_parameters(),
+                "non_embedding_parameters": self.model.num_parameters(include_embeddings=False),
+                "trainable_parameters": sum(p.numel() for p in self.model.parameters()
+                                            if p.requires_grad),
                 **extra}
 
     def write(self, out_dir: str | Path, **extra: Any) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 
 import torch
@@ -12,26 +11,14 @@ from torch import nn
 SCHEDULES = ("cosine", "linear", "constant")
 
 
-def layer_depth(name: str, num_layers: int, encoder_layers: int) -> int:
-    """0 for embeddings, 1..L for blocks (encoder first, then decoder), L+1 for the rest
-    (final norms, head)."""
-    m = re.match(r"(encoder|decoder)\.layers\.(\d+)\.", name)
-    if m:
-        offset = encoder_layers if m.group(1) == "decoder" else 0
-        return offset + int(m.group(2)) + 1
-    if name.startswith("tokens.") or re.match(r"(encoder|decoder)\.(positions|types|embed_norm|"
-                                              r"relative_bias)\.", name):
-        return 0
-    return num_layers + 1
-
-
 def lr_scales(model: nn.Module, decay: float | None) -> dict[str, float]:
-    """Per-parameter multipliers of the base learning rate (all 1.0 without decay)."""
-    cfg = model.config
-    total = cfg.encoder_layers + cfg.decoder_layers
-    return {name: 1.0 if not decay else
-            decay ** (total + 1 - layer_depth(name, total, cfg.encoder_layers))
-            for name, _ in model.named_parameters()}
+    """Per-parameter multipliers of the base learning rate (all 1.0 without decay): the
+    head and final norms keep the base rate, each depth below (`Model.depth_groups`: blocks,
+    then embeddings) gets `decay` times the rate of the one above."""
+    depths = model.parameter_depths()
+    top = len(model.depth_groups()) - 1
+    return {name: 1.0 if not decay else decay ** (top - depth)
+            for name, depth in depths.items()}
 
 
 def param_groups(model: nn.Module, weight_decay: float, lr: float,

@@ -43,9 +43,6 @@ from lmkit.train.state import list_checkpoints, seed_everything
 
 CONFIG_FILE, TOKENIZER_DIR = "pretrain_config.yaml", "tokenizer"
 TOKENIZER_SPEC = re.compile(r"(bpe|wordpiece|unigram):(\d+)")
-OBJECTIVES = {"causal": "decoder", "mlm": "encoder", "span": "encoder-decoder",
-              "infilling": "encoder-decoder"}
-DEFAULT_OBJECTIVE = {"decoder": "causal", "encoder": "mlm", "encoder-decoder": "span"}
 T = TypeVar("T")
 
 
@@ -93,6 +90,46 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"tokenizer={self.tokenizer!r}: a {match.group(1)} vocabulary "
                              f"needs at least {min_vocab_size(match.group(1))} tokens (the "
                              "alphabet and the special tokens)")
+
+
+@dataclass(frozen=True)
+class ObjectiveChoice:
+    """A pretraining objective: the family it trains, how it is built from the tokenizer
+    and the run config, and whether it is the family's default (objective="auto")."""
+
+    family: str
+    build: Callable[[Tokenizer, PretrainConfig, int], Objective]
+    default: bool = False
+
+
+def _masked_lm(tok: Tokenizer, cfg: PretrainConfig, seed: int) -> Objective:
+    return MaskedLM.from_tokenizer(tok, mask_prob=cfg.mask_prob, whole_word=cfg.whole_word,
+                                   seed=seed)
+
+
+def _span(tok: Tokenizer, cfg: PretrainConfig, seed: int) -> Objective:
+    return SpanCorruption.from_tokenizer(tok, noise_density=cfg.noise_density,
+                                         mean_span_length=cfg.mean_span_length, seed=seed)
+
+
+def _infilling(tok: Tokenizer, cfg: PretrainConfig, seed: int) -> Objective:
+    if tok.mask_id is None:
+        raise ValueError("text infilling needs a mask token: use a tokenizer trained for an "
+                         "encoder-decoder model (e.g. --tokenizer unigram:8000)")
+    return TextInfilling.from_tokenizer(tok, mask_prob=cfg.infill_prob,
+                                        poisson_lambda=cfg.poisson_lambda, seed=seed)
+
+
+OBJECTIVES: dict[str, ObjectiveChoice] = {
+    "causal": ObjectiveChoice("decoder", lambda tok, cfg, seed: CausalLM(seed), default=True),
+    "mlm": ObjectiveChoice("encoder", _masked_lm, default=True),
+    "span": ObjectiveChoice("encoder-decoder", _span, default=True),
+    "infilling": ObjectiveChoice("encoder-decoder", _infilling),
+}
+
+
+def default_objective(family: str) -> str:
+    return next(name for name, o in OBJECTIVES.items() if o.default and o.family == family)
 
 
 def load_config(path: str | Path | None = None,
@@ -177,19 +214,7 @@ def make_tokenizer(cfg: PretrainConfig, family: str, env: DistEnv,
 
 
 def make_objective(name: str, tok: Tokenizer, cfg: PretrainConfig, seed: int) -> Objective:
-    if name == "causal":
-        return CausalLM(seed)
-    if name == "mlm":
-        return MaskedLM.from_tokenizer(tok, mask_prob=cfg.mask_prob, whole_word=cfg.whole_word,
-                                       seed=seed)
-    if name == "span":
-        return SpanCorruption.from_tokenizer(tok, noise_density=cfg.noise_density,
-                                             mean_span_length=cfg.mean_span_length, seed=seed)
-    if tok.mask_id is None:
-        raise ValueError("text infilling needs a mask token: use a tokenizer trained for an "
-                         "encoder-decoder model (e.g. --tokenizer unigram:8000)")
-    return TextInfilling.from_tokenizer(tok, mask_prob=cfg.infill_prob,
-                                        poisson_lambda=cfg.poisson_lambda, seed=seed)
+    return OBJECTIVES[name].build(tok, cfg, seed)
 
 
 def model_config(cfg: PretrainConfig, tok: Tokenizer, objective: Objective) -> ModelConfig:
@@ -247,11 +272,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
                          f"{out}` or choose another --out")
     base = base_config(cfg.preset)
     check_seq_len(cfg, base.replace(**cfg.model))  # before any work
-    objective_name = DEFAULT_OBJECTIVE[base.family] if cfg.objective == "auto" else cfg.objective
-    if OBJECTIVES[objective_name] != base.family:
-        raise ValueError(f"the {objective_name} objective is for {OBJECTIVES[objective_name]} "
-                         f"models but {cfg.preset} is a {base.family} model; objectives by "
-                         f"family: {DEFAULT_OBJECTIVE} (encoder-decoder also: infilling)")
+    objective_name = default_objective(base.family) if cfg.objective == "auto" else cfg.objective
+    if OBJECTIVES[objective_name].family != base.family:
+        fits = {name: o.family for name, o in OBJECTIVES.items()}
+        raise ValueError(f"the {objective_name} objective is for "
+                         f"{OBJECTIVES[objective_name].family} models but {cfg.preset} is a "
+                         f"{base.family} model; objectives and their families: {fits}")
     owns_group = not dist.is_initialized()
     env = init_distributed(cfg.device)
     try:
@@ -292,7 +318,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
                        f"parameters), {objective_name} objective, {cfg.steps} steps of "
                        f"{cfg.batch_size * cfg.grad_accum * env.world_size} x {cfg.seq_len} "
                        "tokens")
-        train(model, stream, cfg, out, eval_batches, resume=resume)
+        train(model, stream, cfg, out, eval_batches, resume=resume,
+              resume_hint=f"lmkit pretrain --resume {out}")
         barrier(env)
     finally:
         if owns_group:

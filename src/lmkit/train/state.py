@@ -238,6 +238,23 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _amount(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value) and value >= 0
+
+
+def _check_compute(compute: Any) -> None:
+    """Totals are finite non-negative numbers; each session segment a flat record of
+    numbers, names and None (nothing that could smuggle in another structure)."""
+    _need(isinstance(compute, dict), "compute totals")
+    segments = compute.get("segments", [])
+    _need(all(_amount(v) for k, v in compute.items() if k != "segments"), "compute totals")
+    _need(isinstance(segments, list) and all(
+        isinstance(seg, dict) and all(v is None or isinstance(v, str) or _amount(v)
+                                      for v in seg.values()) for seg in segments),
+          "compute segments")
+
+
 def _check_state(state: Any, folder: Path, optimizer: torch.optim.Optimizer,
                  scheduler: Any) -> None:
     _need(isinstance(state, dict), "not a mapping")
@@ -256,9 +273,7 @@ def _check_state(state: Any, folder: Path, optimizer: torch.optim.Optimizer,
     batches = state.get("batches")
     _need(batches is None or _count(batches), f"batches={batches!r}")
     if "compute" in state:
-        _need(isinstance(state["compute"], dict) and all(
-            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
-            for v in state["compute"].values()), "compute totals")
+        _check_compute(state["compute"])
     ranks = state["ranks"]
     _need(isinstance(ranks, list) and len(ranks) == state["world_size"],
           "one entry per process in ranks")
