@@ -89,6 +89,11 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     return path
 
 
+def _plain_name(name: str) -> bool:
+    """A file directly in the checkpoint folder: no sub-path, no hidden or staging name."""
+    return "/" not in name and not name.startswith(".")
+
+
 def verify_files(folder: Path, meta: dict[str, str]) -> None:
     """Check the files listed in the weights' metadata (`lmkit.files`) against their CRC32."""
     if "lmkit.files" not in meta:  # written by another tool (or an older lmkit)
@@ -98,7 +103,7 @@ def verify_files(folder: Path, meta: dict[str, str]) -> None:
     except json.JSONDecodeError:
         files = None
     if not isinstance(files, dict) or not all(
-            isinstance(k, str) and "/" not in k and not k.startswith(".") for k in files):
+            isinstance(k, str) and _plain_name(k) for k in files):
         raise CheckpointError(f"{folder / WEIGHTS} has damaged metadata (lmkit.files): copy "
                               "the checkpoint again or re-save it")
     for name, digest in files.items():
@@ -130,7 +135,7 @@ def verify_manifest(folder: Path) -> None:
         raise CheckpointError(f"{folder / MANIFEST} is damaged: it does not list files")
     for name, entry in files.items():
         file = folder / name
-        if "/" in name or name.startswith(".") or not file.is_file():
+        if not _plain_name(name) or not file.is_file():
             raise CheckpointError(f"{folder} lacks {name}, listed in its {MANIFEST}")
         if file.stat().st_size != entry["bytes"] or file_crc(file) != entry.get("crc32"):
             raise CheckpointError(f"{file} is corrupted: it does not match the checksum in "

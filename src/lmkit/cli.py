@@ -84,19 +84,29 @@ def command(name: str, help: str, arguments: Any):
     return register
 
 
-def _device_args(p: argparse.ArgumentParser, device: str | None = "auto",
-                 dtype: str | None = "auto", weights: bool = True) -> None:
-    """--device, and --dtype (the weights' format) where the command holds weights to run or
-    write them; training commands have --precision instead. None defaults leave the choice to
-    the config (device) or the checkpoint (dtype)."""
+def _device_flag(p: argparse.ArgumentParser, device: str | None) -> None:
+    """--device; a None default leaves the choice to the run config."""
     p.add_argument("--device", type=_value(str, _device_option, "device"), default=device,
                    help="auto (the GPU if there is one) | cpu | "
                    f"cuda | cuda:N (default: {device or 'the config, else auto'})")
-    if weights:
-        p.add_argument("--dtype", type=_value(str, _device_option, "dtype"), default=dtype,
-                       help="weights: auto (as stored where the "
-                       "device computes that natively, else fp32) | fp32 | bf16 | fp16 (GPU "
-                       f"only) (default: {dtype or 'as stored'})")
+
+
+def _training_device_args(p: argparse.ArgumentParser, fields: Any) -> None:
+    """--precision (bf16 autocast or fp32) and --device of a training command."""
+    p.add_argument("--precision", type=_value(str, fields, "precision"),
+                   help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
+    _device_flag(p, None)
+
+
+def _device_args(p: argparse.ArgumentParser, device: str = "auto",
+                 dtype: str | None = "auto") -> None:
+    """--device and --dtype (the format the weights are held in) of a command that runs or
+    writes a checkpoint; a None dtype keeps the checkpoint's."""
+    _device_flag(p, device)
+    p.add_argument("--dtype", type=_value(str, _device_option, "dtype"), default=dtype,
+                   help="weights: auto (as stored where the "
+                   "device computes that natively, else fp32) | fp32 | bf16 | fp16 (GPU "
+                   f"only) (default: {dtype or 'as stored'})")
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
@@ -171,9 +181,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="optimizer steps (overrides --epochs)")
     p.add_argument("--lr", type=_value(float, _FINETUNE, "lr"))
     p.add_argument("--batch-size", type=_value(int, _FINETUNE, "batch_size"))
-    p.add_argument("--precision", type=_value(str, _FINETUNE, "precision"),
-                   help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
-    _device_args(p, device=None, weights=False)
+    _training_device_args(p, _FINETUNE)
     p.add_argument("--config", help="YAML file of FinetuneConfig fields")
     p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run in this folder "
                    "(with its saved checkpoint and config; flags and --set change fields)")
@@ -259,9 +267,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_value(int, _PRETRAIN, "batch_size"))
     p.add_argument("--seq-len", type=_value(int, _PRETRAIN, "seq_len"))
     p.add_argument("--lr", type=_value(float, _PRETRAIN, "lr"))
-    p.add_argument("--precision", type=_value(str, _PRETRAIN, "precision"),
-                   help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
-    _device_args(p, device=None, weights=False)
+    _training_device_args(p, _PRETRAIN)
     p.add_argument("--out", help="run folder")
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -345,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except BaseException as e:
-        report = error_line(e) if not isinstance(e, SystemExit) else None
+        report = error_line(e)
         if report is None:
             raise
         if args.debug:

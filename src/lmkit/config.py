@@ -33,8 +33,6 @@ class Head:
     """What the code needs to know about a task head: one row of `HEADS` per head.
 
     module: the class in lmkit.model.heads (None: no head, the model returns hidden states).
-    loss: "token" (a label per position, cross-entropy over positions) or "sequence" (one
-        label per row); None without a head.
     tied_output: its output projection can share the token embeddings (`tie_embeddings`).
     needs_label_names: its outputs are the class / tag names in `config.label_names`.
     pooled: it reads one vector per sequence (`config.pooling` says which).
@@ -44,7 +42,6 @@ class Head:
     """
 
     module: str | None
-    loss: str | None = "token"
     tied_output: bool = False
     needs_label_names: bool = False
     pooled: bool = False
@@ -53,11 +50,10 @@ class Head:
 
 
 HEADS: dict[str, Head] = {
-    "none": Head(None, loss=None),
+    "none": Head(None),
     "lm": Head("LMHead", tied_output=True, shifts_labels=True),
     "mlm": Head("MLMHead", tied_output=True, families=("encoder", "encoder-decoder")),
-    "classification": Head("ClassificationHead", loss="sequence", needs_label_names=True,
-                           pooled=True),
+    "classification": Head("ClassificationHead", needs_label_names=True, pooled=True),
     "token-classification": Head("TokenClassificationHead", needs_label_names=True),
 }
 

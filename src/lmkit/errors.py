@@ -139,8 +139,6 @@ def reading(path: str | os.PathLike, error: type[LmkitError], what: str,
 def disk_full(e: BaseException, path: str | os.PathLike) -> bool:
     """True when `e` (from a writer that hides the OSError, such as torch.save or
     safetensors) happened because the file system holding `path` is full."""
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
     if os.strerror(errno.ENOSPC) in str(e):  # safetensors: "... (os error 28)"
         return True
     folder = os.path.abspath(path)

@@ -16,7 +16,6 @@ from lmkit.checkpoint import (
     CONFIG,
     TOKENIZER,
     WEIGHTS,
-    CheckpointError,
     read_metadata,
     read_tensors,
     save,
@@ -25,6 +24,7 @@ from lmkit.checkpoint import (
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
+from lmkit.errors import CheckpointError
 from lmkit.model import Model, build
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer

@@ -20,12 +20,12 @@ import tokenizers
 import torch
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from lmkit.checkpoint import DTYPES, CheckpointError, check_layers
+from lmkit.checkpoint import DTYPES, check_layers
 from lmkit.config import ModelConfig
 from lmkit.convert.hf import check_vocab, new_head_parts, retarget
 from lmkit.convert.tables import Table, expand, layer_names, to_lmkit_names
 from lmkit.device import resolve_device, weight_dtype
-from lmkit.errors import reading
+from lmkit.errors import CheckpointError, reading
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 
@@ -202,17 +202,17 @@ def _read_file(gguf: Any, path: Path, head: str | None, label_names: list[str] |
     dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
     try:
         source = config_from_gguf(meta, shapes, dtype_name)
+    except CheckpointError:
+        raise
     except (TypeError, ValueError) as e:
-        if isinstance(e, CheckpointError):
-            raise
         raise CheckpointError(f"{path}: the GGUF metadata does not describe a valid model "
                               f"({e})") from None
     check_layers(source, shapes, path, layer_names(_TABLE))  # before anything per layer
     cfg = retarget(source, head, label_names)
-    tied = cfg.tied_output
     ignore = () if cfg is source else (r"output\.weight",)
     # Rename first (values are the lazy reader tensors), then dequantize one tensor at a time.
-    lazy = to_lmkit_names({t.name: t for t in reader.tensors}, expand(_TABLE, cfg), ignore, tied)
+    lazy = to_lmkit_names({t.name: t for t in reader.tensors}, expand(_TABLE, cfg), ignore,
+                          cfg.tied_output)
     tensors: dict[str, torch.Tensor] = {}
     for name in list(lazy):
         w = _dequantize(gguf, lazy.pop(name))

@@ -3,9 +3,9 @@
 A family module (hf_bert, hf_gpt2, hf_llama, hf_bart, hf_t5) describes each of its HF
 `model_type`s with a `Spec`: config translation both ways, a table of tensor names, and the few
 tensor transforms the format needs. This module does the rest once: read a folder (single or
-sharded safetensors, or a pickle only when allowed), apply a table in either direction, build
-the model through `lmkit.model.build` (meta device + adopt, so weights are in memory once),
-and write a folder that `transformers` loads. Applying a table is `lmkit.convert.tables`.
+sharded safetensors, or a pickle only when allowed), build the model through
+`lmkit.model.build` (meta device + adopt, so weights are in memory once), and write a folder
+that `transformers` loads. Applying a table is `lmkit.convert.tables`.
 
 HF names in the tables are written without the base-model prefix ("bert.", "model.",
 "transformer."); it is stripped on reading and added on writing for head models.

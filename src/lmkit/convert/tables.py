@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from lmkit.checkpoint import CheckpointError
 from lmkit.config import ModelConfig
+from lmkit.errors import CheckpointError
 
 Table = list[tuple[str, str | tuple[str, ...]]]
 Tensors = dict[str, torch.Tensor]
@@ -57,8 +57,9 @@ def _lookup(name: str, mapping: dict[str, Any]) -> tuple[Any, str] | None:
 
 def to_lmkit_names(tensors: Tensors, table: dict[str, tuple[str, ...]], ignore: tuple[str, ...],
                    tied: bool) -> Tensors:
-    """Rename HF tensors to lmkit names. Tied copies and ignored tensors are dropped; tensors
-    the table does not know keep their HF name, so `check_tensors` reports them."""
+    """Rename foreign (HF, GGUF) tensors to lmkit names. Tied copies and ignored tensors are
+    dropped; tensors the table does not know keep their foreign name, so `check_tensors`
+    reports them."""
     reverse = {alt: (lm, rank) for lm, alts in table.items() for rank, alt in enumerate(alts)}
     out: Tensors = {}
     rank_of: dict[str, int] = {}

@@ -4,7 +4,6 @@ options; without one the task is inferred from the model's head."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 from lmkit.loading import load
 from lmkit.model import Model
 from lmkit.tasks import TASKS, Task
+from lmkit.textfiles import read_json
 
 TASK_FILE = "task.json"
 
@@ -21,7 +21,7 @@ def _run_task(run_dir: str | Path, task_name: str | None = None, device: str = "
               dtype: str | torch.dtype | None = "auto", **options: Any) -> tuple[Model, Task]:
     run_dir = Path(run_dir)
     model = load(run_dir, dtype=dtype, device=device)
-    info = json.loads((run_dir / TASK_FILE).read_text()) if (run_dir / TASK_FILE).exists() \
+    info = read_json(run_dir / TASK_FILE, "task file") if (run_dir / TASK_FILE).exists() \
         else {}
     name = task_name or info.get("task") or _task_for(model)
     if name not in TASKS:

@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import yaml
 
 from lmkit.config import DEFAULT_POOLING, HEADS, POOLINGS
 from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
@@ -37,7 +35,7 @@ from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
 from lmkit.train.distributed import launch_ranks
 from lmkit.train.loop import TrainConfig, train
-from lmkit.train.options import read_config
+from lmkit.train.options import read_config, read_yaml, save_config
 from lmkit.train.state import list_checkpoints
 
 log = logging.getLogger("lmkit")
@@ -143,8 +141,6 @@ class FinetuneResult:
 
 def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, list, list]:
     """Load the checkpoint with the task's head, read and check the data."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"unknown task {cfg.task!r}; choose one of {sorted(TASKS)}")
     base = load(checkpoint)
     task = TASKS[cfg.task](base.tokenizer, base.config, **cfg.options())
     train_examples = task.read(cfg.train, limit=cfg.train_limit)
@@ -182,7 +178,8 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
     _claim(out, resume, overwrite)
     torch.manual_seed(cfg.seed)
     model, task, train_examples, dev_examples = prepare(checkpoint, cfg)
-    if not resume and launch_ranks()[0] == 0:
+    rank, world, _ = launch_ranks()
+    if not resume and rank == 0:
         _save_run_config(out, checkpoint, cfg)
     lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
     counts = apply_scheme(model, cfg.scheme, top_k=cfg.top_k, lora=lora)
@@ -190,7 +187,6 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
              ", ".join(model.new_tensors) or "none", f"{counts['trainable']:,}",
              f"{counts['total']:,}", cfg.scheme)
     features = [task.features(e) for e in train_examples]
-    rank, world, _ = launch_ranks()
     pad = model.config.fill_id()
     batches = TaskBatches(features, pad, cfg.batch_size, cfg.max_tokens, cfg.seed, rank, world)
     steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(cfg.epochs * len(batches)
@@ -238,7 +234,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> Fine
     if not file.is_file():
         raise FileNotFoundError(f"{run_dir} has no {CONFIG_FILE}: it is not a run folder "
                                 "written by `lmkit finetune`")
-    saved = yaml.safe_load(file.read_text())
+    saved = read_yaml(file)
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}  # None: not given
     cfg = read_config(FinetuneConfig, None, {**saved["config"], **changes, "out": str(run_dir)})
     return finetune(saved["checkpoint"], cfg, resume=True)
@@ -267,10 +263,7 @@ def _save_run_config(out: Path, checkpoint: str | Path, cfg: FinetuneConfig) -> 
     """What `resume` reads: the base checkpoint and the config, written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     base = Path(checkpoint).resolve() if Path(checkpoint).exists() else checkpoint
-    tmp = out / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump({"checkpoint": str(base), "config": dataclasses.asdict(cfg)},
-                                  sort_keys=False))
-    os.replace(tmp, out / CONFIG_FILE)
+    save_config({"checkpoint": str(base), "config": dataclasses.asdict(cfg)}, out / CONFIG_FILE)
 
 
 def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Task,

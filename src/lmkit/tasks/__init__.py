@@ -11,6 +11,7 @@
 """
 
 from lmkit.data.batches import collate, length_grouped_batches, padding_fraction
+from lmkit.errors import DataError
 from lmkit.tasks.alignment import (
     Span,
     align_labels,
@@ -21,7 +22,6 @@ from lmkit.tasks.alignment import (
 )
 from lmkit.tasks.formats import (
     ClassificationExample,
-    DataError,
     GenerationExample,
     Seq2SeqExample,
     TokenClassificationExample,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from lmkit.errors import DataError
-from lmkit.textfiles import read_jsonl, read_lines
+from lmkit.textfiles import PathLike, read_jsonl, read_lines
 
-PathLike = str | os.PathLike
 TAG = re.compile(r"O|[BI]-\S+")
 
 # Column names tried, in order, when the caller names none (GLUE, SNLI, SST, IMDb, ...).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmkit.config import IGNORE_INDEX
-from lmkit.data.batches import collate
+from lmkit.data.batches import collate, length_grouped_batches
 from lmkit.generate import generate
 from lmkit.model import Model
 from lmkit.tasks.formats import GenerationExample, Seq2SeqExample, read_generation, read_seq2seq
@@ -85,10 +85,9 @@ class Seq2SeqTask(Task):
     def predict(self, model: Model, inputs: Sequence[str], batch_size: int = 32) -> list[str]:
         """Generated text for each source (beam search, `num_beams` option, default 4)."""
         prompts = [self.prompt(s) for s in inputs]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list[str] = [""] * len(prompts)
-        for lo in range(0, len(order), batch_size):
-            idx = order[lo:lo + batch_size]
+        lengths = [len(p) for p in prompts]
+        for idx in length_grouped_batches(lengths, batch_size, shuffle=False):
             gen = generate(model, [prompts[i] for i in idx], num_beams=self.options.num_beams,
                            max_new_tokens=self.options.max_new_tokens, eos_id=self.eos)
             for i, seq in zip(idx, gen.sequences):

@@ -322,7 +322,7 @@ class _Run:
         self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=not (env.is_main and cfg.progress))
         self.data = iter(batches)
-        self.session_start, self.session_tokens = time.perf_counter(), 0
+        self.session_start = time.perf_counter()
         self.window: list[float] = []
 
     def next_micro_batches(self) -> list[Batch] | None:
@@ -375,7 +375,6 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         self.step = self.result.step = self.step + 1
         self.compute.add(int(self.n_tokens), micro[0]["input_ids"].shape[1])
-        self.session_tokens += int(self.n_tokens)
 
     def after_step(self, loss: float, stop: bool, signum: int | None) -> None:
         """Record the step; on a stop signal save and raise; evaluate and save on schedule."""
@@ -383,9 +382,10 @@ class _Run:
         self.result.losses.append(loss)
         self.window.append(loss)
         elapsed = time.perf_counter() - self.session_start
+        session_tokens = self.compute.segment["tokens"]  # this session's, not the run's
         record = {"split": "train", "step": step, "loss": loss, "lr": self.lr,
                   "grad_norm": self.grad_norm, "tokens": self.compute.tokens,
-                  "flops": self.compute.flops, "tokens_per_s": self.session_tokens / elapsed,
+                  "flops": self.compute.flops, "tokens_per_s": session_tokens / elapsed,
                   "elapsed_s": self.compute.wall_time_s}
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",

@@ -177,12 +177,13 @@ def _build(cls: type[C], values: dict[str, Any], overrides: dict[str, Any] | Non
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a config dataclass as YAML (what `read_config` reads back), atomically: a kill
-    leaves the previous file or the new one, never a truncated one."""
+    """Write a config dataclass (or a mapping) as YAML (what `read_config` / `read_yaml` read
+    back), atomically: a kill leaves the previous file or the new one, never a truncated one."""
     path = Path(path)
+    data = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        f.write(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        f.write(yaml.safe_dump(data, sort_keys=False))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
