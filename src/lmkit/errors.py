@@ -55,6 +55,26 @@ class TrainingDiverged(LmkitError, RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the step was not applied."""
 
 
+class MissingExtra(LmkitError, ImportError):
+    """A feature needs an optional package that is not installed; the message names the
+    extra that brings it (``pip install 'lmkit[extra]'``)."""
+
+
+def require(module: str, extra: str, feature: str = ""):
+    """Import an optional dependency, or raise :class:`MissingExtra` naming the extra to
+    install. ``feature`` says what needed it (e.g. "MLflow tracking")."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        what = f"{feature} needs" if feature else "this needs"
+        raise MissingExtra(
+            f"{what} the optional package {module.split('.')[0]!r}, which is not installed: "
+            f"pip install 'lmkit[{extra}]' (or 'lmkit[all]')"
+        ) from e
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Stopped by SIGINT/SIGTERM after saving a checkpoint (`.checkpoint`)."""
 
