@@ -8,6 +8,7 @@ neither imports the other; a new source (a registry name, say) is one more branc
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +31,23 @@ from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
 
 
+@dataclass(frozen=True)
+class Located:
+    """What a checkpoint reference points to: the local file or folder to read, and where it
+    came from (`origin`, recorded in a run's lineage): ``{"kind": "path", "path": ...}``."""
+
+    path: Path
+    origin: dict = field(default_factory=dict)
+
+
+def locate(ref: str | Path) -> Located:
+    """Resolve a checkpoint reference (what a user passes to `load`, `finetune`, `pipeline`)
+    to a local path and its origin. Every entry point resolves through here, so a new kind of
+    reference (a registry name, a Hugging Face repo id in the local cache) is one branch."""
+    path = Path(ref)
+    return Located(path, {"kind": "path", "path": str(path.resolve())})
+
+
 def load(path: str | Path, *, head: str | None = None, label_names: list[str] | None = None,
          dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
          allow_pickle: bool = False) -> Model:
@@ -45,7 +63,7 @@ def load(path: str | Path, *, head: str | None = None, label_names: list[str] | 
     `dtype`: None keeps the stored dtype; "auto" keeps it where `device` computes it natively,
     else fp32; "fp32" / "bf16" / "fp16" (GPU only) or a torch.dtype. `device`: "cpu", "auto"
     (the GPU if there is one), "cuda" or "cuda:N"."""
-    path = Path(path)
+    path = locate(path).path
     if path.suffix.lower() == ".gguf":
         return load_gguf(path, head=head, label_names=label_names, dtype=dtype,
                          device=device)
