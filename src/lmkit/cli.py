@@ -72,6 +72,14 @@ def _device_option(name: str, value: str) -> None:
         as_dtype(value)
 
 
+def _convert_dtype(name: str, value: str) -> None:
+    """convert's --dtype: a torch dtype name, or a GGUF weight type (q8_0, f16, f32)."""
+    from lmkit.loading import GGUF_DTYPES
+
+    if value not in GGUF_DTYPES:
+        _device_option(name, value)
+
+
 _PRETRAIN = _config_field("lmkit.train.pretrain:PretrainConfig")
 _FINETUNE = _config_field("lmkit.finetune.run:FinetuneConfig")
 
@@ -298,13 +306,16 @@ def pretrain(args: argparse.Namespace) -> None:
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint: lmkit or Hugging Face folder, or a .gguf file")
-    p.add_argument("dst", help="folder to write")
-    p.add_argument("--to", choices=("hf", "lmkit"), default="hf")
+    p.add_argument("dst", help="folder to write (a .gguf file with --to gguf)")
+    p.add_argument("--to", choices=("hf", "lmkit", "gguf"), default="hf")
     p.add_argument("--model-type", help="HF model_type to write (default: the natural one "
                    "for the architecture)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading pytorch_model.bin (torch.load with weights_only=True)")
-    _device_args(p, device="cpu", dtype=None)
+    _device_flag(p, "cpu")
+    p.add_argument("--dtype", type=_value(str, _convert_dtype, "dtype"), default=None,
+                   help="weights written: fp32 | bf16 | fp16, or with --to gguf also q8_0 "
+                   "(8-bit blocks; f32 / f16 accepted) (default: as stored)")
 
 
 @command("convert", "convert a checkpoint to a Hugging Face folder or an lmkit folder",

@@ -101,11 +101,28 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
             allow_pickle: bool = False, dtype: str | torch.dtype | None = None,
             device: str = "cpu") -> Path:
     """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
-    (`to="hf"`) or an lmkit folder (`to="lmkit"`) at `dst`, its weights in `dtype` (None: as
-    stored; see `load`), read onto `device`. Returns `dst`."""
-    if to not in ("hf", "lmkit"):
-        raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder) or 'lmkit'")
+    (`to="hf"`), an lmkit folder (`to="lmkit"`) or a GGUF file (`to="gguf"`) at `dst`, its
+    weights in `dtype` (None: as stored; see `load`; GGUF also takes "q8_0"), read onto
+    `device`. Returns `dst`."""
+    if to not in ("hf", "lmkit", "gguf"):
+        raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder), 'lmkit' or 'gguf'")
+    if to == "gguf":
+        from lmkit.convert.gguf_export import save_gguf
+
+        if dtype not in (None, "auto", *GGUF_DTYPES):
+            raise ValueError(f"dtype={dtype!r} cannot be written to GGUF: choose fp32, fp16, "
+                             "bf16 or q8_0")
+        model = load(src, allow_pickle=allow_pickle, device=device)
+        stored = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(model.tokens.weight.dtype)
+        return save_gguf(model, dst, dtype=GGUF_DTYPES.get(dtype, stored or "f32"))
+    if dtype == "q8_0":
+        raise ValueError("dtype q8_0 is a GGUF weight type: use it with --to gguf")
     model = load(src, allow_pickle=allow_pickle, dtype=dtype, device=device)
     if to == "hf":
         return save_hf(model, dst, model_type=model_type)
     return save(model, dst)
+
+
+# GGUF weight types by the names --dtype takes (llama.cpp's own names too)
+GGUF_DTYPES = {"fp32": "f32", "f32": "f32", "fp16": "f16", "f16": "f16", "bf16": "bf16",
+               "q8_0": "q8_0"}

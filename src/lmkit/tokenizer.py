@@ -113,6 +113,7 @@ class Tokenizer:
             if token is not None and backend.token_to_id(token) is None:
                 raise ValueError(f"{role} token '{token}' is not in the vocabulary")
             self.roles[role] = token
+        self.chat_template: str | None = None  # Jinja text of a chat model (kept, not run here)
         self.sentinels = sorted((t for t in specials if SENTINEL.fullmatch(t)),
                                 key=lambda t: int(SENTINEL.fullmatch(t).group(1)))
 

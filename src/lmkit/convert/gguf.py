@@ -25,7 +25,7 @@ from lmkit.config import ModelConfig
 from lmkit.convert.hf import check_vocab, new_head_parts, retarget
 from lmkit.convert.tables import Table, expand, layer_names, to_lmkit_names
 from lmkit.device import resolve_device, weight_dtype
-from lmkit.errors import CheckpointError, reading
+from lmkit.errors import CheckpointError, reading, require
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 
@@ -51,14 +51,6 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
 _PRE_SPLITS = {"default": None, "gpt2": None, "gpt-2": None, "smollm": None,
                "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
-
-
-def _import_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError as e:  # an optional dependency: only GGUF import needs it
-        raise ImportError("reading GGUF files needs the `gguf` package: pip install gguf") from e
-    return gguf
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
@@ -171,7 +163,9 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
             single=f"{roles['bos']} $A", pair=f"{roles['bos']} $A {roles['bos']} $B:1",
             special_tokens=[(roles["bos"], tokens.index(roles["bos"]))]))
     backend.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
-    return Tokenizer(backend, roles)
+    tokenizer = Tokenizer(backend, roles)
+    tokenizer.chat_template = meta.get("tokenizer.chat_template")
+    return tokenizer
 
 
 def _read(path: Path, head: str | None, label_names: list[str] | None,
@@ -179,7 +173,7 @@ def _read(path: Path, head: str | None, label_names: list[str] | None,
     """Config (the file's and the one asked for), float tensors with lmkit names, metadata.
     The reader (its memory-mapped file and per-field arrays, ~2.5x the file for SmolLM2) lives
     only inside this function, so it is gone before the model is built."""
-    gguf = _import_gguf()
+    gguf = require("gguf", "gguf", "reading GGUF files")
     with _reading(path):
         return _read_file(gguf, path, head, label_names, dtype)
 
