@@ -36,6 +36,7 @@ def config(corpus: Path, out: Path, **kw) -> PretrainConfig:
     ("tiny-encoder", "wordpiece:300", "auto"),
     ("tiny-seq2seq", "unigram:300", "auto"),
     ("tiny-seq2seq", "bpe:400", "infilling"),
+    ("tiny-decoder", "char", "auto"),  # nanoGPT's character-level recipe
 ])
 def test_pretrain_end_to_end(preset, tokenizer, objective, corpus, tmp_path):
     out = pretrain(config(corpus, tmp_path / "run", preset=preset, tokenizer=tokenizer,

@@ -227,3 +227,54 @@ def test_bert_vocab_txt(tmp_path):
     assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id) == (2, 3, 4, 0)
     assert Tokenizer.from_bert_vocab(tmp_path / "vocab.txt", lowercase=False).encode(
         "Hello", add_special_tokens=False) == [1]
+
+
+# ---- character level ("char"): nanoGPT's tokenizer, with a byte fallback ---------------------
+
+def test_char_tokenizer_numbers_characters_as_nanogpt_does(tmp_path):
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    (tmp_path / "input.txt").write_text(text, encoding="utf-8")
+    tok = Tokenizer.train([tmp_path / "input.txt"], "char", None)
+    chars = sorted(set(text))  # nanoGPT's prepare.py: stoi = {ch: i for i, ch in enumerate(chars)}
+    first = tok.token_to_id(chars[0])
+    assert [tok.token_to_id(c) - first for c in chars] == list(range(len(chars)))
+    assert tok.encode("hear me") == [tok.token_to_id(c) for c in "hear me"]
+    assert tok.vocab_size == 1 + len(chars) + 256  # <|endoftext|>, the characters, the bytes
+
+
+@pytest.mark.parametrize("family", ["decoder", "encoder", "encoder-decoder"])
+def test_char_tokenizer_round_trips_any_text(corpus, family, tmp_path):
+    tok = Tokenizer.train([corpus], "char", None, family=family)
+    tok.save(tmp_path)
+    loaded = Tokenizer.from_dir(tmp_path)
+    rng = random.Random(1)
+    samples = [*TEXTS, "unseen: ∑ 漢字 🙂 Ünïcödé <0x41> ##x ▁y Ġz", "\n\n  x  \n", "",
+               "".join(chr(rng.randrange(1, 0x2FFFF)) for _ in range(300))]
+    samples = [s for s in samples if not any(0xD800 <= ord(c) < 0xE000 for c in s)]
+    for t in (tok, loaded):
+        for text in samples:
+            assert t.decode(t.encode(text)) == text
+    seen = tok.encode("the dog", add_special_tokens=False)
+    assert len(seen) == len("the dog")  # one token per character seen in training
+    assert len(tok.encode("漢", add_special_tokens=False)) == 3  # unseen: its 3 UTF-8 bytes
+
+
+def test_char_tokenizer_cap_keeps_the_most_frequent_characters(tmp_path):
+    (tmp_path / "c.txt").write_text("aaaa bbb cc d\n", encoding="utf-8")
+    tok = Tokenizer.train([tmp_path / "c.txt"], "char", 1 + 256 + 3)
+    assert [tok.token_to_id(c) is not None for c in "ab d"] == [True, True, True, False]
+    assert tok.decode(tok.encode("dab")) == "dab"  # "d" through its byte
+    with pytest.raises(TokenizerError, match="at least 257"):
+        Tokenizer.train([tmp_path / "c.txt"], "char", 100)
+
+
+def test_pretrain_accepts_the_char_spec():
+    from lmkit.train.pretrain import PretrainConfig, tokenizer_spec
+
+    assert tokenizer_spec("char") == ("char", None)
+    assert tokenizer_spec("CHAR:300") == ("char", 300)
+    assert tokenizer_spec("bpe:8000") == ("bpe", 8000)
+    assert tokenizer_spec("bpe") is None and tokenizer_spec("runs/x/tokenizer") is None
+    PretrainConfig(data=["x.txt"], tokenizer="char").validate()
+    with pytest.raises(ValueError, match="at least 257"):
+        PretrainConfig(data=["x.txt"], tokenizer="char:10").validate()

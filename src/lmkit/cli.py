@@ -268,7 +268,8 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model preset (lmkit info PRESET) or a config.json path")
     p.add_argument("--data", action="append", help="training text / JSONL file (repeatable)")
     p.add_argument("--tokenizer", type=_value(str, _PRETRAIN, "tokenizer"),
-                   help="bpe:8000 | wordpiece:N | unigram:N | a tokenizer path")
+                   help="bpe:8000 | wordpiece:N | unigram:N | char (one token per character) | a "
+                   "tokenizer path")
     p.add_argument("--objective", type=_value(str, _PRETRAIN, "objective"),
                    help="auto | causal | mlm | span | infilling")
     p.add_argument("--steps", type=_value(int, _PRETRAIN, "steps"))

@@ -1,10 +1,13 @@
 """Train and load tokenizers: a thin layer over the Hugging Face ``tokenizers`` library.
 
-Three kinds of subword model:
+Three kinds of subword model, and characters:
 
 - ``"bpe"``: GPT-2 style byte-level BPE (no unknown tokens, exact round trip);
 - ``"wordpiece"``: BERT style (BertNormalizer, BertPreTokenizer, ``##`` continuations);
-- ``"unigram"``: T5 / SentencePiece style (NFKC, Metaspace ``▁`` word starts).
+- ``"unigram"``: T5 / SentencePiece style (NFKC, Metaspace ``▁`` word starts);
+- ``"char"``: one token per character seen in the corpus (nanoGPT's character-level
+  models), and a character never seen falls back to its UTF-8 bytes (``<0x..>`` tokens), so
+  any text round-trips exactly.
 
 Special tokens depend on the model family the tokenizer is for:
 
@@ -30,6 +33,7 @@ import contextlib
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +46,9 @@ from lmkit.errors import LmkitError, TokenizerError, reading
 from lmkit.textfiles import check_files, iter_documents, read_json
 
 PathLike = str | os.PathLike
-KINDS = ("bpe", "wordpiece", "unigram")
+KINDS = ("bpe", "wordpiece", "unigram", "char")
 BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
+BYTE_KINDS = ("bpe", "char")  # kinds holding a token for every byte (no unknown token)
 FAMILIES = ("decoder", "encoder", "encoder-decoder")
 NUM_SENTINELS = 100
 ROLES = ("pad", "bos", "eos", "unk", "mask", "cls", "sep")
@@ -131,13 +136,15 @@ class Tokenizer:
     # ---- training --------------------------------------------------------------------
 
     @classmethod
-    def train(cls, files: Sequence[PathLike], kind: str, vocab_size: int,
+    def train(cls, files: Sequence[PathLike], kind: str, vocab_size: int | None,
               family: str = "decoder", min_frequency: int = 2, text_field: str | None = None,
               lowercase: bool = False) -> Tokenizer:
         """Train a tokenizer of ``kind`` for a model ``family`` on text or JSONL files.
 
         Documents are streamed (see ``lmkit.textfiles.iter_documents``). ``lowercase``
-        applies to WordPiece only (BERT "uncased"). ``min_frequency`` is ignored by Unigram.
+        applies to WordPiece only (BERT "uncased"). ``min_frequency`` is ignored by Unigram
+        and "char". For "char", ``vocab_size`` is a cap (None: every character seen): the
+        rarest characters beyond it are written as bytes.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown tokenizer kind '{kind}': use one of {KINDS}")
@@ -146,14 +153,15 @@ class Tokenizer:
         paths = check_files(files)
         specials, unk = _specials(kind, family)
         need = min_vocab_size(kind, family)
-        if vocab_size < need:
+        if vocab_size is None and kind != "char":
+            raise ValueError(f"a {kind} tokenizer needs a vocab_size")
+        if vocab_size is not None and vocab_size < need:
             raise TokenizerError(
                 f"vocab_size={vocab_size} is too small for a {kind} tokenizer: its "
                 f"{len(specials)} special tokens"
-                + (f" and {BYTE_ALPHABET} byte tokens" if kind == "bpe" else "")
+                + (f" and {BYTE_ALPHABET} byte tokens" if kind in BYTE_KINDS else "")
                 + f" need at least {need}: use a larger vocab_size")
 
-        backend, trainer = _BUILDERS[kind](vocab_size, min_frequency, specials, unk, lowercase)
         num_docs = 0
 
         def texts() -> Iterator[str]:
@@ -164,6 +172,15 @@ class Tokenizer:
                     yield doc
 
         names = ", ".join(f"'{p}'" for p in paths)
+        if kind == "char":
+            tok = cls(_characters(Counter(c for doc in texts() for c in doc), specials,
+                                  vocab_size))
+            if num_docs == 0:
+                raise ValueError(f"corpus {names} has no text to train a tokenizer on: "
+                                 "check the files (and text_field for JSONL)")
+            tok._set_post_processor(family, byte_level=False)
+            return tok
+        backend, trainer = _BUILDERS[kind](vocab_size, min_frequency, specials, unk, lowercase)
         try:
             backend.train_from_iterator(texts(), trainer)
         except (LmkitError, OSError):  # from reading the corpus: already names the file
@@ -351,7 +368,8 @@ class Tokenizer:
         """For every id, whether that token begins a word (for whole-word masking).
 
         WordPiece: tokens not starting with ``##``; byte-level BPE and Unigram: tokens
-        starting with ``Ġ`` or ``▁``. Special tokens count as word starts.
+        starting with ``Ġ`` or ``▁``; characters: whitespace. Special tokens count as word
+        starts.
         """
         model = self.backend.model
         if isinstance(model, models.WordPiece):
@@ -360,7 +378,7 @@ class Tokenizer:
                 return not t.startswith(prefix)
         else:
             def starts(t: str) -> bool:
-                return t.startswith(("Ġ", "▁"))
+                return t.startswith(("Ġ", "▁")) or t.isspace()
         flags = [False] * self.vocab_size
         for token, i in self.backend.get_vocab(with_added_tokens=True).items():
             flags[i] = starts(token)
@@ -410,6 +428,20 @@ def _unigram(vocab_size: int, min_frequency: int, specials: list[str], unk: str 
     return backend, trainer
 
 
+def _characters(counts: Counter, specials: list[str], cap: int | None) -> tokenizers.Tokenizer:
+    """A character-level model: the specials, the characters (the most frequent ones when
+    `cap` limits the vocabulary) in sorted order as nanoGPT numbers them, then the 256 byte
+    tokens that any other character falls back to. BPE without merges is exactly this."""
+    room = None if cap is None else cap - len(specials) - BYTE_ALPHABET
+    chars = sorted(c for c, _ in counts.most_common(room))
+    tokens = specials + chars + [f"<0x{b:02X}>" for b in range(BYTE_ALPHABET)]
+    backend = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                              merges=[], byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    backend.add_special_tokens(specials)
+    return backend
+
+
 _BUILDERS = {"bpe": _bpe, "wordpiece": _wordpiece, "unigram": _unigram}
 
 
@@ -417,7 +449,7 @@ def _specials(kind: str, family: str) -> tuple[list[str], str | None]:
     """The special tokens of a `kind` tokenizer for a model `family`, and its unknown token."""
     specials = list(FAMILY_SPECIALS[family])
     unk = next((t for t in ROLE_NAMES["unk"] if t in specials), None)
-    if kind != "bpe" and unk is None:  # WordPiece and Unigram need an unknown token
+    if kind not in BYTE_KINDS and unk is None:  # WordPiece and Unigram need an unknown token
         unk = "<unk>"
         specials.append(unk)
     return specials, unk
@@ -425,12 +457,12 @@ def _specials(kind: str, family: str) -> tuple[list[str], str | None]:
 
 def min_vocab_size(kind: str, family: str | None = None) -> int:
     """The smallest vocab_size `Tokenizer.train` accepts (for the family with the fewest
-    special tokens when `family` is None): byte-level BPE holds all 256 bytes plus the
-    specials; WordPiece and Unigram need room for one token beside the specials (their
+    special tokens when `family` is None): byte-level BPE and "char" hold all 256 bytes plus
+    the specials; WordPiece and Unigram need room for one token beside the specials (their
     alphabet is checked after training)."""
     families = [family] if family else list(FAMILIES)
     specials = min(len(_specials(kind, f)[0]) for f in families)
-    return BYTE_ALPHABET + specials if kind == "bpe" else specials + 1
+    return BYTE_ALPHABET + specials if kind in BYTE_KINDS else specials + 1
 
 
 def _reading(path: PathLike) -> contextlib.AbstractContextManager:

@@ -42,7 +42,7 @@ from lmkit.train.loop import TrainConfig, train
 from lmkit.train.state import list_checkpoints, seed_everything
 
 CONFIG_FILE, TOKENIZER_DIR = "pretrain_config.yaml", "tokenizer"
-TOKENIZER_SPEC = re.compile(r"(bpe|wordpiece|unigram):(\d+)")
+TOKENIZER_SPEC = re.compile(r"(bpe|wordpiece|unigram):(\d+)|(char)(?::(\d+))?")
 T = TypeVar("T")
 
 
@@ -54,7 +54,7 @@ class PretrainConfig(TrainConfig):
     preset: str = "tiny-decoder"  # a preset name (lmkit.PRESETS) or a config.json path
     data: list[str] = field(default_factory=list)  # training text / JSONL files
     out: str = "runs/pretrain"  # the run folder
-    tokenizer: str = "bpe:8000"  # "bpe|wordpiece|unigram:VOCAB" (trained) or a path
+    tokenizer: str = "bpe:8000"  # "bpe|wordpiece|unigram:VOCAB", "char[:MAX]" (trained) or a path
     objective: str = "auto"  # auto | causal | mlm | span | infilling
     seq_len: int = 128  # tokens per packed row
     valid_data: list[str] = field(default_factory=list)  # held-out files (else a split)
@@ -85,10 +85,10 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
         if self.valid_batches < 1:
             raise ValueError(f"valid_batches must be at least 1, got {self.valid_batches}")
-        match = TOKENIZER_SPEC.fullmatch(self.tokenizer.lower())
-        if match and int(match.group(2)) < min_vocab_size(match.group(1)):
-            raise ValueError(f"tokenizer={self.tokenizer!r}: a {match.group(1)} vocabulary "
-                             f"needs at least {min_vocab_size(match.group(1))} tokens (the "
+        spec = tokenizer_spec(self.tokenizer)
+        if spec and spec[1] is not None and spec[1] < min_vocab_size(spec[0]):
+            raise ValueError(f"tokenizer={self.tokenizer!r}: a {spec[0]} vocabulary "
+                             f"needs at least {min_vocab_size(spec[0])} tokens (the "
                              "alphabet and the special tokens)")
 
 
@@ -179,6 +179,16 @@ def base_config(preset: str) -> ModelConfig:
                      "path of a config.json)")
 
 
+def tokenizer_spec(text: str) -> tuple[str, int | None] | None:
+    """("bpe", 8000) for "bpe:8000", ("char", None) for "char"; None for a path."""
+    match = TOKENIZER_SPEC.fullmatch(text.strip().lower())
+    if match is None:
+        return None
+    if match.group(3):
+        return "char", int(match.group(4)) if match.group(4) else None
+    return match.group(1), int(match.group(2))
+
+
 def make_tokenizer(cfg: PretrainConfig, family: str, env: DistEnv,
                    reuse: bool = False) -> Tokenizer:
     """Train the tokenizer spec ("bpe:8000") on the data, or load it from a path; saved to
@@ -187,13 +197,13 @@ def make_tokenizer(cfg: PretrainConfig, family: str, env: DistEnv,
     if reuse and (saved / "tokenizer.json").is_file():
         return Tokenizer.from_dir(saved)
     spec = cfg.tokenizer.strip()
-    match = TOKENIZER_SPEC.fullmatch(spec.lower())
+    match = tokenizer_spec(spec)
 
     def build() -> None:
         if match:
-            kind, size = match.group(1), int(match.group(2))
-            _say(env, cfg, f"training a {kind} tokenizer ({size} tokens, for a {family} "
-                           f"model) on {', '.join(cfg.data)}")
+            kind, size = match
+            _say(env, cfg, f"training a {kind} tokenizer ({size or 'all characters'} tokens, "
+                           f"for a {family} model) on {', '.join(cfg.data)}")
             tok = Tokenizer.train(cfg.data, kind=kind, vocab_size=size, family=family,
                                   text_field=cfg.text_field, lowercase=cfg.lowercase)
         else:
@@ -205,7 +215,7 @@ def make_tokenizer(cfg: PretrainConfig, family: str, env: DistEnv,
             else:
                 raise FileNotFoundError(
                     f"tokenizer {spec!r} is neither a spec like 'bpe:8000' (kinds: bpe, "
-                    "wordpiece, unigram) nor an existing tokenizer folder or file")
+                    "wordpiece, unigram; or 'char') nor an existing tokenizer folder or file")
         with atomic_folder(saved, swap=True) as staging:  # a kill keeps the old one whole
             tok.save(staging)
 
