@@ -20,8 +20,12 @@ class LMHead(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
         self.scale = cfg.output_scale
 
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """What the vocabulary projection reads (the fused loss projects it itself)."""
+        return h * self.scale if self.scale != 1.0 else h
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.proj(h * self.scale if self.scale != 1.0 else h)
+        return self.proj(self.features(h))
 
 
 class MLMHead(nn.Module):
@@ -35,10 +39,12 @@ class MLMHead(nn.Module):
         self.act = ACTIVATIONS[cfg.activation]
         self.proj = nn.Linear(d, cfg.vocab_size)
 
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """What the vocabulary projection reads (the fused loss projects it itself)."""
+        return self.norm(self.act(self.dense(h))) if self.dense is not None else h
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            h = self.norm(self.act(self.dense(h)))
-        return self.proj(h)
+        return self.proj(self.features(h))
 
 
 class ClassificationHead(nn.Module):

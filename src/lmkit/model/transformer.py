@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmkit.checkpoint import check_layers, check_tensors, save
 from lmkit.config import IGNORE_INDEX, ModelConfig
@@ -37,6 +38,7 @@ from lmkit.model.attention import (
 )
 from lmkit.model.layers import MLP, make_norm, sinusoidal
 from lmkit.model.lora import LoRAConfig, apply_lora
+from lmkit.model.loss import linear_cross_entropy, plain_cross_entropy
 
 log = logging.getLogger("lmkit")
 
@@ -87,6 +89,7 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, cross) for _ in range(num_layers))
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.drop = nn.Dropout(cfg.dropout)
+        self.checkpointing = False  # activation checkpointing (Model.activation_checkpointing)
 
     def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None,
                 token_types: torch.Tensor | None = None, context: torch.Tensor | None = None,
@@ -133,8 +136,13 @@ class Stack(nn.Module):
                 q_seg = torch.ones(b, t, dtype=torch.long, device=x.device)
             context_mask, _ = build_mask(q_seg, context_segments, t, context.shape[1], False,
                                          x.device)
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, is_causal, rope, context, context_mask, cache, i)
+            if recompute:  # keep only the block's input; rerun it in backward (same RNG)
+                x = checkpoint(layer, x, mask, is_causal, rope, context, context_mask, None, i,
+                               use_reentrant=False)
+            else:
+                x = layer(x, mask, is_causal, rope, context, context_mask, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -327,8 +335,11 @@ class Model(nn.Module):
                 labels: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
-                decoder_segment_ids: torch.Tensor | None = None) -> ModelOutput:
-        """Run the model; with `labels`, also the loss (label -100 = ignored).
+                decoder_segment_ids: torch.Tensor | None = None,
+                return_logits: bool = True) -> ModelOutput:
+        """Run the model; with `labels`, also the loss (label -100 = ignored). With
+        `return_logits=False` a head over the vocabulary computes the loss without the
+        logits (the training loop's way: `lmkit.model.loss`); `logits` is then None.
 
         Labels by head: `lm` on a decoder-only model takes the input ids themselves (the
         model shifts them); `lm` on an encoder-decoder takes the target ids (decoder inputs
@@ -360,9 +371,13 @@ class Model(nn.Module):
                 ids = input_ids  # BART: the decoder reads the same text; pool at its last EOS
             segs = segments_from(attention_mask, segment_ids)
             hidden = heads.pool(hidden, cfg.pooling, segs, ids, cfg.eos_id)
-        out.logits = self.head(hidden)
+        if labels is not None and not return_logits and cfg.head_spec.tied_output:
+            out.loss_sum, out.num_targets = self.vocab_loss(hidden, labels)  # a vocabulary head
+        else:
+            out.logits = self.head(hidden)
+            if labels is not None:
+                out.loss_sum, out.num_targets = self.loss(out.logits, labels)
         if labels is not None:
-            out.loss_sum, out.num_targets = self.loss(out.logits, labels)
             out.loss = out.loss_sum / out.num_targets
         return out
 
@@ -382,10 +397,24 @@ class Model(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed cross-entropy, number of targets): labels of IGNORE_INDEX are skipped."""
+        targets = self.targets(labels)
+        return plain_cross_entropy(logits, targets, IGNORE_INDEX), (targets != IGNORE_INDEX).sum()
+
+    def vocab_loss(self, hidden: torch.Tensor, labels: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`loss` for a head over the vocabulary, from the hidden states: only positions with
+        a target are projected, chunk by chunk, with no (B, T, vocab) logits in memory."""
         targets = self.targets(labels).reshape(-1)
-        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
-                                ignore_index=IGNORE_INDEX, reduction="sum")
-        return total, (targets != IGNORE_INDEX).sum()
+        keep = targets != IGNORE_INDEX
+        h = self.head.features(hidden.reshape(-1, hidden.shape[-1])[keep])
+        return linear_cross_entropy(h, self.head.proj, targets[keep]), keep.sum()
+
+    def activation_checkpointing(self, on: bool = True) -> None:
+        """Keep only each block's input during training and recompute the block in backward:
+        activation memory of one block instead of all, for about a third more compute."""
+        for stack in (self.encoder, self.decoder):
+            if stack is not None:
+                stack.checkpointing = on
 
     # ---- conveniences ------------------------------------------------------------------------
     def save(self, path: Any, tokenizer: Any = None) -> None:

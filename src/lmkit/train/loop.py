@@ -73,6 +73,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights, optimizer stay fp32)
+    activation_checkpointing: bool = False  # recompute blocks in backward: less memory
     eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
     save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3  # 0 = keep all
@@ -311,6 +312,7 @@ class _Run:
         self.compute = ComputeMeter(model, state.get("compute"), step=self.step,
                                     **self.compute_extra(with_steps=False))
         self.result = TrainResult(out_dir, self.step, self.start_step, checkpoint=self.source)
+        model.activation_checkpointing(cfg.activation_checkpointing)
         self.net = wrap_model(model, env)
         self.logger = MetricsLogger(out_dir, env.is_main, cfg.tensorboard,
                                     self.start_step if self.source is not None else None)
@@ -354,8 +356,8 @@ class _Run:
             sync = self.net.no_sync() if env.distributed and not last else \
                 contextlib.nullcontext()
             with sync:
-                with autocast(self.precision, env.device):
-                    out = self.net(**batch)
+                with autocast(self.precision, env.device):  # no logits kept (model/loss.py)
+                    out = self.net(**batch, return_logits=False)
                 (out.loss_sum * scale).backward()
             total += out.loss_sum.detach().float()
         loss_sum, stop = reduce_loss_and_stop_flag(total, stop, env)
