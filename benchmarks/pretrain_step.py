@@ -3,11 +3,12 @@ forward + backward + AdamW, tokens/s and peak memory, side by side in one run.
 
 Every measurement runs in a fresh process (so its peak RSS, VmHWM, is its own), lmkit and
 transformers interleaved, and the median over the repeats is reported. lmkit trains as its
-loop does: the loss without logits (model/loss.py), optionally activation checkpointing;
-transformers as its Trainer does: `model(input_ids, labels=...)` then the loss.
+loop does: the loss without logits (model/loss.py), and once more with activation
+checkpointing ("lmkit+ckpt"); transformers as its Trainer does by default:
+`model(input_ids, labels=...)` then the loss.
 
     .venv/bin/python benchmarks/pretrain_step.py [--repeats 3] [--steps 5] [--threads 2]
-        [--precision fp32|bf16] [--activation-checkpointing]
+        [--precision fp32|bf16]
 
 On GPU (--device cuda) the memory is torch.cuda.max_memory_allocated.
 """
@@ -80,9 +81,13 @@ print(json.dumps({"tokens_per_s": steps * ids.numel() / seconds, "peak_mb": peak
 """
 
 
-def run(which: str, args: argparse.Namespace) -> dict:
+RUNS = {"lmkit": ("lmkit", "0"), "lmkit+ckpt": ("lmkit", "1"), "transformers": ("hf", "0")}
+
+
+def run(name: str, args: argparse.Namespace) -> dict:
+    which, checkpointing = RUNS[name]
     out = subprocess.run([sys.executable, "-c", CHILD, which, str(args.steps), str(args.threads),
-                          args.precision, args.device, str(int(args.activation_checkpointing))],
+                          args.precision, args.device, checkpointing],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -94,24 +99,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--activation-checkpointing", action="store_true")
     args = ap.parse_args()
-    results: dict[str, list[dict]] = {"lmkit": [], "transformers": []}
+    results: dict[str, list[dict]] = {name: [] for name in RUNS}
     for _ in range(args.repeats):  # interleaved, so drift hits both alike
         for which in results:
             results[which].append(run(which, args))
     med = {w: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_mb")}
            for w, rs in results.items()}
-    ours, theirs = med["lmkit"], med["transformers"]
+    ours, small, theirs = med["lmkit"], med["lmkit+ckpt"], med["transformers"]
     print(f"GPT-2-124M, batch 4 x 256, {args.precision}, {args.device}, {args.threads} threads, "
-          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}, "
           f"median of {args.repeats}")
     print(f"{'':14}{'tokens/s':>10}{'peak MB':>10}")
     for name, m in med.items():
         print(f"{name:14}{m['tokens_per_s']:10.1f}{m['peak_mb']:10.0f}")
-    print(f"speed ratio lmkit/transformers {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
-          f"(target >= 1.1x); memory ratio {ours['peak_mb'] / theirs['peak_mb']:.2f} "
-          "(target <= 0.5)")
+    for name, m in (("lmkit", ours), ("lmkit+ckpt", small)):
+        print(f"{name}/transformers: speed {m['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
+              f"(target >= 1.1x), peak memory {m['peak_mb'] / theirs['peak_mb']:.2f} "
+              "(target <= 0.5)")
 
 
 if __name__ == "__main__":
