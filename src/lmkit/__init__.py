@@ -6,6 +6,7 @@
     model = lmkit.load("ckpt")                             # ... or a Hugging Face folder
     lmkit.generate(model, [[1, 5, 7]], max_new_tokens=10)
     lmkit.pipeline("ner", "runs/ner")("Ada Lovelace was born in London.")
+    lmkit.push("runs/ner", "me/bert-ner"); lmkit.load("me/bert-ner@main")   # sharing
 
 Pretraining is `lmkit.train.pretrain`, fine-tuning `lmkit.finetune.finetune`.
 """
@@ -21,12 +22,13 @@ from lmkit.errors import (
     TokenizerError,
 )
 from lmkit.generate import Generation, generate
+from lmkit.hub import pull, push
 from lmkit.loading import load
 from lmkit.model import Model, ModelOutput
 
 __all__ = ["PRESETS", "CheckpointError", "ConfigError", "DataError", "Generation", "LmkitError",
            "Model", "ModelConfig", "ModelOutput", "StorageError", "TokenizerError", "generate",
-           "load", "pipeline", "preset", "save"]
+           "load", "pipeline", "preset", "pull", "push", "save"]
 __version__ = "0.1.0"
 
 

@@ -51,6 +51,11 @@ class StorageError(LmkitError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class RegistryError(LmkitError, ValueError):
+    """A model name (``owner/name[@revision]``) that is malformed or not found, or a registry
+    that cannot be used as it is."""
+
+
 class TrainingDiverged(LmkitError, RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite; the step was not applied."""
 

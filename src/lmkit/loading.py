@@ -3,7 +3,8 @@
 The one place that tells the formats apart: an lmkit folder (config.json without a
 "model_type", read here with `lmkit.checkpoint`), a Hugging Face folder (`lmkit.convert.hf`)
 or a GGUF file (`lmkit.convert.gguf`). It sits above both `checkpoint` and `convert`, so
-neither imports the other; a new source (a registry name, say) is one more branch in `load`.
+neither imports the other. `locate` turns what a user passes into a local path: a path, a
+registry name (`lmkit.hub`) or a repo id in the local Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from lmkit.checkpoint import (
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, RegistryError
+from lmkit.hub import default_registry, hf_cache, lookup, parse, resolve
 from lmkit.model import Model, build
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
@@ -40,12 +42,45 @@ class Located:
     origin: dict = field(default_factory=dict)
 
 
-def locate(ref: str | Path) -> Located:
+def locate(ref: str | Path, registry: str | None = None) -> Located:
     """Resolve a checkpoint reference (what a user passes to `load`, `finetune`, `pipeline`)
-    to a local path and its origin. Every entry point resolves through here, so a new kind of
-    reference (a registry name, a Hugging Face repo id in the local cache) is one branch."""
+    to a local path and its origin. Every entry point resolves through here. In order:
+
+    1. an existing file or folder: ``{"kind": "path", "path": ...}``;
+    2. a model name ``owner/name[@tag|@revision]`` held by the registry (`registry`, default
+       $LMKIT_REGISTRY or ~/.cache/lmkit/registry), pulled into the local cache and verified:
+       ``{"kind": "registry", "name", "revision", "registry"}``;
+    3. a repo id in the local Hugging Face cache (local files only, nothing downloaded):
+       ``{"kind": "hf-cache", "repo", "commit"}``.
+    A reference that is none of these raises a RegistryError saying where it looked."""
     path = Path(ref)
-    return Located(path, {"kind": "path", "path": str(path.resolve())})
+    if path.exists():
+        return Located(path, {"kind": "path", "path": str(path.resolve())})
+    try:
+        name = parse(str(ref))
+    except RegistryError:  # not a name either: the caller reports the missing path
+        return Located(path, {"kind": "path", "path": str(path.resolve())})
+    pulled = resolve(name, registry)
+    if pulled is not None:
+        return Located(_checkpoint_in(pulled.path), {
+            "kind": "registry", "name": pulled.name, "revision": pulled.revision,
+            "registry": pulled.registry})
+    cached = lookup(name)
+    if cached is not None:
+        return Located(_checkpoint_in(cached.path), {
+            "kind": "hf-cache", "repo": cached.repo, "commit": cached.commit})
+    raise RegistryError(
+        f"{ref} is not a file or folder, not a model in the registry "
+        f"{registry or default_registry()} and not in the Hugging Face cache "
+        f"{hf_cache()}: give an existing path, or publish the checkpoint with "
+        f"`lmkit push FOLDER {name.repo}` (--registry URL or LMKIT_REGISTRY pick the registry)")
+
+
+def _checkpoint_in(folder: Path) -> Path:
+    """The folder, or the one .gguf file it holds when it has no config.json (a registry
+    revision made by pushing a GGUF file)."""
+    ggufs = sorted(folder.glob("*.gguf"))
+    return ggufs[0] if not (folder / CONFIG).exists() and len(ggufs) == 1 else folder
 
 
 def load(path: str | Path, *, head: str | None = None, label_names: list[str] | None = None,

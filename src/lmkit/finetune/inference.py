@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lmkit.loading import load
+from lmkit.loading import load, locate
 from lmkit.model import Model
 from lmkit.tasks import TASKS, Task
 from lmkit.textfiles import read_json
@@ -19,7 +19,7 @@ TASK_FILE = "task.json"
 
 def _run_task(run_dir: str | Path, task_name: str | None = None, device: str = "auto",
               dtype: str | torch.dtype | None = "auto", **options: Any) -> tuple[Model, Task]:
-    run_dir = Path(run_dir)
+    run_dir = locate(run_dir).path  # a folder, or a registry / HF cache name
     model = load(run_dir, dtype=dtype, device=device)
     info = read_json(run_dir / TASK_FILE, "task file") if (run_dir / TASK_FILE).exists() \
         else {}
