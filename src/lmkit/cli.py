@@ -15,6 +15,7 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 COMMANDS: dict[str, Any] = {}
@@ -117,11 +118,19 @@ def _device_args(p: argparse.ArgumentParser, device: str = "auto",
                    f"only) (default: {dtype or 'as stored'})")
 
 
+def _registry_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--registry", metavar="URL", help="the registry: a folder or an fsspec URL "
+                   "(default: $LMKIT_REGISTRY, else ~/.cache/lmkit/registry)")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a preset name or a checkpoint folder / .gguf file")
+    p.add_argument("model", help="a preset name, a checkpoint folder / .gguf file, or a model "
+                   "name owner/name[@tag|@revision] (registry or Hugging Face cache)")
+    _registry_flag(p)
 
 
-@command("info", "show a preset's or a checkpoint's architecture and size", _info_args)
+@command("info", "show a preset's or a checkpoint's architecture and size (and a named "
+         "model's revisions, card and lineage)", _info_args)
 def info(args: argparse.Namespace) -> None:
     import lmkit
     from lmkit.flops import num_parameters
@@ -129,10 +138,93 @@ def info(args: argparse.Namespace) -> None:
     if args.model in lmkit.PRESETS:
         config = lmkit.preset(args.model)
     else:
-        config = lmkit.load(args.model).config
+        from lmkit.loading import locate
+
+        located = locate(args.model, args.registry)
+        _print_origin(located.origin, args.model, args.registry)
+        config = lmkit.load(located.path).config
     print(json.dumps(config.to_dict(), indent=2))
     print(f"parameters: {num_parameters(config):,} "
           f"({num_parameters(config, include_embeddings=False):,} without embeddings)")
+
+
+def _print_origin(origin: dict, ref: str, registry: str | None) -> None:
+    """What `lmkit info` shows of where a checkpoint came from: a registry model's revisions
+    and parents, a Hugging Face cache commit; then the lineage record, if it has one."""
+    from lmkit import hub
+
+    if origin["kind"] == "registry":
+        record = hub.info(ref, registry=registry)
+        print(f"{record['name']}@{record['revision'][:12]} in the registry {record['registry']}")
+        print(f"card: {json.dumps(record['manifest']['card'])}")
+        print("revisions (oldest first):")
+        for r in record["revisions"]:
+            tags = f" [{', '.join(r['tags'])}]" if r["tags"] else ""
+            here = " <- this one" if r["id"] == record["revision"] else ""
+            print(f"  {r['id'][:12]}  {r['created'][:19].replace('T', ' ')}  "
+                  f"{r['size']:>13,} bytes  {r['files']} files{tags}  {r['message']}{here}")
+        chain = " <- ".join(p[:12] for p in record["parents"]) or "none (the first push)"
+        print(f"parents: {chain}")
+        lineage = record["lineage"]
+    else:
+        if origin["kind"] == "hf-cache":
+            print(f"{origin['repo']}@{origin['commit']} from the Hugging Face cache "
+                  f"{hub.hf_cache()}")
+        folder = Path(origin.get("path", ""))
+        lineage = hub.lineage(hub.read_small(folder)) if folder.is_dir() else None
+    if lineage is not None:
+        print(f"lineage: {json.dumps(lineage, indent=2)}")
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="the checkpoint folder (or .gguf file) to publish")
+    p.add_argument("name", help="owner/name")
+    p.add_argument("--tag", default="main", help="the tag to point at it (default: main)")
+    p.add_argument("--message", "-m", default="", help="a note kept in the revision")
+    _registry_flag(p)
+
+
+@command("push", "publish a checkpoint in the registry as a new immutable revision",
+         _push_args)
+def push(args: argparse.Namespace) -> None:
+    from lmkit.hub import push as run
+
+    r = run(args.path, args.name, tag=args.tag, message=args.message, registry=args.registry)
+    what = "new revision" if r.new else "unchanged: the same files as the tagged revision"
+    print(f"{r.name}@{r.tag} -> {r.revision} ({what}) in {r.registry}")
+
+
+def _pull_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="owner/name[@tag|@revision id prefix] (default tag: main)")
+    p.add_argument("dest", nargs="?", help="a new folder to write (default: the local cache, "
+                   "$LMKIT_CACHE or ~/.cache/lmkit/models)")
+    _registry_flag(p)
+
+
+@command("pull", "fetch a named checkpoint from the registry, every file verified", _pull_args)
+def pull(args: argparse.Namespace) -> None:
+    from lmkit.hub import pull as run
+
+    r = run(args.name, args.dest, registry=args.registry)
+    print(f"{r.name}@{r.revision} verified in {r.path}")
+
+
+def _list_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="a glob on owner/name (e.g. 'me/*')")
+    _registry_flag(p)
+
+
+@command("list", "list the models in the registry with their tags", _list_args)
+def list_models(args: argparse.Namespace) -> None:
+    from lmkit.hub import default_registry
+    from lmkit.hub import list_models as run
+
+    models = run(args.pattern, registry=args.registry)
+    for m in models:
+        tags = ", ".join(f"{t}={rev[:12]}" for t, rev in sorted(m["tags"].items()))
+        print(f"{m['name']}  {m['revisions']} revision(s)  {tags}")
+    if not models:
+        print(f"no model matching {args.pattern!r} in {args.registry or default_registry()}")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

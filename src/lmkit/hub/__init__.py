@@ -36,7 +36,8 @@ __all__ = ["DEFAULT_TAG", "Cached", "Pulled", "Pushed", "Ref", "Registry", "card
 def push(path: str | Path, name: str, *, tag: str = DEFAULT_TAG, message: str = "",
          registry: str | os.PathLike | None = None) -> Pushed:
     """Publish the checkpoint folder (or file) `path` as a new revision of `name`
-    (``owner/name``) and point `tag` at it; the same files as `tag`'s revision make none."""
+    (``owner/name``) and point `tag` at it; the same files as `tag`'s revision (for a new
+    tag: `main`'s) make no new revision, they are tagged."""
     return Registry(registry).push(path, name, tag=tag, message=message)
 
 

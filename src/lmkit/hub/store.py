@@ -296,6 +296,9 @@ class Registry:
     def resolve(self, ref: Ref) -> str:
         """The revision id `ref` names: its tag (default `main`), else a unique id prefix."""
         wanted = ref.revision or DEFAULT_TAG
+        if not self.has(ref):
+            raise RegistryError(f"the registry {self.url} has no model {ref.repo}: publish it "
+                                f"with `lmkit push FOLDER {ref.repo}` (see `lmkit list`)")
         tags = self.tags(ref)
         if wanted in tags:
             return tags[wanted]
@@ -331,7 +334,8 @@ class Registry:
     def push(self, path: str | Path, name: str, tag: str = DEFAULT_TAG, message: str = ""
              ) -> Pushed:
         """Store the folder (or file) `path` as a new revision of `name` and point `tag` at
-        it. The same files as the revision `tag` names already make no new revision."""
+        it; its parent is the revision `tag` named (for a new tag: the one `main` names). The
+        same files as that parent make no new revision: `tag` is pointed at the parent."""
         ref = parse(name)
         if ref.revision:
             raise RegistryError(f"push {ref.repo} without '@{ref.revision}': a revision id "
@@ -346,8 +350,11 @@ class Registry:
                 self._put(self.blob(sha), _chunks_checked(file, sha))
         card = card_summary(read_small(path) if Path(path).is_dir() else lambda _: None)
         with self._locked(ref):
-            parent = self.tags(ref).get(tag)
+            tags = self.tags(ref)
+            parent = tags.get(tag) or tags.get(DEFAULT_TAG)  # a new tag starts from main
             if parent is not None and self.manifest(ref, parent)["files"] == entries:
+                if tags.get(tag) != parent:  # the same files under a new tag: tag them
+                    self._set_tag(ref, tag, parent)
                 return Pushed(ref.repo, parent, tag, False, self.url)
             manifest = {"format": FORMAT, "name": ref.repo, "parent": parent,
                         "created": datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -356,8 +363,12 @@ class Registry:
             data = canonical(manifest)
             revision = hashlib.sha256(data).hexdigest()
             self._put(self._model(ref, "revisions", f"{revision}.json"), [data])
-            self._put(self._model(ref, "tags", tag), [f"{revision}\n".encode()])
+            self._set_tag(ref, tag, revision)
         return Pushed(ref.repo, revision, tag, True, self.url)
+
+    def _set_tag(self, ref: Ref, tag: str, revision: str) -> None:
+        """Point `tag` at `revision` (whose manifest is written): one atomic replace."""
+        self._put(self._model(ref, "tags", tag), [f"{revision}\n".encode()])
 
     def _has_blob(self, sha: str, size: int) -> bool:
         try:
