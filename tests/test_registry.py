@@ -368,6 +368,8 @@ def test_names_resolve_in_load_finetune_and_pipeline(tmp_path, places):
     assert run.out_dir.is_dir()
     tuned = lmkit.push(run.out_dir, "team/encoder-sst")
     assert tuned.new and pushed.revision != tuned.revision
+    stored = Registry().manifest(parse("team/encoder-sst"), tuned.revision)["files"]
+    assert "task.json" in stored and not any(f.startswith("checkpoints/") for f in stored)
     by_path = lmkit.pipeline("classification", run.out_dir, device="cpu")
     by_name = lmkit.pipeline(None, "team/encoder-sst@main", device="cpu")
     texts = ["the film was good", "the film was bad"]

@@ -162,7 +162,8 @@ def _print_origin(origin: dict, ref: str, registry: str | None) -> None:
             tags = f" [{', '.join(r['tags'])}]" if r["tags"] else ""
             here = " <- this one" if r["id"] == record["revision"] else ""
             print(f"  {r['id'][:12]}  {r['created'][:19].replace('T', ' ')}  "
-                  f"{r['size']:>13,} bytes  {r['files']} files{tags}  {r['message']}{here}")
+                  f"{r['size']:>13,} bytes  {r['files']} file{'s' * (r['files'] != 1)}{tags}  "
+                  f"{r['message']}{here}")
         chain = " <- ".join(p[:12] for p in record["parents"]) or "none (the first push)"
         print(f"parents: {chain}")
         lineage = record["lineage"]

@@ -46,6 +46,7 @@ from lmkit.hub.names import DEFAULT_TAG, Ref, check_file_path, check_tag, is_rev
 REGISTRY_ENV, CACHE_ENV = "LMKIT_REGISTRY", "LMKIT_CACHE"
 FORMAT = "lmkit-revision/1"
 CHUNK = 1 << 20
+SKIP = ("checkpoints",)  # top-level folders a push leaves out (see `scan`)
 SMALL = 1 << 20  # README.md / lineage.json / config.json read for a card: at most this
 # What a card summary keeps of a README's front matter and of config.json.
 CARD_KEYS = ("license", "language", "library_name", "library", "pipeline_tag", "task",
@@ -100,8 +101,9 @@ def _chunks_checked(file: Path, sha: str) -> Iterator[bytes]:
 
 def scan(path: str | Path) -> dict[str, Path]:
     """The files a push stores: `path` itself (a .gguf file, say) or every file under the
-    folder `path`, by relative POSIX path; hidden files and folders (staging leftovers, .git)
-    are left out."""
+    folder `path`, by relative POSIX path. Left out: hidden files and folders (staging
+    leftovers, .git) and a run's `checkpoints/` (training states for resuming the run, not
+    part of the model)."""
     path = Path(path)
     if path.is_file():
         return {path.name: path}
@@ -110,7 +112,8 @@ def scan(path: str | Path) -> dict[str, Path]:
     files = {}
     for file in sorted(path.rglob("*")):
         rel = file.relative_to(path)
-        if file.is_file() and not any(p.startswith(".") for p in rel.parts):
+        if file.is_file() and rel.parts[0] not in SKIP and \
+                not any(p.startswith(".") for p in rel.parts):
             files[check_file_path(rel.as_posix(), str(path))] = file
     if not files:
         raise RegistryError(f"{path} holds no files to push")
