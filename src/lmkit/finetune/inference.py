@@ -67,7 +67,9 @@ class Pipeline:
 def pipeline(task: str | None, path: str | Path, *, device: str = "auto",
              dtype: str | torch.dtype | None = "auto", **options: Any) -> Pipeline:
     """A ready-to-call predictor: `lmkit.pipeline("ner", "runs/ner")("Ada lives in Paris")`.
-    `task` may be None to use the folder's own (task.json, or inferred from its head).
+    `path` is a folder or a model name (``owner/name[@rev]``: registry, then the Hugging Face
+    cache; see `lmkit.loading.locate`). `task` may be None to use the folder's own
+    (task.json, or inferred from its head).
     `device` / `dtype`: where and in which format to hold the weights (see `lmkit.load`;
     "auto": the GPU if there is one, the stored dtype where it is native, else fp32)."""
     return Pipeline(*_run_task(path, task, device, dtype, **options))
