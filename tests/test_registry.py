@@ -265,20 +265,24 @@ KILLED = textwrap.dedent("""
             yield next(chunks(file, sha))
             stall()
         store._chunks_checked = first_chunk_then_stall
-    else:  # killed after the manifest, before the tag (holding the lock)
+    elif point == "tag":  # killed after the manifest, before the tag (holding the lock)
         store.Registry._set_tag = stall
+    else:  # a pull killed after its first file
+        copy = store.Registry._copy_blob
+
+        def copy_then_stall(self, *args):
+            copy(self, *args)
+            stall()
+        store.Registry._copy_blob = copy_then_stall
+        store.Registry(registry).pull("team/model")
     store.Registry(registry).push(folder, "team/model")
 """)
 
 
-@pytest.mark.parametrize("point", ["blob", "tag"])
-def test_a_killed_push_leaves_the_registry_consistent(tmp_path, places, point):
-    first = lmkit.push(checkpoint(tmp_path / "one", seed=1), NAME)
-    two = checkpoint(tmp_path / "two", seed=2)
-    (two / "big.bin").write_bytes(os.urandom(3 << 20))  # more than one chunk
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(places["LMKIT_REGISTRY"]),
-                             str(two), point, str(marker)], stderr=subprocess.PIPE, text=True)
+def _kill_at(point: str, registry: Path, folder: Path, marker: Path) -> None:
+    """Run KILLED until it reaches `point`, then SIGKILL it."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, str(registry), str(folder), point,
+                             str(marker)], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read()
@@ -286,6 +290,14 @@ def test_a_killed_push_leaves_the_registry_consistent(tmp_path, places, point):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+@pytest.mark.parametrize("point", ["blob", "tag"])
+def test_a_killed_push_leaves_the_registry_consistent(tmp_path, places, point):
+    first = lmkit.push(checkpoint(tmp_path / "one", seed=1), NAME)
+    two = checkpoint(tmp_path / "two", seed=2)
+    (two / "big.bin").write_bytes(os.urandom(3 << 20))  # more than one chunk
+    _kill_at(point, places["LMKIT_REGISTRY"], two, tmp_path / "marker")
     reg = Registry()
     assert reg.tags(parse(NAME)) == {"main": first.revision}  # the tag never moved
     manifests = _verify_all(reg, tmp_path)  # whatever is visible is complete
@@ -294,6 +306,17 @@ def test_a_killed_push_leaves_the_registry_consistent(tmp_path, places, point):
     again = lmkit.push(two, NAME)  # the killed holder's lock is gone with it
     assert again.new and reg.tags(parse(NAME)) == {"main": again.revision}
     _verify_all(reg, tmp_path / "after")
+
+
+def test_a_killed_pull_leaves_no_revision_in_the_cache(tmp_path, places):
+    pushed = lmkit.push(checkpoint(tmp_path / "one", seed=1), NAME)
+    _kill_at("pull", places["LMKIT_REGISTRY"], tmp_path / "one", tmp_path / "marker")
+    folder = places["LMKIT_CACHE"] / "team" / "model"
+    staging = [p for p in folder.iterdir() if p.name.startswith(f".{pushed.revision}.tmp-")]
+    assert staging and not (folder / pushed.revision).exists()  # killed midway, not visible
+    located = locate(NAME)  # pulled again, whole
+    assert located.path == folder / pushed.revision
+    assert files_of(located.path) == files_of(tmp_path / "one")
 
 
 def test_hf_cache_lookup_by_repo_id(tmp_path, places):
