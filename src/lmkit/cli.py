@@ -15,7 +15,6 @@ import json
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 COMMANDS: dict[str, Any] = {}
@@ -141,18 +140,19 @@ def info(args: argparse.Namespace) -> None:
         from lmkit.loading import locate
 
         located = locate(args.model, args.registry)
-        _print_origin(located.origin, args.model, args.registry)
+        _print_origin(located, args.model, args.registry)
         config = lmkit.load(located.path).config
     print(json.dumps(config.to_dict(), indent=2))
     print(f"parameters: {num_parameters(config):,} "
           f"({num_parameters(config, include_embeddings=False):,} without embeddings)")
 
 
-def _print_origin(origin: dict, ref: str, registry: str | None) -> None:
+def _print_origin(located: Any, ref: str, registry: str | None) -> None:
     """What `lmkit info` shows of where a checkpoint came from: a registry model's revisions
     and parents, a Hugging Face cache commit; then the lineage record, if it has one."""
     from lmkit import hub
 
+    origin = located.origin
     if origin["kind"] == "registry":
         record = hub.info(ref, registry=registry)
         print(f"{record['name']}@{record['revision'][:12]} in the registry {record['registry']}")
@@ -171,7 +171,7 @@ def _print_origin(origin: dict, ref: str, registry: str | None) -> None:
         if origin["kind"] == "hf-cache":
             print(f"{origin['repo']}@{origin['commit']} from the Hugging Face cache "
                   f"{hub.hf_cache()}")
-        folder = Path(origin.get("path", ""))
+        folder = located.path
         lineage = hub.lineage(hub.read_small(folder)) if folder.is_dir() else None
     if lineage is not None:
         print(f"lineage: {json.dumps(lineage, indent=2)}")
