@@ -431,3 +431,6 @@ def test_cli_push_pull_list_info(tmp_path, places):
     assert out.returncode == 2 and out.stderr.startswith("lmkit: error: 'team/../x' is not a")
     out = _lmkit("pull", "team/missing", *registry, env=env)
     assert out.returncode == 2 and "has no model team/missing" in out.stderr
+    three = checkpoint(tmp_path / "three", card="---\nlineage:\n  base: from scratch\n---\n")
+    out = _lmkit("info", str(three), env=env)  # a folder's lineage, from its card
+    assert out.returncode == 0 and 'lineage: {\n  "base": "from scratch"\n}' in out.stdout
