@@ -102,12 +102,13 @@ def test_revisions_are_immutable_and_load_by_id(tmp_path, places):
     assert second.new and second.revision != first.revision
     assert manifest_file.read_bytes() == before
     assert Registry().manifest(parse(NAME), second.revision)["parent"] == first.revision
-    assert Registry().tags(parse(NAME)) == {"v1": second.revision}
+    assert Registry().tags(parse(NAME)) == {"main": first.revision, "v1": second.revision}
     old = lmkit.load(f"{NAME}@{first.revision[:10]}")
     assert torch.equal(logits(old), logits(lmkit.load(one)))
     assert torch.equal(logits(lmkit.load(f"{NAME}@v1")), logits(lmkit.load(two)))
-    with pytest.raises(RegistryError, match="no tag or revision 'main'.*tags: v1"):
-        lmkit.pull(NAME)
+    assert lmkit.pull(NAME).revision == first.revision  # the first push made main
+    with pytest.raises(RegistryError, match="no tag or revision 'v2'.*tags: main, v1"):
+        lmkit.pull(f"{NAME}@v2")
 
 
 def test_an_ambiguous_revision_prefix_is_an_error(tmp_path):

@@ -337,8 +337,9 @@ class Registry:
     def push(self, path: str | Path, name: str, tag: str = DEFAULT_TAG, message: str = ""
              ) -> Pushed:
         """Store the folder (or file) `path` as a new revision of `name` and point `tag` at
-        it; its parent is the revision `tag` named (for a new tag: the one `main` names). The
-        same files as that parent make no new revision: `tag` is pointed at the parent."""
+        it (and `main` too if the model has no `main` yet); its parent is the revision `tag`
+        named (for a new tag: the one `main` names). The same files as that parent make no
+        new revision: `tag` is pointed at the parent."""
         ref = parse(name)
         if ref.revision:
             raise RegistryError(f"push {ref.repo} without '@{ref.revision}': a revision id "
@@ -367,6 +368,8 @@ class Registry:
             revision = hashlib.sha256(data).hexdigest()
             self._put(self._model(ref, "revisions", f"{revision}.json"), [data])
             self._set_tag(ref, tag, revision)
+            if DEFAULT_TAG not in tags:  # a model's first push also makes its default tag
+                self._set_tag(ref, DEFAULT_TAG, revision)
         return Pushed(ref.repo, revision, tag, True, self.url)
 
     def _set_tag(self, ref: Ref, tag: str, revision: str) -> None:
