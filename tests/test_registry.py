@@ -357,8 +357,8 @@ def test_memory_registry_round_trip(tmp_path):
     reg = Registry(url)
     pushed = reg.push(src, NAME, tag="v1", message="in memory")
     assert files_of(reg.pull(f"{NAME}@v1", tmp_path / "dest").path) == files_of(src)
-    assert reg.list_models() == [{"name": NAME, "tags": {"v1": pushed.revision},
-                                  "revisions": 1}]
+    assert reg.list_models() == [{"name": NAME, "revisions": 1,
+                                  "tags": {"main": pushed.revision, "v1": pushed.revision}}]
     located = locate(f"{NAME}@v1", registry=url)
     assert located.origin == {"kind": "registry", "name": NAME, "revision": pushed.revision,
                               "registry": url}
