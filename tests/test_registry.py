@@ -163,6 +163,11 @@ def test_bad_tags_and_unsafe_manifest_paths_are_refused(tmp_path, places):
     with pytest.raises(RegistryError, match="unsafe file path '../../escaped.txt'"):
         lmkit.pull(f"{NAME}@evil", tmp_path / "out" / "dest")
     assert not list(tmp_path.rglob("escaped.txt")) and not (tmp_path / "out" / "dest").exists()
+    # A manifest of the wrong shape (its id matching its bytes) is refused, not a traceback.
+    junk = canonical({"files": {"a": {"size": "big"}}})
+    (folder / "revisions" / f"{hashlib.sha256(junk).hexdigest()}.json").write_bytes(junk)
+    with pytest.raises(CheckpointError, match="not an lmkit revision manifest"):
+        lmkit.pull(f"{NAME}@{hashlib.sha256(junk).hexdigest()[:20]}")
     # A manifest whose bytes changed no longer matches its id.
     manifest_file = folder / "revisions" / f"{good.revision}.json"
     manifest_file.write_bytes(manifest_file.read_bytes().replace(b'"mit"', b'"gpl"'))

@@ -193,11 +193,12 @@ class Registry:
     """One registry at `url` (default: `default_registry()`), any fsspec URL."""
 
     def __init__(self, url: str | os.PathLike | None = None):
-        self.url = str(url or default_registry())
-        self.fs, root = fsspec.core.url_to_fs(self.url)
+        url = str(url or default_registry())
+        self.fs, root = fsspec.core.url_to_fs(url)
         self.root = root.rstrip("/") or "/"
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
                                 else (self.fs.protocol,))
+        self.url = self.root if self.local and "://" not in url else url  # absolute
 
     # paths
     def _path(self, *parts: str) -> str:
@@ -291,9 +292,20 @@ class Registry:
             raise CheckpointError(f"{self.url}: the manifest of {ref.repo}@{revision[:12]} "
                                   f"({path}) does not match its id: it is corrupted; push the "
                                   "checkpoint again")
-        manifest = json.loads(data)
-        for rel in manifest["files"]:
-            check_file_path(rel, f"{ref.repo}@{revision[:12]}")
+        where = f"{ref.repo}@{revision[:12]} ({path})"
+        try:
+            manifest = json.loads(data)
+            files = manifest["files"]
+            ok = isinstance(manifest["card"], dict) and all(
+                isinstance(e["size"], int) and is_revision_prefix(e["sha256"])
+                and len(e["sha256"]) == 64 for e in files.values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{where} is not an lmkit revision manifest ({FORMAT}): push "
+                                  "the checkpoint again")
+        for rel in files:
+            check_file_path(rel, where)
         return manifest
 
     def resolve(self, ref: Ref) -> str:
