@@ -59,3 +59,14 @@ def _cpu_without_native_bf16():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_registry(tmp_path_factory):
+    """No test sees (or fills) the user's registry, model cache or Hugging Face cache under
+    ~/.cache: names resolve in empty folders of the session (subprocesses inherit them)."""
+    root = tmp_path_factory.mktemp("hub")
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("LMKIT_REGISTRY", "LMKIT_CACHE", "HF_HUB_CACHE"):
+            patch.setenv(key, str(root / key.lower()))
+        yield
