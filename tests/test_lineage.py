@@ -125,6 +125,26 @@ def test_lineage_records_base_data_config_and_compute(runs):
     assert scratch["base"]["architecture"]["path"] == str(runs["pre"].resolve())
 
 
+@pytest.mark.parametrize("origin, base_model, phrase", [
+    ({"kind": "registry", "name": "ada/tiny", "revision": "9f2c" * 16, "registry": "file:///r"},
+     "ada/tiny", "ada/tiny@9f2c9f2c9f2c (registry file:///r)"),
+    ({"kind": "hf-cache", "repo": "org/model", "commit": "ab12" * 10},
+     "org/model", "org/model@ab12ab12ab12 (Hugging Face cache)"),
+    ({"kind": "path", "path": "/models/x"}, None, "/models/x"),
+])
+def test_every_kind_of_origin_is_recorded(runs, tmp_path, origin, base_model, phrase):
+    """What `locate(ref).origin` gives (registry, Hugging Face cache, path) goes into the
+    record as the base, and into base_model where it is a hub-style name."""
+    from lmkit.lineage import card_metadata, describe_base, make_record, write_card
+
+    record = make_record("finetune", tmp_path, origin, base_path=runs["pre"])
+    write_card(tmp_path, card_metadata(record, pipeline_tag="fill-mask"), ["a test card"])
+    card = ModelCard.load(tmp_path / "README.md").data
+    assert card.base_model == base_model and card.lineage["base"] == origin
+    assert card.lineage["ancestors"] == chain(read_lineage(runs["pre"]))
+    assert describe_base(origin) == phrase and phrase in read_card(tmp_path)[1]
+
+
 def test_lineage_totals_are_the_sum_of_the_parts(runs):
     pre, ft = _compute(runs["pre"]), _compute(runs["ft"])
     for key in COSTS:  # each record holds its run's compute.json figures

@@ -226,7 +226,7 @@ def write_card(folder: str | Path, meta: dict[str, Any], summary: list[str],
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n" + \
         "\n".join(lines)
     file = folder / CARD
-    tmp = folder / f".{CARD}.tmp"
+    tmp = folder / f".{CARD}.tmp-{os.getpid()}"  # one per process: ranks may write at once
     tmp.write_text(text)
     os.replace(tmp, file)
     return file
