@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,19 @@ def _codecarbon_mix() -> dict[str, Any]:
 # ---- meters: each gives the kWh used since it started ------------------------------------------
 
 
-class RaplMeter:
+class Meter:
+    """kWh used since the meter started (`kwh`); `sample` reads counters that wrap."""
+
+    method = ""
+
+    def sample(self) -> None:
+        pass
+
+    def kwh(self) -> float:
+        raise NotImplementedError
+
+
+class RaplMeter(Meter):
     """Intel RAPL package (and DRAM) counters under `root`: measured, whole package. The
     counters wrap at max_energy_range_uj, so `sample` must run more often than one wrap."""
 
@@ -124,22 +137,30 @@ class RaplMeter:
         return self.total_uj / 3.6e12
 
 
-class CpuTimeMeter:
-    """Estimated: the process's CPU time (all threads, user + system) x CPU_WATTS_PER_CORE."""
+class EstimateMeter(Meter):
+    """Estimated: seconds of `clock` x `watts` (process CPU time x W per core; wall time x W
+    per GPU)."""
 
-    method = f"estimated: process CPU time x {CPU_WATTS_PER_CORE:g} W per core"
-
-    def __init__(self) -> None:
-        self.start = time.process_time()
-
-    def sample(self) -> None:
-        pass
+    def __init__(self, clock: Callable[[], float], watts: float, what: str):
+        self.clock, self.watts, self.start = clock, watts, clock()
+        self.method = f"estimated: {what}"
 
     def kwh(self) -> float:
-        return (time.process_time() - self.start) * CPU_WATTS_PER_CORE / 3.6e6
+        return (self.clock() - self.start) * self.watts / 3.6e6
 
 
-class NvmlMeter:
+def cpu_estimate() -> EstimateMeter:
+    """The process's CPU time (all threads, user + system) x CPU_WATTS_PER_CORE."""
+    return EstimateMeter(time.process_time, CPU_WATTS_PER_CORE,
+                         f"process CPU time x {CPU_WATTS_PER_CORE:g} W per core")
+
+
+def gpu_estimate() -> EstimateMeter:
+    """Wall time x GPU_WATTS (no NVML to read)."""
+    return EstimateMeter(time.perf_counter, GPU_WATTS, f"wall time x {GPU_WATTS:g} W per GPU")
+
+
+class NvmlMeter(Meter):
     """NVML's total-energy counter of one GPU (mJ since the driver loaded): measured."""
 
     method = "measured: NVML GPU energy counter"
@@ -155,26 +176,8 @@ class NvmlMeter:
         self.read = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
         self.start = self.read()
 
-    def sample(self) -> None:
-        pass
-
     def kwh(self) -> float:
         return (self.read() - self.start) / 3.6e9
-
-
-class GpuWallMeter:
-    """Estimated: wall time x GPU_WATTS (no NVML to read)."""
-
-    method = f"estimated: wall time x {GPU_WATTS:g} W per GPU"
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def sample(self) -> None:
-        pass
-
-    def kwh(self) -> float:
-        return (time.perf_counter() - self.start) * GPU_WATTS / 3.6e6
 
 
 class CodecarbonMeter:
@@ -196,9 +199,6 @@ class CodecarbonMeter:
         parts = [f"{type(h).__name__} {getattr(h, '_mode', '')}".strip()
                  for h in getattr(self.tracker, "_hardware", [])]
         return ", ".join(parts) or "default"
-
-    def sample(self) -> None:
-        pass
 
     def parts(self) -> dict[str, float]:
         if self.final is not None:
@@ -240,12 +240,12 @@ class EnergyMeter:
         try:
             self.cpu = RaplMeter(rapl_root)
         except (OSError, ValueError):  # no RAPL, or not readable (root only since 2020)
-            self.cpu = CpuTimeMeter()
+            self.cpu = cpu_estimate()
         if gpu is not None:
             try:
                 self.gpu = NvmlMeter(gpu)
             except Exception:  # no pynvml, no driver, or a GPU without an energy counter
-                self.gpu = GpuWallMeter()
+                self.gpu = gpu_estimate()
 
     def sample(self) -> None:
         """Read the counters that wrap around (called every step; reads at most once a
