@@ -141,10 +141,11 @@ def _plot(runs: list[_Run], file: Path) -> None:
     metric_ax = fig.add_subplot(grid[0, 2:])
     for i, r in enumerate(runs):
         color = colors[i % len(colors)]
-        for split, style in (("train", "-"), ("valid", "o--")):
+        for split, style in (("train", "-"), ("valid", "--")):
             points = sorted((f, v) for f, v, s in r.loss if s == split and f > 0)
-            if points:
+            if points:  # a few points (a short run) get markers, or one would not show
                 loss_ax.plot(*zip(*points), style, color=color, linewidth=1, markersize=3,
+                             marker="o" if len(points) < 30 or split == "valid" else None,
                              label=f"{r.name} ({split})")
         if r.metric and r.metric[1]:
             metric_ax.plot(*zip(*sorted(r.metric[1])), "o-", color=color, markersize=3,

@@ -193,7 +193,8 @@ class CodecarbonMeter:
         self.tracker.start()
         self.version = getattr(codecarbon, "__version__", "?")
         self.method = f"codecarbon {self.version} ({self._hardware()})"
-        self.final = None
+        self.final, self.stopped = None, False
+        self.last = {"cpu_kwh": 0.0, "gpu_kwh": 0.0, "ram_kwh": 0.0}
 
     def _hardware(self) -> str:
         parts = [f"{type(h).__name__} {getattr(h, '_mode', '')}".strip()
@@ -201,18 +202,25 @@ class CodecarbonMeter:
         return ", ".join(parts) or "default"
 
     def parts(self) -> dict[str, float]:
-        if self.final is not None:
-            data = self.final
-        else:  # a reading mid-run: the tracker keeps running
-            self.tracker.flush()
-            data = self.tracker._prepare_emissions_data()
-        return {"cpu_kwh": data.cpu_energy, "gpu_kwh": data.gpu_energy,
-                "ram_kwh": data.ram_energy}
+        data = self.final
+        if data is None and self.stopped:  # stopping failed: what was read before
+            return self.last
+        if data is None:  # a reading mid-run: the tracker keeps running
+            try:
+                self.tracker.flush()
+                data = self.tracker._prepare_emissions_data()
+            except Exception as e:  # keep the last reading rather than stop the run
+                log.warning("codecarbon could not be read (%s)", e)
+                return self.last
+        self.last = {"cpu_kwh": data.cpu_energy, "gpu_kwh": data.gpu_energy,
+                     "ram_kwh": data.ram_energy}
+        return self.last
 
     def stop(self) -> None:
-        if self.final is None:
-            self.tracker.stop()
-            self.final = self.tracker.final_emissions_data
+        if not self.stopped:
+            self.stopped = True
+            self.tracker.stop()  # codecarbon suppresses its own errors here
+            self.final = getattr(self.tracker, "final_emissions_data", None)
 
 
 class EnergyMeter:
@@ -235,8 +243,11 @@ class EnergyMeter:
                 if use_codecarbon:
                     raise
         if module is not None:
-            self.codecarbon = CodecarbonMeter(module, gpu)
-            return
+            try:
+                self.codecarbon = CodecarbonMeter(module, gpu)
+                return
+            except Exception as e:  # a meter must never stop a training run
+                log.warning("codecarbon could not start (%s); lmkit's own meters are used", e)
         try:
             self.cpu = RaplMeter(rapl_root)
         except (OSError, ValueError):  # no RAPL, or not readable (root only since 2020)
