@@ -319,6 +319,12 @@ def test_report_errors(runs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no run folder"):
         write_report([tmp_path / "missing"], tmp_path / "r.png")
     assert not (tmp_path / "r.png").exists()
+    stopped = tmp_path / "stopped"  # a run that did not finish: compute.json, no card yet
+    stopped.mkdir()
+    (stopped / "compute.json").write_text((runs["ft"] / "compute.json").read_text())
+    rep = write_report([stopped], tmp_path / "r.png")
+    assert rep.png.is_file() and "stopped: no model card yet" in rep.table
+    assert f"| {_compute(runs['ft'])['flops']:.3g} | 0 |" in rep.table
 
 
 def test_info_shows_the_chain(runs):

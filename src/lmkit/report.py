@@ -40,7 +40,8 @@ class Report:
 class _Run:
     name: str
     folder: Path
-    record: dict[str, Any] | None
+    record: dict[str, Any] | None  # None: no card yet (a run that did not finish)
+    compute: dict[str, Any]  # this run's, from the card or compute.json
     costs: dict[str, Any]  # totals(): own / ancestors / total / complete
     loss: list[tuple[float, float, str]]  # (flops, loss, split)
     metric: tuple[str, list[tuple[float, float]]] | None  # dev metric name and curve
@@ -54,12 +55,12 @@ def read_run(folder: str | Path) -> _Run:
                                 "pretrain / finetune / convert")
     record = read_lineage(folder)
     if record is not None:
-        costs = totals(record)
+        compute, costs = record["compute"], totals(record)
     elif (folder / COMPUTE).is_file():  # a run without a card yet (stopped early)
-        own = json.loads((folder / COMPUTE).read_text())
-        zero = {k: 0.0 for k in COSTS}
-        costs = {"own": {k: float(own.get(k) or 0) for k in COSTS}, "ancestors": zero,
-                 "total": {k: float(own.get(k) or 0) for k in COSTS}, "complete": False}
+        compute = json.loads((folder / COMPUTE).read_text())
+        own = {k: float(compute.get(k) or 0) for k in COSTS}
+        costs = {"own": own, "ancestors": {k: 0.0 for k in COSTS}, "total": own,
+                 "complete": False}
     else:
         raise FileNotFoundError(f"{folder} has neither a model card with a lineage nor "
                                 f"{COMPUTE}: it is not a run folder written by lmkit")
@@ -74,7 +75,7 @@ def read_run(folder: str | Path) -> _Run:
         if names:
             metric = (names[0], [(p["flops"], p[names[0]]) for p in curve
                                  if p.get("flops") is not None])
-    return _Run(folder.resolve().name, folder, record, costs, loss, metric)
+    return _Run(folder.resolve().name, folder, record, compute, costs, loss, metric)
 
 
 def table(runs: list[_Run]) -> str:
@@ -95,8 +96,11 @@ def table(runs: list[_Run]) -> str:
                      fmt(c["total"]["wall_time_s"], ".1f"), fmt(c["own"]["energy_kwh"]),
                      fmt(c["total"]["energy_kwh"]), fmt(c["own"]["emissions_kg"]),
                      fmt(c["total"]["emissions_kg"]),
-                     str(rec.get("compute", {}).get("energy_method", "?"))])
-        if not c["complete"]:
+                     str(r.compute.get("energy_method", "?"))])
+        if r.record is None:
+            notes.append(f"- {r.name}: no model card yet (the run did not finish): its own cost "
+                         "so far, from compute.json; its lineage is unknown")
+        elif not c["complete"]:
             notes.append(f"- {r.name}: the chain ends at a checkpoint without a lineage record "
                          "(its training cost is not counted)")
     return "\n".join([*markdown(header, rows), *([""] + notes if notes else [])]) + "\n"
