@@ -5,7 +5,9 @@
 2. train the same architecture from scratch with the same data and the same budget;
 3. print accuracy, wall time and FLOPs side by side, and when (in FLOPs) the fine-tuned
    model passed the scratch model's final accuracy;
-4. save the fine-tuned checkpoint and classify a few sentences with it.
+4. save the fine-tuned checkpoint and classify a few sentences with it;
+5. write the report (report.png + report.md in the output folder): loss and accuracy against
+   training FLOPs, and the compute, time, energy and CO2 of each run and its lineage.
 
     python examples/transfer_sst2.py [--data ../shared/data] [--steps 400] [--out DIR]
                                      [--base NAME_OR_FOLDER]
@@ -25,6 +27,7 @@ import lmkit
 from lmkit.errors import RegistryError
 from lmkit.finetune import FinetuneConfig, finetune
 from lmkit.loading import locate
+from lmkit.report import write_report
 
 SENTENCES = ["A gripping, beautifully acted film.",
              "The plot is a mess and the jokes fall flat.",
@@ -64,6 +67,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--metric-every", type=int, default=50,
                     help="steps between dev scorings of the fine-tuned model")
+    ap.add_argument("--carbon-intensity", default="world",
+                    help="grid g CO2eq/kWh or a country code (FRA, FR) for the CO2 figures")
     args = ap.parse_args()
     sst2 = Path(args.data) / "sst2"
     if not (sst2 / "train.tsv").exists():
@@ -71,7 +76,8 @@ def main() -> None:
                          "sst2/train.tsv and sst2/dev.tsv) or set LMKIT_DATA")
     common = dict(task="classification", train=str(sst2 / "train.tsv"),
                   dev=str(sst2 / "dev.tsv"), steps=args.steps, batch_size=args.batch_size,
-                  precision=args.precision, device=args.device, max_length=64, pooling="mean")
+                  precision=args.precision, device=args.device, max_length=64, pooling="mean",
+                  carbon_intensity=args.carbon_intensity)
     base = base_checkpoint(args.base)
     runs = {  # only the fine-tuned model's curve is needed: the scratch model is scored once
         "fine-tuned MiniLM": finetune(base, FinetuneConfig(
@@ -98,6 +104,10 @@ def main() -> None:
     names = {"0": "negative", "1": "positive"}
     for sentence, p in zip(SENTENCES, classify(SENTENCES)):
         print(f"  {names.get(p['label'], p['label']):8} {p['score']:.2f}  {sentence}")
+    report = write_report([tuned.out_dir, scratch.out_dir], f"{args.out}/report.png")
+    print(f"\nCost of each run and its lineage (energy: {tuned.compute['energy_method']}):")
+    print(report.table)
+    print(f"Report: {report.png} (curves against FLOPs, cost bars) and {report.markdown}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ def _training_device_args(p: argparse.ArgumentParser, fields: Any) -> None:
     p.add_argument("--precision", type=_value(str, fields, "precision"),
                    help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
     _device_flag(p, None)
+    p.add_argument("--carbon-intensity", type=_value(str, fields, "carbon_intensity"),
+                   help="grid g CO2eq/kWh, or a country code (FRA, FR) for the run's "
+                   "emissions (default: world average, 475)")
 
 
 def _device_args(p: argparse.ArgumentParser, device: str = "auto",
@@ -145,6 +148,11 @@ def info(args: argparse.Namespace) -> None:
     print(json.dumps(config.to_dict(), indent=2))
     print(f"parameters: {num_parameters(config):,} "
           f"({num_parameters(config, include_embeddings=False):,} without embeddings)")
+    if args.model not in lmkit.PRESETS:
+        from lmkit.lineage import describe
+        from lmkit.loading import locate
+
+        print(describe(locate(args.model).path))
 
 
 def _print_origin(located: Any, ref: str, registry: str | None) -> None:
@@ -301,7 +309,7 @@ def finetune(args: argparse.Namespace) -> None:
     flags = {"task": args.task, "train": args.train, "dev": args.dev, "out": args.out,
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
              "batch_size": args.batch_size, "precision": args.precision,
-             "device": args.device}
+             "device": args.device, "carbon_intensity": args.carbon_intensity}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.checkpoint or args.config or args.overwrite:
@@ -386,7 +394,7 @@ def pretrain(args: argparse.Namespace) -> None:
     flags = {"preset": args.preset, "data": args.data, "tokenizer": args.tokenizer,
              "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
-             "device": args.device, "out": args.out}
+             "device": args.device, "out": args.out, "carbon_intensity": args.carbon_intensity}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.config:
@@ -420,6 +428,24 @@ def convert(args: argparse.Namespace) -> None:
     out = run(args.src, args.dst, to=args.to, model_type=args.model_type,
               allow_pickle=args.allow_pickle, dtype=args.dtype, device=args.device)
     print(f"wrote {out}")
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (pretrain, finetune, "
+                   "convert) to put side by side")
+    p.add_argument("--out", default="report.png",
+                   help="the PNG to write; the Markdown table goes next to it as .md "
+                   "(default: report.png)")
+
+
+@command("report", "compare runs: loss/metric curves against FLOPs and the compute, time, "
+         "energy and CO2 of each run and its lineage (PNG + Markdown table)", _report_args)
+def report(args: argparse.Namespace) -> None:
+    from lmkit.report import write_report
+
+    rep = write_report(args.runs, args.out)
+    print(rep.table)
+    print(f"wrote {rep.png} and {rep.markdown}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,7 @@ from lmkit.convert.gguf import load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
 from lmkit.errors import CheckpointError, RegistryError
 from lmkit.hub import default_registry, hf_cache, lookup, parse, resolve
+from lmkit.lineage import write_conversion_card
 from lmkit.model import Model, build
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
@@ -138,7 +139,8 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
     """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
     (`to="hf"`), an lmkit folder (`to="lmkit"`) or a GGUF file (`to="gguf"`) at `dst`, its
     weights in `dtype` (None: as stored; see `load`; GGUF also takes "q8_0"), read onto
-    `device`. Returns `dst`."""
+    `device`. A folder gets a model card whose lineage names the source (and carries its
+    ancestors); a GGUF file has no card. Returns `dst`."""
     if to not in ("hf", "lmkit", "gguf"):
         raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder), 'lmkit' or 'gguf'")
     if to == "gguf":
@@ -152,10 +154,12 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
         return save_gguf(model, dst, dtype=GGUF_DTYPES.get(dtype, stored or "f32"))
     if dtype == "q8_0":
         raise ValueError("dtype q8_0 is a GGUF weight type: use it with --to gguf")
-    model = load(src, allow_pickle=allow_pickle, dtype=dtype, device=device)
-    if to == "hf":
-        return save_hf(model, dst, model_type=model_type)
-    return save(model, dst)
+    located = locate(src)
+    model = load(located.path, allow_pickle=allow_pickle, dtype=dtype, device=device)
+    out = save_hf(model, dst, model_type=model_type) if to == "hf" else save(model, dst)
+    write_conversion_card(out, located.path, located.origin,
+                          {"to": to, "model_type": model_type, "dtype": str(dtype)})
+    return out
 
 
 # GGUF weight types by the names --dtype takes (llama.cpp's own names too)

@@ -6,8 +6,8 @@ loads the pretrained body with a new task head (saying which tensors are new), a
 scheme (full, frozen body, top-k, LoRA), trains with the same loop as pretraining on
 length-grouped, dynamically padded batches, scores the dev set with the task's metric, and
 writes a checkpoint folder with `task.json`, `eval.json`, `compute.json` and a model card
-(`card.py`). `evaluate_run`, `predict` and `pipeline` (`inference.py`) use such a folder. The
-CLI calls these functions.
+with the run's lineage (`lmkit.lineage`). `evaluate_run`, `predict` and `pipeline`
+(`inference.py`) use such a folder. The CLI calls these functions.
 """
 
 from __future__ import annotations
@@ -26,10 +26,17 @@ import torch
 
 from lmkit.config import DEFAULT_POOLING, HEADS, POOLINGS
 from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
-from lmkit.finetune.card import model_card
 from lmkit.finetune.inference import TASK_FILE
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
-from lmkit.loading import load
+from lmkit.lineage import (
+    PIPELINE_TAGS,
+    card_metadata,
+    data_record,
+    make_record,
+    read_card,
+    write_card,
+)
+from lmkit.loading import load, locate
 from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
@@ -274,5 +281,33 @@ def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, tas
     (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
     (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "curve": curve},
                                             indent=2) + "\n")
-    card = model_card(out, checkpoint, cfg, task.name, metrics, counts, n_train, compute, wall)
-    (out / "README.md").write_text(card)
+    _write_card(out, checkpoint, cfg, task, metrics, counts, n_train, compute, wall)
+
+
+def _write_card(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Task,
+                metrics: dict, counts: dict, n_train: int, compute: dict, wall: float) -> None:
+    """README.md: the Hugging Face front matter and the lineage (the base checkpoint's origin,
+    its ancestors, the data's sha256, the config, this run's compute and energy)."""
+    located = locate(checkpoint)
+    base = {"kind": "scratch", "architecture": located.origin} if cfg.from_scratch \
+        else located.origin
+    data = [data_record(cfg.train, "train"), *([data_record(cfg.dev, "dev")] if cfg.dev else [])]
+    record = make_record("finetune", out, base, base_path=None if cfg.from_scratch
+                         else located.path, data=data, config=dataclasses.asdict(cfg),
+                         compute=compute, task=task.name, scheme=cfg.scheme)
+    meta = card_metadata(record, pipeline_tag=PIPELINE_TAGS.get(task.name), metrics=metrics,
+                         task=task.name, base_meta=read_card(located.path)[0])
+    scores = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float))
+    origin = "its architecture, trained from scratch" if cfg.from_scratch else f"`{checkpoint}`"
+    write_card(out, meta, [
+        f"Fine-tuned by lmkit for **{task.name}** from {origin} ({cfg.scheme} scheme, "
+        f"{counts['trainable']:,} of {counts['total']:,} parameters trained).", "",
+        f"- training data: `{cfg.train}` ({n_train:,} examples, sha256 "
+        f"{str(data[0]['sha256'])[:16]}...)",
+        f"- dev data: `{cfg.dev}`: {scores or 'not scored'}",
+        f"- compute: {compute.get('flops', 0):.3g} training FLOPs, "
+        f"{compute.get('tokens', 0):,} tokens, {wall:.0f} s wall time on "
+        f"{compute.get('device', '?')} ({compute.get('precision', '?')}); "
+        f"{compute.get('energy_kwh') or 0:.3g} kWh, {compute.get('emissions_kg') or 0:.3g} kg "
+        "CO2eq",
+        "", f"Or use it with `lmkit.pipeline(\"{task.name}\", \"{out}\")`."])

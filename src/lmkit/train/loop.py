@@ -39,6 +39,7 @@ from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lmkit.model import eval_mode
 from lmkit.train.distributed import DistEnv, all_reduce_sum, init_distributed, unwrap, wrap_model
+from lmkit.train.energy import EnergyMeter, carbon_intensity
 from lmkit.train.metrics import ComputeMeter, MetricsLogger, describe_device, plot_curves
 from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
 from lmkit.train.state import (
@@ -83,6 +84,7 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True
     plot: bool = True  # loss.png at the end
+    carbon_intensity: str = "world"  # g CO2eq/kWh, or a country code (FRA, FR): train/energy.py
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):  # NaN passes every comparison below
@@ -109,6 +111,7 @@ class TrainConfig:
             raise ValueError(f"layer_decay must be in [0, 1] (0 = off), got {self.layer_decay}")
         check_precision(self.precision)
         check_device(self.device)
+        carbon_intensity(self.carbon_intensity)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of "
                              f"{SCHEDULES}")
@@ -274,7 +277,6 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
         run.finish()
     finally:
         run.close()
-    run.result.compute = run.compute.summary(**run.compute_extra())
     return run.result
 
 
@@ -309,7 +311,9 @@ class _Run:
         self.step = self.start_step = int(state.get("step", 0))
         self.drawn = int(state.get("batches", 0))  # micro-batches taken from `batches` so far
         self.end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
-        self.compute = ComputeMeter(model, state.get("compute"), step=self.step,
+        energy = EnergyMeter(env.device, intensity=cfg.carbon_intensity,
+                             world_size=env.world_size) if env.is_main else None
+        self.compute = ComputeMeter(model, state.get("compute"), step=self.step, energy=energy,
                                     **self.compute_extra(with_steps=False))
         self.result = TrainResult(out_dir, self.step, self.start_step, checkpoint=self.source)
         model.activation_checkpointing(cfg.activation_checkpointing)
@@ -426,7 +430,7 @@ class _Run:
                                self.cfg.keep_checkpoints, extra)
         self.result.checkpoint = path
         if self.env.is_main:
-            self.compute.write(self.out_dir, **self.compute_extra())
+            self.compute.write(self.out_dir, self.compute.summary(**self.compute_extra()))
         return path
 
     def finish(self) -> None:
@@ -440,8 +444,10 @@ class _Run:
     def close(self) -> None:
         self.bar.close()
         self.logger.close()
+        self.compute.stop()
+        self.result.compute = self.compute.summary(**self.compute_extra())  # = compute.json
         if self.env.is_main:
-            self.compute.write(self.out_dir, **self.compute_extra())
+            self.compute.write(self.out_dir, self.result.compute)
             if self.cfg.plot:
                 try:
                     plot_curves(self.out_dir)

@@ -135,12 +135,14 @@ class ComputeMeter:
     """Tokens, training FLOPs (`Model.flops_per_token(seq_len)` x tokens: from what trains,
     6N for full training, about 2N for a frozen body, 4N for LoRA) and wall time, summed over
     every session of a run (a resumed run starts from the totals saved in its checkpoint).
-    `segments` records each session: its steps, hardware, precision and share of the totals."""
+    `segments` records each session: its steps, hardware, precision and share of the totals,
+    and, with an `energy` meter (train/energy.py), its energy and emissions with their method;
+    the run's energy_kwh and emissions_kg are the sums over the segments."""
 
     def __init__(self, model: Any, state: dict[str, Any] | None = None, *, step: int = 0,
                  device: str = "", torch_device: str = "", world_size: int = 1,
-                 precision: str = ""):
-        self.model = model
+                 precision: str = "", energy: Any = None):
+        self.model, self.energy = model, energy
         state = state or {}
         self.tokens = int(state.get("tokens", 0))
         self.flops = float(state.get("flops", 0.0))
@@ -177,16 +179,20 @@ class ComputeMeter:
         self.segment["tokens"] += tokens
         self.segment["flops"] += flops
         self.segment["end_step"] += 1
+        if self.energy is not None:
+            self.energy.sample()
         return flops
 
     def state_dict(self) -> dict[str, Any]:
         segment = {**self.segment, "wall_time_s": time.perf_counter() - self._start}
+        if self.energy is not None:
+            segment.update(self.energy.reading())
         return {"tokens": self.tokens, "flops": self.flops, "wall_time_s": self.wall_time_s,
                 "sessions": self.sessions, "segments": [*self.segments, segment]}
 
     def summary(self, **extra: Any) -> dict[str, Any]:
-        wall = self.wall_time_s
-        return {**self.state_dict(),
+        wall, state = self.wall_time_s, self.state_dict()
+        return {**state, **energy_totals(state["segments"]),
                 "tokens_per_s": self.tokens / wall if wall else 0.0,
                 "flops_per_s": self.flops / wall if wall else 0.0,
                 "parameters": self.model.num_parameters(),
@@ -195,9 +201,32 @@ class ComputeMeter:
                                             if p.requires_grad),
                 **extra}
 
-    def write(self, out_dir: str | Path, **extra: Any) -> Path:
+    def stop(self) -> None:
+        """Stop the energy meter (its last reading is kept)."""
+        if self.energy is not None:
+            self.energy.stop()
+
+    def write(self, out_dir: str | Path, summary: dict[str, Any]) -> Path:
+        """Write `summary` (from `summary()`) to out_dir/compute.json atomically."""
         path = Path(out_dir) / COMPUTE
         tmp = path.with_name(f".{COMPUTE}.tmp")
-        tmp.write_text(json.dumps(self.summary(**extra), indent=2) + "\n")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, path)
         return path
+
+
+def energy_totals(segments: list[dict[str, Any]]) -> dict[str, Any]:
+    """A run's energy_kwh and emissions_kg: the sums over its segments, with the method (one,
+    or "mixed" when sessions differ; a segment without a figure is named, and not counted)."""
+    known = [s for s in segments if s.get("energy_kwh") is not None]
+    methods = sorted({s["energy_method"] for s in known})
+    intensities = sorted({s["carbon_intensity_g_per_kwh"] for s in known})
+    method = methods[0] if len(methods) == 1 else \
+        "mixed: " + " | ".join(methods) if methods else "not recorded"
+    if len(known) < len(segments):
+        method += f" ({len(segments) - len(known)} earlier session(s) recorded no energy)"
+    return {"energy_kwh": sum(s["energy_kwh"] for s in known) if known else None,
+            "emissions_kg": sum(s["emissions_kg"] for s in known) if known else None,
+            "energy_method": method,
+            "carbon_intensity_g_per_kwh": intensities[0] if len(intensities) == 1 else None,
+            "carbon_source": known[-1]["carbon_source"] if len(intensities) == 1 else "mixed"}

@@ -32,13 +32,14 @@ from lmkit.config import PRESETS, ModelConfig
 from lmkit.data.batches import BatchStream, fixed_batches
 from lmkit.data.corpus import TokenCache, tokenize_corpus
 from lmkit.data.packing import PackedDataset
+from lmkit.lineage import PIPELINE_TAGS, card_metadata, data_record, make_record, write_card
 from lmkit.model import Model
 from lmkit.objectives import CausalLM, MaskedLM, Objective, SpanCorruption, TextInfilling
 from lmkit.textfiles import check_files
 from lmkit.tokenizer import Tokenizer, min_vocab_size
 from lmkit.train import options
 from lmkit.train.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
-from lmkit.train.loop import TrainConfig, train
+from lmkit.train.loop import TrainConfig, TrainResult, train
 from lmkit.train.state import list_checkpoints, seed_everything
 
 CONFIG_FILE, TOKENIZER_DIR = "pretrain_config.yaml", "tokenizer"
@@ -328,13 +329,40 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
                        f"parameters), {objective_name} objective, {cfg.steps} steps of "
                        f"{cfg.batch_size * cfg.grad_accum * env.world_size} x {cfg.seq_len} "
                        "tokens")
-        train(model, stream, cfg, out, eval_batches, resume=resume,
-              resume_hint=f"lmkit pretrain --resume {out}")
+        result = train(model, stream, cfg, out, eval_batches, resume=resume,
+                       resume_hint=f"lmkit pretrain --resume {out}")
+        if env.is_main and result.stopped != "max_steps":  # the final model is saved
+            write_model_card(out, cfg, config, objective_name, result)
         barrier(env)
     finally:
         if owns_group:
             cleanup()
     return out
+
+
+def write_model_card(out: Path, cfg: PretrainConfig, config: ModelConfig, objective: str,
+               result: TrainResult) -> Path:
+    """README.md of a pretrained model: front matter, lineage (from scratch; the data files
+    and their sha256, the config, the compute and energy), the last validation scores."""
+    data = [*(data_record(f, "train") for f in cfg.data),
+            *(data_record(f, "valid") for f in cfg.valid_data)]
+    record = make_record("pretrain", out, {"kind": "scratch"}, data=data,
+                                 config=dataclasses.asdict(cfg), compute=result.compute,
+                                 objective=objective, preset=cfg.preset)
+    scores = {k: v for k, v in (result.evals[-1] if result.evals else {}).items()
+              if k in ("loss", "perplexity")}
+    meta = card_metadata(record, pipeline_tag=PIPELINE_TAGS[config.family],
+                                 metrics=scores)
+    c = result.compute
+    return write_card(out, meta, [
+        f"Pretrained from scratch by lmkit: {cfg.preset} ({config.family}, "
+        f"{c.get('parameters', 0):,} parameters), {objective} objective, {result.step} steps "
+        f"on {', '.join(f'`{f}`' for f in cfg.data)}.", "",
+        f"- validation: {', '.join(f'{k} {v:.4g}' for k, v in scores.items()) or 'none'}",
+        f"- compute: {c.get('flops', 0):.3g} training FLOPs, {c.get('tokens', 0):,} tokens, "
+        f"{c.get('wall_time_s', 0):.0f} s on {c.get('device', '?')} "
+        f"({c.get('precision', '?')}); {c.get('energy_kwh') or 0:.3g} kWh, "
+        f"{c.get('emissions_kg') or 0:.3g} kg CO2eq"])
 
 
 def resume(out_dir: str | Path, overrides: dict[str, Any] | None = None) -> Path:
