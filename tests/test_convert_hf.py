@@ -20,6 +20,22 @@ ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermedi
            vocab_size=V, max_position_embeddings=64)
 # RoBERTa's position table has pad_id + 1 = 2 extra rows
 ROBERTA = {**ENC, "max_position_embeddings": 66, "pad_token_id": 1}
+LABELS = dict(id2label={0: "neg", 1: "pos", 2: "mixed"})
+GPT2 = dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
+            eos_token_id=2)
+LLAMA = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, rope_theta=500.0, bos_token_id=1,
+             eos_token_id=2)
+T5 = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+          relative_attention_num_buckets=8, relative_attention_max_distance=16,
+          decoder_start_token_id=0)
+MT5 = {**T5, "d_kv": 16, "num_decoder_layers": 1}  # gated-gelu, never scaled
+# 3 blocks: global, local (a window of 2 positions each side), global; rope bases apart
+MODERNBERT = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=48, max_position_embeddings=64, local_attention=4,
+                  global_attn_every_n_layers=2, global_rope_theta=1000.0,
+                  local_rope_theta=50.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  cls_token_id=1, sep_token_id=2)
 S2S = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
            decoder_ffn_dim=64, max_position_embeddings=64)
@@ -29,18 +45,32 @@ CASES = {
                  tf.BertConfig(**ENC, id2label={0: "neg", 1: "pos", 2: "mixed"})),
     "roberta": (tf.RobertaForMaskedLM, tf.RobertaConfig(**ROBERTA, type_vocab_size=1)),
     "roberta-tok": (tf.RobertaForTokenClassification, tf.RobertaConfig(**ROBERTA, num_labels=4)),
+    "roberta-cls": (tf.RobertaForSequenceClassification, tf.RobertaConfig(**ROBERTA, **LABELS)),
+    "bert-tok": (tf.BertForTokenClassification, tf.BertConfig(**ENC, num_labels=5)),
+    "xlm-roberta": (tf.XLMRobertaForMaskedLM, tf.XLMRobertaConfig(**ROBERTA, type_vocab_size=1)),
+    "xlm-roberta-cls": (tf.XLMRobertaForSequenceClassification,
+                        tf.XLMRobertaConfig(**ROBERTA, **LABELS)),
+    "xlm-roberta-tok": (tf.XLMRobertaForTokenClassification,
+                        tf.XLMRobertaConfig(**ROBERTA, num_labels=4)),
     "distilbert": (tf.DistilBertForMaskedLM,
                    tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                        max_position_embeddings=64)),
     "distilbert-cls": (tf.DistilBertForSequenceClassification,
                        tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4,
                                            hidden_dim=64, max_position_embeddings=64)),
-    "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4,
-                                               n_positions=64, bos_token_id=2, eos_token_id=2)),
-    "llama": (tf.LlamaForCausalLM,
-              tf.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                             rope_theta=500.0, bos_token_id=1, eos_token_id=2)),
+    "distilbert-tok": (tf.DistilBertForTokenClassification,
+                       tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4,
+                                           hidden_dim=64, max_position_embeddings=64,
+                                           num_labels=3)),
+    "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(**GPT2)),
+    # HF pools the last token that is not pad_token_id; lmkit the last real one (the same here)
+    "gpt2-cls": (tf.GPT2ForSequenceClassification,
+                 tf.GPT2Config(**GPT2, pad_token_id=0, **LABELS)),
+    "gpt2-tok": (tf.GPT2ForTokenClassification, tf.GPT2Config(**GPT2, num_labels=4)),
+    "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(**LLAMA)),
+    "llama-cls": (tf.LlamaForSequenceClassification,
+                  tf.LlamaConfig(**LLAMA, pad_token_id=0, **LABELS)),
+    "llama-tok": (tf.LlamaForTokenClassification, tf.LlamaConfig(**LLAMA, num_labels=4)),
     "llama-tied": (tf.LlamaForCausalLM,
                    tf.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=1,
@@ -52,10 +82,13 @@ CASES = {
                tf.MarianConfig(**S2S, decoder_vocab_size=V, pad_token_id=3, eos_token_id=2,
                                decoder_start_token_id=3, activation_function="swish",
                                scale_embedding=True)),
-    "t5": (tf.T5ForConditionalGeneration,
-           tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                       relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                       decoder_start_token_id=0)),
+    "t5": (tf.T5ForConditionalGeneration, tf.T5Config(**T5)),
+    "t5-encoder": (tf.T5EncoderModel, tf.T5Config(**T5)),
+    "mt5": (tf.MT5ForConditionalGeneration, tf.MT5Config(**MT5)),
+    "mt5-encoder": (tf.MT5EncoderModel, tf.MT5Config(**MT5)),
+    "modernbert": (tf.ModernBertForMaskedLM, tf.ModernBertConfig(**MODERNBERT)),
+    "modernbert-cls": (tf.ModernBertForSequenceClassification,
+                       tf.ModernBertConfig(**MODERNBERT, classifier_pooling="mean", **LABELS)),
     "t5-v1.1": (tf.T5ForConditionalGeneration,
                 tf.T5Config(vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=2,
                             num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
@@ -105,7 +138,8 @@ def _batch(case: str, model) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, V, (2, 7), generator=g)
     mask = torch.ones_like(ids)
-    left = not cfg.is_encoder_decoder and "bert" not in case and "roberta" not in case
+    left = not cfg.is_encoder_decoder and "bert" not in case and "roberta" not in case \
+        and "encoder" not in case
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     if left:
         ids[1, :3], mask[1, :3] = pad, 0
@@ -126,13 +160,21 @@ def _batch(case: str, model) -> dict[str, torch.Tensor]:
 
 
 def _hf_outputs(model, batch: dict) -> torch.Tensor:
+    """Logits, or the hidden states of a model without a head (T5EncoderModel)."""
     kwargs = dict(batch)
     if not model.config.is_encoder_decoder and "token_type_ids" not in batch and \
-            isinstance(model, (tf.GPT2LMHeadModel, tf.LlamaForCausalLM)):
+            model.config.model_type in ("gpt2", "llama"):
         mask = batch["attention_mask"]  # positions restart after left padding, as in lmkit
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return model(**kwargs).logits
+        out = model(**kwargs)
+    return out.logits if "logits" in out else out.last_hidden_state
+
+
+def _lmkit_outputs(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if out.logits is not None else out.hidden_states
 
 
 def _real(batch: dict, out: torch.Tensor) -> torch.Tensor:
@@ -150,8 +192,7 @@ def test_outputs_match_transformers(case, hf_dir):
     assert not model.training and model.new_tensors == []
     batch = _batch(case, ref)
     expected = _hf_outputs(ref, batch)
-    with torch.no_grad():
-        got = model(**batch).logits
+    got = _lmkit_outputs(model, batch)
     assert got.shape == expected.shape
     torch.testing.assert_close(_real(batch, got), _real(batch, expected), atol=1e-5, rtol=1e-5)
     if model.config.family == "encoder":  # the body alone, too
