@@ -1,7 +1,8 @@
 """BERT, RoBERTa, XLM-RoBERTa and DistilBERT: post-norm encoders with an embedding LayerNorm.
 
 RoBERTa is BERT with learned positions starting at pad_id + 1 (lmkit's `position_offset`) and
-its own head names; XLM-RoBERTa is the same layout and names with a 250k vocabulary. DistilBERT has no token types, fixed LayerNorm eps 1e-12 and other names.
+its own head names; XLM-RoBERTa is the same layout and names with a 250k vocabulary.
+DistilBERT has no token types, fixed LayerNorm eps 1e-12 and other names.
 Heads: masked LM (transform + tied decoder + bias), sequence classification (BERT's pooler =
 dense + tanh on the first token; RoBERTa's classifier.dense; DistilBERT's pre_classifier + ReLU)
 and token classification.
