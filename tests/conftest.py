@@ -19,6 +19,11 @@ VARIANTS = {
     "encoder-learned": ("tiny-encoder", {}),
     "encoder-rotary-pre-rms": ("tiny-encoder", dict(position="rotary", norm="rmsnorm",
                                                     norm_position="pre", final_norm=True)),
+    # ModernBERT-shaped: local blocks see 2 positions each side, their own rotary base
+    "encoder-rotary-local": ("tiny-encoder", dict(
+        position="rotary", norm_position="pre", final_norm=True, first_attn_norm=False,
+        norm_bias=False, gated_mlp=True, encoder_layers=3, window=2,
+        layer_types=["global", "local", "global"], local_rope_theta=100.0)),
     "decoder-rotary-gqa": ("tiny-decoder", {}),
     "decoder-rotary-partial-mqa": ("tiny-decoder", dict(num_kv_heads=1, rotary_fraction=0.5)),
     "decoder-learned-gpt2": ("tiny-decoder", dict(position="learned", norm="layernorm",

@@ -32,6 +32,11 @@ def test_published_parameter_counts():
      "even, non-zero"),
     (dict(head="classification"), "needs label_names"),
     (dict(dropout=1.5), "dropout must be in"),
+    (dict(layer_types=["global", "nearby"]), "layer_types holds \\['nearby'\\]"),
+    (dict(layer_types=["global", "local"]), "names 2 blocks but the model has 1"),
+    (dict(layer_types=["local"]), "window is not set"),
+    (dict(window=0), "window must be a positive number"),
+    (dict(first_attn_norm=False, norm_position="post"), "needs norm_position='pre'"),
 ])
 def test_validation_messages(fields, message):
     base = dict(family="decoder", decoder_layers=1)
@@ -63,3 +68,23 @@ def test_config_json_of_earlier_versions_still_loads(tmp_path):
     assert "labels" in old and "label_names" not in old
     assert ModelConfig.from_dict(old) == cfg
     assert ModelConfig.from_dict(old).num_labels == 2
+
+
+def test_fields_added_later_default_to_what_earlier_versions_computed(tmp_path):
+    """A config.json written before the local-attention and head-bias fields existed loads
+    with the behaviour of that version; the new fields round-trip through JSON when set."""
+    from lmkit.config import ADDED
+    cfg = lmkit.preset("tiny-encoder", head="classification", label_names=["a", "b"])
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ADDED}
+    assert ModelConfig.from_dict(old) == cfg
+    with pytest.raises(ValueError, match="config fields missing: \\['vocab_size'\\]"):
+        ModelConfig.from_dict({k: v for k, v in old.items() if k != "vocab_size"})
+    local = cfg.replace(position="rotary", norm_position="pre", final_norm=True,
+                        first_attn_norm=False, norm_bias=False, window=3,
+                        layer_types=["local", "global"], local_rope_theta=10.0,
+                        classifier_hidden=True, classifier_norm=True, classifier_bias=False,
+                        head_dense_bias=False)
+    local.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == local
+    assert [local.layer_type(i) for i in range(2)] == ["local", "global"]
+    assert cfg.replace(window=4).layer_type(1) == "local"  # no layer_types: every block

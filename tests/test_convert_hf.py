@@ -7,19 +7,41 @@ greedy generation, and the folder lmkit exports back to HF format.
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
+
 import pytest
 import torch
 import transformers as tf
 
 import lmkit
 from lmkit.convert import save_hf
+from lmkit.finetune import FinetuneConfig, finetune
 from lmkit.loading import convert
+from lmkit.tokenizer import Tokenizer
 
 V = 99  # vocabulary of the tiny models; ids 0-3 are special in every case below
 ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
            vocab_size=V, max_position_embeddings=64)
 # RoBERTa's position table has pad_id + 1 = 2 extra rows
 ROBERTA = {**ENC, "max_position_embeddings": 66, "pad_token_id": 1}
+LABELS = dict(id2label={0: "neg", 1: "pos", 2: "mixed"})
+GPT2 = dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=2,
+            eos_token_id=2)
+LLAMA = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, intermediate_size=64, rope_theta=500.0, bos_token_id=1,
+             eos_token_id=2)
+T5 = dict(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+          relative_attention_num_buckets=8, relative_attention_max_distance=16,
+          decoder_start_token_id=0)
+MT5 = {**T5, "d_kv": 16, "num_decoder_layers": 1}  # gated-gelu, never scaled
+# 3 blocks: global, local (a window of 2 positions each side), global; rope bases apart
+MODERNBERT = dict(vocab_size=V, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                  intermediate_size=48, max_position_embeddings=64, local_attention=4,
+                  global_attn_every_n_layers=2, global_rope_theta=1000.0,
+                  local_rope_theta=50.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  cls_token_id=1, sep_token_id=2)
 S2S = dict(vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2,
            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
            decoder_ffn_dim=64, max_position_embeddings=64)
@@ -29,18 +51,34 @@ CASES = {
                  tf.BertConfig(**ENC, id2label={0: "neg", 1: "pos", 2: "mixed"})),
     "roberta": (tf.RobertaForMaskedLM, tf.RobertaConfig(**ROBERTA, type_vocab_size=1)),
     "roberta-tok": (tf.RobertaForTokenClassification, tf.RobertaConfig(**ROBERTA, num_labels=4)),
+    "roberta-cls": (tf.RobertaForSequenceClassification, tf.RobertaConfig(**ROBERTA, **LABELS)),
+    "bert-tok": (tf.BertForTokenClassification, tf.BertConfig(**ENC, num_labels=5)),
+    "xlm-roberta": (tf.XLMRobertaForMaskedLM, tf.XLMRobertaConfig(**ROBERTA, type_vocab_size=1)),
+    "xlm-roberta-cls": (tf.XLMRobertaForSequenceClassification,
+                        tf.XLMRobertaConfig(**ROBERTA, **LABELS)),
+    # a pad id other than 1: positions start at pad_id + 1 = 4
+    "xlm-roberta-tok": (tf.XLMRobertaForTokenClassification,
+                        tf.XLMRobertaConfig(**{**ROBERTA, "pad_token_id": 3,
+                                               "max_position_embeddings": 68}, num_labels=4)),
     "distilbert": (tf.DistilBertForMaskedLM,
                    tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                        max_position_embeddings=64)),
     "distilbert-cls": (tf.DistilBertForSequenceClassification,
                        tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4,
                                            hidden_dim=64, max_position_embeddings=64)),
-    "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4,
-                                               n_positions=64, bos_token_id=2, eos_token_id=2)),
-    "llama": (tf.LlamaForCausalLM,
-              tf.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                             rope_theta=500.0, bos_token_id=1, eos_token_id=2)),
+    "distilbert-tok": (tf.DistilBertForTokenClassification,
+                       tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4,
+                                           hidden_dim=64, max_position_embeddings=64,
+                                           num_labels=3)),
+    "gpt2": (tf.GPT2LMHeadModel, tf.GPT2Config(**GPT2)),
+    # HF pools the last token that is not pad_token_id; lmkit the last real one (the same here)
+    "gpt2-cls": (tf.GPT2ForSequenceClassification,
+                 tf.GPT2Config(**GPT2, pad_token_id=0, **LABELS)),
+    "gpt2-tok": (tf.GPT2ForTokenClassification, tf.GPT2Config(**GPT2, num_labels=4)),
+    "llama": (tf.LlamaForCausalLM, tf.LlamaConfig(**LLAMA)),
+    "llama-cls": (tf.LlamaForSequenceClassification,
+                  tf.LlamaConfig(**LLAMA, pad_token_id=0, **LABELS)),
+    "llama-tok": (tf.LlamaForTokenClassification, tf.LlamaConfig(**LLAMA, num_labels=4)),
     "llama-tied": (tf.LlamaForCausalLM,
                    tf.LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=1,
@@ -52,10 +90,13 @@ CASES = {
                tf.MarianConfig(**S2S, decoder_vocab_size=V, pad_token_id=3, eos_token_id=2,
                                decoder_start_token_id=3, activation_function="swish",
                                scale_embedding=True)),
-    "t5": (tf.T5ForConditionalGeneration,
-           tf.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                       relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                       decoder_start_token_id=0)),
+    "t5": (tf.T5ForConditionalGeneration, tf.T5Config(**T5)),
+    "t5-encoder": (tf.T5EncoderModel, tf.T5Config(**T5)),
+    "mt5": (tf.MT5ForConditionalGeneration, tf.MT5Config(**MT5)),
+    "mt5-encoder": (tf.MT5EncoderModel, tf.MT5Config(**MT5)),
+    "modernbert": (tf.ModernBertForMaskedLM, tf.ModernBertConfig(**MODERNBERT)),
+    "modernbert-cls": (tf.ModernBertForSequenceClassification,
+                       tf.ModernBertConfig(**MODERNBERT, classifier_pooling="mean", **LABELS)),
     "t5-v1.1": (tf.T5ForConditionalGeneration,
                 tf.T5Config(vocab_size=V, d_model=32, d_kv=16, d_ff=64, num_layers=2,
                             num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
@@ -105,7 +146,8 @@ def _batch(case: str, model) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, V, (2, 7), generator=g)
     mask = torch.ones_like(ids)
-    left = not cfg.is_encoder_decoder and "bert" not in case and "roberta" not in case
+    left = not cfg.is_encoder_decoder and "bert" not in case and "roberta" not in case \
+        and "encoder" not in case
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     if left:
         ids[1, :3], mask[1, :3] = pad, 0
@@ -126,13 +168,21 @@ def _batch(case: str, model) -> dict[str, torch.Tensor]:
 
 
 def _hf_outputs(model, batch: dict) -> torch.Tensor:
+    """Logits, or the hidden states of a model without a head (T5EncoderModel)."""
     kwargs = dict(batch)
     if not model.config.is_encoder_decoder and "token_type_ids" not in batch and \
-            isinstance(model, (tf.GPT2LMHeadModel, tf.LlamaForCausalLM)):
+            model.config.model_type in ("gpt2", "llama"):
         mask = batch["attention_mask"]  # positions restart after left padding, as in lmkit
         kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        return model(**kwargs).logits
+        out = model(**kwargs)
+    return out.logits if "logits" in out else out.last_hidden_state
+
+
+def _lmkit_outputs(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if out.logits is not None else out.hidden_states
 
 
 def _real(batch: dict, out: torch.Tensor) -> torch.Tensor:
@@ -150,8 +200,7 @@ def test_outputs_match_transformers(case, hf_dir):
     assert not model.training and model.new_tensors == []
     batch = _batch(case, ref)
     expected = _hf_outputs(ref, batch)
-    with torch.no_grad():
-        got = model(**batch).logits
+    got = _lmkit_outputs(model, batch)
     assert got.shape == expected.shape
     torch.testing.assert_close(_real(batch, got), _real(batch, expected), atol=1e-5, rtol=1e-5)
     if model.config.family == "encoder":  # the body alone, too
@@ -241,3 +290,124 @@ def test_export_refuses_configs_no_hf_family_expresses(tmp_path):
                                          activation="gelu_tanh")), tmp_path / "y",
                 model_type="gpt2")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# Bare bodies (no head) of the families with a sequence-classification head in lmkit.
+BODIES = {
+    "bert": (tf.BertModel, tf.BertConfig(**ENC)),
+    "distilbert": (tf.DistilBertModel,
+                   tf.DistilBertConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                       max_position_embeddings=64)),
+    "roberta": (tf.RobertaModel, tf.RobertaConfig(**ROBERTA)),
+    "xlm-roberta": (tf.XLMRobertaModel, tf.XLMRobertaConfig(**ROBERTA)),
+    "gpt2": (tf.GPT2Model, tf.GPT2Config(**GPT2, pad_token_id=0)),
+    "llama": (tf.LlamaModel, tf.LlamaConfig(**LLAMA, pad_token_id=0)),
+    "modernbert": (tf.ModernBertModel, tf.ModernBertConfig(**MODERNBERT)),
+    "bart": (tf.BartModel, tf.BartConfig(**S2S)),
+}
+
+
+@pytest.mark.parametrize("body", list(BODIES))
+def test_trained_classifier_exports_to_transformers(body, tmp_path):
+    """A new classification head on an HF body, trained a few steps in lmkit (body too), then
+    exported: AutoModelForSequenceClassification gives the same logits and label names."""
+    cls, config = BODIES[body]
+    torch.manual_seed(0)
+    ref = cls(config).eval()
+    _randomise(ref)
+    ref.save_pretrained(tmp_path / "body")
+    names = ["neg", "pos", "mixed"]
+    model = lmkit.load(tmp_path / "body", head="classification", label_names=names)
+    batch = _batch(f"{body}-cls", ref)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch, labels=torch.tensor([0, 2])).loss.backward()
+        optimizer.step()
+    model.eval()
+    out = save_hf(model, tmp_path / "hf")
+    again = tf.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert again.config.id2label == dict(enumerate(names))
+    assert again.config.label2id == {n: i for i, n in enumerate(names)}
+    expected = _lmkit_outputs(model, batch)
+    assert not torch.allclose(expected, _lmkit_outputs(lmkit.load(
+        tmp_path / "body", head="classification", label_names=names), batch))  # it trained
+    torch.testing.assert_close(_hf_outputs(again, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_finetuned_classifier_converts_to_transformers(tmp_path):
+    """`lmkit.finetune` on a Hugging Face Llama body with its tokenizer, then `convert` of the
+    run's folder: transformers loads a LlamaForSequenceClassification with the run's labels
+    and the same logits on a padded batch of real text."""
+    rng = random.Random(0)
+    good, bad, filler = ["good", "great", "fine"], ["bad", "awful", "poor"], "the a was very so"
+    rows = ["sentence\tlabel"]
+    for _ in range(64):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(filler.split(), 3) + [rng.choice(good if label == "pos" else bad)]
+        rows.append(" ".join(words) + "\t" + label)
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(r.split("\t")[0] for r in rows[1:]))
+    tok = Tokenizer.train([tmp_path / "corpus.txt"], "bpe", 300, family="decoder")
+    config = tf.LlamaConfig(**{**LLAMA, "vocab_size": tok.vocab_size, "pad_token_id": tok.pad_id,
+                               "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id})
+    torch.manual_seed(0)
+    tf.LlamaModel(config).save_pretrained(tmp_path / "body")
+    tok.save(tmp_path / "body")
+    res = finetune(tmp_path / "body", FinetuneConfig(
+        out=str(tmp_path / "run"), task="classification", train=str(tmp_path / "train.tsv"),
+        steps=4, batch_size=8, progress=False, tensorboard=False, plot=False))
+    out = convert(res.out_dir, tmp_path / "hf", to="hf")
+    again = tf.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    model = lmkit.load(res.out_dir)
+    assert isinstance(again, tf.LlamaForSequenceClassification)
+    assert list(again.config.id2label.values()) == model.config.label_names
+    ids = tok.encode_batch(["the very good", "a so awful was the"])
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tok.pad_id] * (width - len(r)) + r for r in ids])
+    mask = (torch.arange(width) >= torch.tensor([[width - len(r)] for r in ids])).long()
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    torch.testing.assert_close(_hf_outputs(again, batch), _lmkit_outputs(model, batch),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_mt5_reads_its_unigram_tokenizer_and_generates_from_text(hf_dir, tmp_path):
+    """An mT5 folder with the tokenizer.json transformers makes of mT5's SentencePiece model
+    (Unigram, Metaspace, "</s>" appended): lmkit finds its pad / eos / unk, encodes as
+    transformers does and generates the same tokens and text from text prompts."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, processors
+    path, ref = hf_dir("mt5")
+    folder = tmp_path / "mt5"
+    shutil.copytree(path, folder)
+    words = ["▁hello", "▁world", "▁bonjour", "▁le", "▁monde", "▁", "he", "llo", "wor", "ld",
+             "mon", "de", "é"] + list("abcdefghijklmnopqrstuvwxyz")
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + \
+        [(w, -1.0 - i / 10) for i, w in enumerate(words)]
+    backend = Backend(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                           special_tokens=[("</s>", 1)])
+    backend.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))
+    model = lmkit.load(folder)
+    tok = model.tokenizer
+    assert (tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2)
+    assert (model.config.pad_id, model.config.eos_id) == (0, 1)
+    reference = tf.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                           pad_token="<pad>", eos_token="</s>")
+    texts = ["hello world", "bonjour le monde é"]
+    ids = reference(texts, padding=True, return_tensors="pt")
+    assert tok.encode_batch(texts) == reference(texts)["input_ids"]
+    got = lmkit.generate(model, texts, max_new_tokens=6)
+    ref.generation_config = tf.GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=6,
+                                                eos_token_id=1, pad_token_id=0,
+                                                decoder_start_token_id=0)
+    out = ref.generate(**ids)
+    expected = [_until(row[1:].tolist(), 1) for row in out]
+    assert got.sequences == expected and any(len(s) > 2 for s in expected)
+    assert got.texts == reference.batch_decode(expected, skip_special_tokens=True)

@@ -23,6 +23,7 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 POOLINGS = ("first", "last", "mean", "eos")
+LAYER_TYPES = ("global", "local")  # a block attends to every key, or within `window`
 DEFAULT_POOLING = {"encoder": "first", "decoder": "last", "encoder-decoder": "last"}
 DTYPES = ("float32", "bfloat16", "float16")
 IGNORE_INDEX = -100  # the label id the loss skips (padding, prompts, unpicked tokens)
@@ -58,6 +59,10 @@ HEADS: dict[str, Head] = {
 }
 
 RENAMED = {"labels": "label_names"}  # config.json keys written by earlier versions -> fields
+# Fields added after config.json files were first written: their default is what the earlier
+# versions computed, so a file without them means exactly that (any other field must be there).
+ADDED = ("norm_bias", "first_attn_norm", "window", "layer_types", "local_rope_theta",
+         "classifier_norm", "classifier_bias", "head_dense_bias")
 
 
 @dataclass
@@ -81,6 +86,9 @@ class ModelConfig:
     final_norm: bool = True  # a norm after the last block (pre-norm models have one)
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorms have a bias (ModernBERT's do not)
+    # The first block normalises its attention input; ModernBERT's does not (embed_norm just did)
+    first_attn_norm: bool = True
     position: str = "learned"
     max_positions: int = 1024
     position_offset: int = 0  # learned-position index of position 0 (RoBERTa, BART: 2)
@@ -88,6 +96,13 @@ class ModelConfig:
     rotary_fraction: float = 1.0  # share of each head's dims that are rotated
     relative_buckets: int = 32
     relative_max_distance: int = 128
+    # Local attention (ModernBERT): a "local" block's queries see only keys at most `window`
+    # positions away; layer_types gives each block's kind, bottom to top ([] = every block
+    # "local" when a window is set, else "global"); local blocks rotate with local_rope_theta
+    # (None: rope_theta).
+    window: int | None = None
+    layer_types: list[str] = field(default_factory=list)
+    local_rope_theta: float | None = None
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT-style; 0 = none
     attention_bias: bool = True
     mlp_bias: bool = True
@@ -111,6 +126,9 @@ class ModelConfig:
     pooling: str | None = None
     classifier_hidden: bool = False  # dense + activation before the classifier (BERT pooler)
     classifier_activation: str = "tanh"
+    classifier_norm: bool = False  # a norm after that dense layer (ModernBERT)
+    classifier_bias: bool = True  # a bias on the label projection (GPT-2, Llama `score`: none)
+    head_dense_bias: bool = True  # a bias on the heads' dense layers (ModernBERT: none)
     mlm_transform: bool = True  # dense + activation + norm before the MLM projection (BERT)
     # LoRA adapters on the blocks' linear layers (lmkit.model.lora.LoRAConfig as a dict), or
     # None. Part of the architecture so that a model with adapters saves and loads as is.
@@ -157,6 +175,12 @@ class ModelConfig:
         """The labels are the input ids and the model shifts them (a decoder-only LM)."""
         return self.head_spec.shifts_labels and self.family == "decoder"
 
+    def layer_type(self, i: int) -> str:
+        """"global" or "local": how block i of a stack attends (see `window`)."""
+        if self.layer_types:
+            return self.layer_types[i]
+        return "global" if self.window is None else "local"
+
     def fill_id(self, eos_id: int | None = None) -> int:
         """The id that fills padded positions: pad_id, else the end-of-sequence id (`eos_id`
         or the config's), else 0. Padding is masked, so any id in the vocabulary works."""
@@ -196,7 +220,8 @@ class ModelConfig:
             one_of(name, allowed)
         for name in ("vocab_size", "hidden_size", "num_heads", "intermediate_size",
                      "max_positions", "relative_buckets", "relative_max_distance",
-                     "norm_eps", "rope_theta", "output_scale", "num_kv_heads", "head_dim"):
+                     "norm_eps", "rope_theta", "output_scale", "num_kv_heads", "head_dim",
+                     "window", "local_rope_theta"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}")
@@ -230,6 +255,7 @@ class ModelConfig:
                 raise ValueError(
                     f"rotary_fraction={self.rotary_fraction} rotates {rotated} of "
                     f"{self.dim_per_head} head dims; it must rotate an even, non-zero number")
+        self._check_local_attention()
         if self.position == "sinusoidal" and self.hidden_size % 2:
             raise ValueError("sinusoidal positions need an even hidden_size")
         if self.family == "encoder-decoder" and self.decoder_start_id is None:
@@ -247,6 +273,25 @@ class ModelConfig:
         if len(set(self.label_names)) != len(self.label_names):
             raise ValueError(f"label_names must be distinct, got {self.label_names}")
 
+    def _check_local_attention(self) -> None:
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ValueError(f"layer_types holds {bad}; each block is one of {LAYER_TYPES}")
+        if self.layer_types:
+            if self.family == "encoder-decoder":
+                raise ValueError("layer_types is for encoder-only or decoder-only models: set "
+                                 "it to [] (a window then applies to every block)")
+            layers = self.encoder_layers + self.decoder_layers
+            if len(self.layer_types) != layers:
+                raise ValueError(f"layer_types names {len(self.layer_types)} blocks but the "
+                                 f"model has {layers}: give one entry per block")
+        if not self.first_attn_norm and self.norm_position != "pre":
+            raise ValueError("first_attn_norm=False needs norm_position='pre' (a post-norm "
+                             "block normalises its output, not its input)")
+        if "local" in self.layer_types and self.window is None:
+            raise ValueError("layer_types has local blocks but window is not set: set window "
+                             "(how many positions a local query sees on each side)")
+
     # ---- (de)serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,7 +307,7 @@ class ModelConfig:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(fields)}")
-        missing = [fields[k] for k in fields if k not in data]
+        missing = [fields[k] for k in fields if k not in data and k not in ADDED]
         if missing:
             defaults = ", ".join(f"{f.name}={json.dumps(_default(f))}" for f in missing)
             raise ValueError(

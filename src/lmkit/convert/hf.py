@@ -45,7 +45,7 @@ log = logging.getLogger("lmkit")
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-FAMILY_MODULES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_bart", "hf_t5")
+FAMILY_MODULES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_bart", "hf_t5", "hf_modernbert")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,14 @@ class Spec:
     from_hf: Callable[[Tensors, ModelConfig], Tensors] | None = None  # transforms, HF names
     to_hf: Callable[[Tensors, ModelConfig], Tensors] | None = None
     read_aliases: dict[str, str] = field(default_factory=dict)  # more HF classes -> head
+    # lmkit head -> HF class of the type's encoder-only variant (T5EncoderModel)
+    encoder_architectures: dict[str, str] = field(default_factory=dict)
+
+    def architecture(self, cfg: ModelConfig) -> str | None:
+        """The HF class that holds `cfg` (its head, and its family where the type has an
+        encoder-only variant), or None when this type has none."""
+        variant = self.encoder_architectures and cfg.family == "encoder"
+        return (self.encoder_architectures if variant else self.architectures).get(cfg.head)
 
 
 def registry() -> dict[str, Spec]:
@@ -204,7 +212,8 @@ def _spec_for(model_type: Any) -> Spec:
 
 def _head_of(spec: Spec, hf: dict[str, Any], names: set[str], cfg: ModelConfig) -> str:
     archs = hf.get("architectures") or []
-    known = {**{v: k for k, v in spec.architectures.items()}, **spec.read_aliases}
+    known = {**{v: k for k, v in spec.architectures.items()},
+             **{v: k for k, v in spec.encoder_architectures.items()}, **spec.read_aliases}
     if archs:
         if archs[0] not in known:
             raise CheckpointError(f"{archs[0]} is not supported; for model_type "
@@ -214,6 +223,8 @@ def _head_of(spec: Spec, hf: dict[str, Any], names: set[str], cfg: ModelConfig) 
     # head needs none), else the bare body.
     for head in spec.architectures:
         if head == "none" or HEADS[head].needs_label_names:  # their labels say nothing here
+            continue
+        if spec.architecture(cfg.replace(head=head)) is None:  # not in this variant
             continue
         headed = cfg.replace(head=head)
         entries = expand(spec.table(headed), headed)
@@ -369,9 +380,13 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     else:
         drop |= {"max_positions"}  # relative positions have no table and no length limit
     if not cfg.head_spec.pooled:
-        drop |= {"pooling", "classifier_hidden", "classifier_activation"}
+        drop |= {"pooling", "classifier_hidden", "classifier_activation", "classifier_norm",
+                 "classifier_bias"}
     if cfg.head != "mlm":
         drop |= {"mlm_transform"}
+    if not ((cfg.head_spec.pooled and cfg.classifier_hidden) or
+            (cfg.head == "mlm" and cfg.mlm_transform)):
+        drop |= {"head_dense_bias"}  # no head has a dense layer
     if cfg.head != "lm":
         drop |= {"lm_head_bias", "output_scale"}
     if cfg.head not in ("lm", "mlm"):
@@ -381,6 +396,12 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     for name in drop:
         d[name] = defaults[name]
     d["num_kv_heads"], d["head_dim"] = cfg.kv_heads, cfg.dim_per_head  # None = the default
+    # Local attention written out per block ([] and a window = all local; no window = global)
+    kinds = [cfg.layer_type(i) for i in range(cfg.encoder_layers + cfg.decoder_layers)]
+    local = "local" in kinds
+    d["layer_types"], d["window"] = (kinds, cfg.window) if local else ([], None)
+    d["local_rope_theta"] = (cfg.local_rope_theta or cfg.rope_theta
+                             if local and cfg.position == "rotary" else None)
     return d
 
 
@@ -389,7 +410,7 @@ def _differences(cfg: ModelConfig, spec: Spec, names: set[str]) -> dict[str, tup
     try:
         hf = spec.config_to_hf(cfg)
         back = config_from_hf({**hf, "model_type": spec.model_type,
-                               "architectures": [spec.architectures[cfg.head]]}, names)
+                               "architectures": [spec.architecture(cfg)]}, names)
     except (ValueError, KeyError) as e:
         return {"(config)": (str(e), None)}
     a, b = _canonical(cfg), _canonical(back)
@@ -422,7 +443,7 @@ def choose_spec(cfg: ModelConfig, model_type: str | None = None,
             candidates.insert(0, specs[preferred])
     report = {}
     for spec in candidates:
-        if cfg.head not in spec.architectures:
+        if spec.architecture(cfg) is None:
             report[spec.model_type] = {"head": (cfg.head, sorted(spec.architectures))}
             continue
         try:
@@ -458,7 +479,7 @@ def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
     cfg = model.config
     spec = choose_spec(cfg, model_type, getattr(model, "hf_model_type", None))
     tensors = {k: v.cpu() for k, v in _hf_tensors(model, spec).items()}
-    hf = {"architectures": [spec.architectures[cfg.head]], "model_type": spec.model_type,
+    hf = {"architectures": [spec.architecture(cfg)], "model_type": spec.model_type,
           **spec.config_to_hf(cfg)}
     stored = {v: k for k, v in DTYPES.items()}.get(model.tokens.weight.dtype)
     hf["dtype"] = stored or hf["dtype"]  # what the file holds (load(dtype=...) may differ)

@@ -1,7 +1,8 @@
-"""BERT, RoBERTa and DistilBERT: post-norm encoders with an embedding LayerNorm.
+"""BERT, RoBERTa, XLM-RoBERTa and DistilBERT: post-norm encoders with an embedding LayerNorm.
 
 RoBERTa is BERT with learned positions starting at pad_id + 1 (lmkit's `position_offset`) and
-its own head names. DistilBERT has no token types, fixed LayerNorm eps 1e-12 and other names.
+its own head names; XLM-RoBERTa is the same layout and names with a 250k vocabulary.
+DistilBERT has no token types, fixed LayerNorm eps 1e-12 and other names.
 Heads: masked LM (transform + tied decoder + bias), sequence classification (BERT's pooler =
 dense + tanh on the first token; RoBERTa's classifier.dense; DistilBERT's pre_classifier + ReLU)
 and token classification.
@@ -154,10 +155,11 @@ SPECS = [
          _table(_BERT_BODY, _BERT_HEADS),
          ignore=(r"embeddings\.position_ids", r"pooler\..*", r"cls\.seq_relationship\..*"),
          read_aliases={"BertForPreTraining": "mlm"}),
-    Spec("roberta", _architectures("Roberta"), "roberta.", ("lm_head", "classifier"),
-         lambda hf, names: _bert_from_hf(hf, roberta=True), _bert_to_hf,
-         _table(_BERT_BODY, _ROBERTA_HEADS),
-         ignore=(r"embeddings\.position_ids", r"pooler\..*")),
+    *[Spec(model_type, _architectures(name), "roberta.", ("lm_head", "classifier"),
+           lambda hf, names: _bert_from_hf(hf, roberta=True), _bert_to_hf,
+           _table(_BERT_BODY, _ROBERTA_HEADS),
+           ignore=(r"embeddings\.position_ids", r"pooler\..*"))
+      for model_type, name in (("roberta", "Roberta"), ("xlm-roberta", "XLMRoberta"))],
     Spec("distilbert", _architectures("DistilBert"), "distilbert.",
          ("vocab_transform", "vocab_layer_norm", "vocab_projector", "pre_classifier",
           "classifier"),

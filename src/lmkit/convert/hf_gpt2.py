@@ -34,9 +34,13 @@ def _table(cfg: ModelConfig) -> Table:
         ("decoder.layers.{i}.mlp.up", "h.{i}.mlp.c_fc"),
         ("decoder.layers.{i}.mlp.down", "h.{i}.mlp.c_proj"),
     ]
-    if cfg.head == "lm":
-        table.append(("head.proj.weight", "lm_head.weight"))
-    return table
+    return table + _HEADS.get(cfg.head, [])
+
+
+# Sequence classification reads the last real token through `score` (no bias).
+_HEADS: dict[str, Table] = {"lm": [("head.proj.weight", "lm_head.weight")],
+                            "classification": [("head.proj", "score")],
+                            "token-classification": [("head.proj", "classifier")]}
 
 
 def _from_hf(tensors: Tensors, cfg: ModelConfig) -> Tensors:
@@ -88,7 +92,7 @@ def _from_hf_config(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
                 max_positions=hf.get("n_positions", 1024),
                 scale_attention=hf.get("scale_attn_weights", True),
                 dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
-                tie_embeddings=hf.get("tie_word_embeddings", True),
+                tie_embeddings=hf.get("tie_word_embeddings", True), classifier_bias=False,
                 **common_from_hf(hf, pad=None, bos=50256, eos=50256))
 
 
@@ -102,8 +106,10 @@ def _to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
                 tie_word_embeddings=cfg.tie_embeddings, **common_to_hf(cfg))
 
 
-SPECS = [Spec("gpt2", {"none": "GPT2Model", "lm": "GPT2LMHeadModel"}, "transformer.",
-              ("lm_head", "score"), _from_hf_config, _to_hf_config, _table,
+SPECS = [Spec("gpt2", {"none": "GPT2Model", "lm": "GPT2LMHeadModel",
+                       "classification": "GPT2ForSequenceClassification",
+                       "token-classification": "GPT2ForTokenClassification"}, "transformer.",
+              ("lm_head", "score", "classifier"), _from_hf_config, _to_hf_config, _table,
               # attn.bias / masked_bias: causal-mask buffers older checkpoints stored
               ignore=(r"h\.\d+\.attn\.(bias|masked_bias)",),
               from_hf=_from_hf, to_hf=_to_hf)]

@@ -29,9 +29,14 @@ def _table(cfg: ModelConfig) -> Table:
         ("decoder.layers.{i}.mlp.up", "layers.{i}.mlp.up_proj"),
         ("decoder.layers.{i}.mlp.down", "layers.{i}.mlp.down_proj"),
     ]
-    if cfg.head == "lm":
-        table.append(("head.proj.weight", "lm_head.weight"))
-    return table
+    return table + _HEADS.get(cfg.head, [])
+
+
+# Sequence classification reads the last real token through `score` (no bias); token
+# classification's `score` has one.
+_HEADS: dict[str, Table] = {"lm": [("head.proj.weight", "lm_head.weight")],
+                            "classification": [("head.proj", "score")],
+                            "token-classification": [("head.proj", "score")]}
 
 
 def rope_theta(hf: dict[str, Any]) -> float:
@@ -60,7 +65,7 @@ def _from_hf(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
                 attention_bias=hf.get("attention_bias", False),
                 mlp_bias=hf.get("mlp_bias", False), dropout=0.0,
                 attention_dropout=hf.get("attention_dropout", 0.0),
-                tie_embeddings=hf.get("tie_word_embeddings", False),
+                tie_embeddings=hf.get("tie_word_embeddings", False), classifier_bias=False,
                 **common_from_hf(hf, pad=None, bos=1, eos=2))
 
 
@@ -77,6 +82,8 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
                 tie_word_embeddings=cfg.tie_embeddings, **common_to_hf(cfg))
 
 
-SPECS = [Spec("llama", {"none": "LlamaModel", "lm": "LlamaForCausalLM"}, "model.",
+SPECS = [Spec("llama", {"none": "LlamaModel", "lm": "LlamaForCausalLM",
+                        "classification": "LlamaForSequenceClassification",
+                        "token-classification": "LlamaForTokenClassification"}, "model.",
               ("lm_head", "score"), _from_hf, _to_hf, _table,
               ignore=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))]

@@ -161,7 +161,9 @@ def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, l
     else:
         model = base
     if model.config.head_spec.pooled:  # a new head pools as the family does unless told
-        kept = base.config.head == model.config.head
+        # A Hugging Face body's config already pools as its family's classifier does (BART:
+        # the last EOS; ModernBERT: as its config says), so that the result exports.
+        kept = base.config.head == model.config.head or hasattr(base, "hf_model_type")
         family = model.config.family
         model.config.pooling = cfg.pooling or (model.config.pooling if kept
                                                else DEFAULT_POOLING[family])

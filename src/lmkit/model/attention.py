@@ -37,23 +37,28 @@ def positions_from(segments: torch.Tensor) -> torch.Tensor:
 
 
 def build_mask(q_segments: torch.Tensor | None, k_segments: torch.Tensor | None,
-               q_len: int, k_len: int, causal: bool,
-               device: torch.device) -> tuple[torch.Tensor | None, bool]:
+               q_len: int, k_len: int, causal: bool, device: torch.device,
+               window: int | None = None) -> tuple[torch.Tensor | None, bool]:
     """The single attention mask: (B or 1, 1, q_len, k_len) bool, True = may attend.
 
-    A query sees a key when both are in the same segment, the key is not padding, and (if
-    causal) the key is not in the future. Queries are the last q_len of the k_len positions
-    (a KV cache holds the earlier ones). Returns (mask, is_causal): (None, True/False) when
-    SDPA's built-in causal flag or no mask at all says the same thing faster."""
-    if q_segments is None and k_segments is None:
+    A query sees a key when both are in the same segment, the key is not padding, (if
+    causal) the key is not in the future and (with a `window`) the key is at most `window`
+    positions away. Queries are the last q_len of the k_len positions (a KV cache holds the
+    earlier ones). Returns (mask, is_causal): (None, True/False) when SDPA's built-in causal
+    flag or no mask at all says the same thing faster."""
+    if q_segments is None and k_segments is None and window is None:
         if not causal or q_len == 1:
             return None, False
         if q_len == k_len:
             return None, True
+    offset = k_len - q_len
     allowed = torch.ones(1, q_len, k_len, dtype=torch.bool, device=device)
     if causal:
-        offset = k_len - q_len
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)[None]
+    if window is not None:  # distances within a segment are column distances
+        q_idx = torch.arange(offset, k_len, device=device)
+        near = (q_idx[:, None] - torch.arange(k_len, device=device)[None]).abs() <= window
+        allowed = allowed & near[None]
     if k_segments is not None:
         qs = q_segments if q_segments is not None else torch.ones_like(k_segments[:, -q_len:])
         allowed = allowed & (qs[:, :, None] == k_segments[:, None, :]) & \
@@ -75,11 +80,14 @@ def add_bias(mask: torch.Tensor | None, bias: torch.Tensor, q_len: int, k_len: i
 
 
 # ---- positions ---------------------------------------------------------------------------
-def rotary(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(positions: torch.Tensor, cfg: ModelConfig,
+           theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables (B or 1, 1, T, rotated dims) for rotary embeddings (Llama layout:
-    the rotated half is the second half of the rotated dims, not interleaved pairs)."""
+    the rotated half is the second half of the rotated dims, not interleaved pairs); `theta`
+    overrides cfg.rope_theta (ModernBERT's local blocks)."""
     rot = int(cfg.dim_per_head * cfg.rotary_fraction)
-    inv_freq = cfg.rope_theta ** (-torch.arange(0, rot, 2, device=positions.device).float() / rot)
+    base = theta or cfg.rope_theta
+    inv_freq = base ** (-torch.arange(0, rot, 2, device=positions.device).float() / rot)
     angles = positions[..., None].float() * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lmkit.config import POOLINGS, ModelConfig
-from lmkit.model.layers import ACTIVATIONS
+from lmkit.model.layers import ACTIVATIONS, make_norm
 
 
 class LMHead(nn.Module):
@@ -34,8 +34,8 @@ class MLMHead(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.hidden_size
-        self.dense = nn.Linear(d, d) if cfg.mlm_transform else None
-        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.mlm_transform else None
+        self.dense = nn.Linear(d, d, bias=cfg.head_dense_bias) if cfg.mlm_transform else None
+        self.norm = make_norm(cfg, "layernorm") if cfg.mlm_transform else None
         self.act = ACTIVATIONS[cfg.activation]
         self.proj = nn.Linear(d, cfg.vocab_size)
 
@@ -49,19 +49,23 @@ class MLMHead(nn.Module):
 
 class ClassificationHead(nn.Module):
     """One label per sequence from a pooled vector (optionally through a dense layer first:
-    BERT's pooler, RoBERTa's and BART's classification heads)."""
+    BERT's pooler, RoBERTa's and BART's classification heads; then a norm: ModernBERT's)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d = cfg.hidden_size
-        self.dense = nn.Linear(d, d) if cfg.classifier_hidden else None
+        hidden = cfg.classifier_hidden
+        self.dense = nn.Linear(d, d, bias=cfg.head_dense_bias) if hidden else None
         self.act = ACTIVATIONS[cfg.classifier_activation]
+        self.norm = make_norm(cfg, "layernorm") if hidden and cfg.classifier_norm else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.proj = nn.Linear(d, cfg.num_labels)
+        self.proj = nn.Linear(d, cfg.num_labels, bias=cfg.classifier_bias)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.dense is not None:
             pooled = self.act(self.dense(self.drop(pooled)))
+        if self.norm is not None:
+            pooled = self.norm(pooled)
         return self.proj(self.drop(pooled))
 
 

@@ -20,11 +20,12 @@ ACTIVATIONS = {
 }
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    """LayerNorm (with bias) or RMSNorm (scale only, as in T5 and Llama)."""
-    if cfg.norm == "rmsnorm":
+def make_norm(cfg: ModelConfig, kind: str | None = None) -> nn.Module:
+    """LayerNorm (with a bias unless `cfg.norm_bias` is off) or RMSNorm (scale only, as in T5
+    and Llama); `kind` overrides `cfg.norm` (heads whose norm is always a LayerNorm)."""
+    if (kind or cfg.norm) == "rmsnorm":
         return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
 class MLP(nn.Module):

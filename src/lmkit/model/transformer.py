@@ -44,9 +44,10 @@ log = logging.getLogger("lmkit")
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, cross: bool):
+    def __init__(self, cfg: ModelConfig, cross: bool, first: bool = False):
         super().__init__()
-        self.attn_norm, self.attn = make_norm(cfg), Attention(cfg)
+        self.attn = Attention(cfg)
+        self.attn_norm = nn.Identity() if first and not cfg.first_attn_norm else make_norm(cfg)
         self.cross_norm = make_norm(cfg) if cross else None
         self.cross_attn = Attention(cfg) if cross else None
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
@@ -86,7 +87,7 @@ class Stack(nn.Module):
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.relative_bias = (RelativeBias(cfg, bidirectional=not causal)
                               if cfg.position == "relative" else None)
-        self.layers = nn.ModuleList(Block(cfg, cross) for _ in range(num_layers))
+        self.layers = nn.ModuleList(Block(cfg, cross, first=i == 0) for i in range(num_layers))
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.checkpointing = False  # activation checkpointing (Model.activation_checkpointing)
@@ -125,11 +126,17 @@ class Stack(nn.Module):
         q_seg = segments[:, past:] if segments is not None else None  # (B, T)
         # mask: (B or 1, 1, T, past + T) bool, or None when SDPA's causal flag says it
         mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device)
+        # Local blocks (ModernBERT): the mask cut to the window, their own rotary base.
+        local = (build_mask(q_seg, segments, t, past + t, self.causal, x.device, cfg.window)
+                 if cfg.window is not None else None)
         if self.relative_bias is not None:  # T5: a float mask (B or 1, H, T, past + T)
             bias = self.relative_bias(q_pos, k_pos)
             mask = add_bias(mask, bias, t, past + t, is_causal)
             is_causal = False
+            local = (add_bias(local[0], bias, t, past + t, False), False) if local else None
         rope = rotary(q_pos, cfg) if cfg.position == "rotary" else None
+        local_rope = (rotary(q_pos, cfg, cfg.local_rope_theta)
+                      if rope is not None and cfg.local_rope_theta is not None else rope)
         context_mask = None  # (B, 1, T, S): which source tokens each target token may see
         if context is not None and (q_seg is not None or context_segments is not None):
             if q_seg is None:
@@ -138,11 +145,14 @@ class Stack(nn.Module):
                                          x.device)
         recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
+            # Local blocks (ModernBERT) take the windowed mask and their own rotary base.
+            attend = (*local, local_rope) if cfg.layer_type(i) == "local" else (
+                mask, is_causal, rope)
             if recompute:  # keep only the block's input; rerun it in backward (same RNG)
-                x = checkpoint(layer, x, mask, is_causal, rope, context, context_mask, None, i,
+                x = checkpoint(layer, x, *attend, context, context_mask, None, i,
                                use_reentrant=False)
             else:
-                x = layer(x, mask, is_causal, rope, context, context_mask, cache, i)
+                x = layer(x, *attend, context, context_mask, cache, i)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
