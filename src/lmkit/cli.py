@@ -1,7 +1,9 @@
 """The `lmkit` command: a thin face over the Python API (each command calls the same public
 function a Python user would).
 
-Option values are checked at parse time by the same rules the API applies. Bad input, I/O
+The parser is built without importing torch or lmkit's models (choices come from
+`lmkit.names`, the config dataclasses are read only for `--help-config`), so `--help` is
+instant. Option values are checked at parse time by the same rules the API applies. Bad input, I/O
 failures and interruptions end with one line `lmkit: error: ...` (or `stopped:` /
 `interrupted:`) and a non-zero exit status; `--debug` shows the traceback instead. Anything
 else is a bug in lmkit and keeps its traceback.
@@ -17,7 +19,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from lmkit import __version__, names
+
 COMMANDS: dict[str, Any] = {}
+DESCRIPTION = ("lmkit: pretrain, convert, fine-tune and run Transformer models. Each command "
+               "calls the Python function of the same name; `lmkit COMMAND --help` lists its "
+               "options.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,6 +99,38 @@ def command(name: str, help: str, arguments: Any):
     return register
 
 
+def _choices(values: tuple[str, ...]) -> str:
+    return " | ".join(values)
+
+
+class _HelpConfig(argparse.Action):
+    """`--help-config`: every field `--set` takes (type, default, help), read from the config
+    dataclass at `cls_path` ("module:Class"; imported only now)."""
+
+    def __init__(self, option_strings: list[str], cls_path: str, **kw: Any):
+        super().__init__(option_strings, nargs=0, default=argparse.SUPPRESS,
+                         help="list every --set field with its type, default and meaning", **kw)
+        self.cls_path = cls_path
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        import importlib
+
+        from lmkit.train.options import describe
+
+        module, name = self.cls_path.split(":")
+        rows = describe(getattr(importlib.import_module(module), name))
+        width = max(len(r[0]) for r in rows)
+        print(f"{parser.prog}: fields of {name} (--set KEY=VALUE, or a --config YAML file)")
+        for key, kind, default, note in rows:
+            print(f"  {key:<{width}}  {kind} = {default}" + (f"\n  {'':<{width}}    {note}"
+                                                           if note else ""))
+        parser.exit()
+
+
+def _help_config(p: argparse.ArgumentParser, cls_path: str) -> None:
+    p.add_argument("--help-config", action=_HelpConfig, cls_path=cls_path)
+
+
 def _device_flag(p: argparse.ArgumentParser, device: str | None) -> None:
     """--device; a None default leaves the choice to the run config."""
     p.add_argument("--device", type=_value(str, _device_option, "device"), default=device,
@@ -118,11 +157,37 @@ def _device_args(p: argparse.ArgumentParser, device: str = "auto",
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a preset name or a checkpoint folder / .gguf file")
+    p.add_argument("model", nargs="?", help="a preset name or a checkpoint folder / .gguf file")
+    p.add_argument("--list", action="store_true", help="list presets, heads, tasks, "
+                   "objectives, schemes and the foreign model types lmkit reads and writes")
 
 
-@command("info", "show a preset's or a checkpoint's architecture and size", _info_args)
+def catalog() -> dict[str, Any]:
+    """What lmkit offers, read from its tables (what `lmkit info --list` prints)."""
+    from lmkit.config import HEADS, PRESETS, preset
+    from lmkit.convert.gguf import ARCHITECTURES
+    from lmkit.convert.hf import registry
+
+    configs = {name: preset(name) for name in PRESETS}
+    return {"presets": {k: f"{c.family}, {c.encoder_layers + c.decoder_layers} layers, "
+                        f"hidden {c.hidden_size}" for k, c in configs.items()},
+            "heads": {k: f"for {', '.join(h.families)}" for k, h in HEADS.items()},
+            "tasks": list(names.TASKS), "objectives": list(names.OBJECTIVES),
+            "schemes": list(names.SCHEMES),
+            "hugging_face_model_types": {k: sorted(s.architectures.values())
+                                         for k, s in registry().items()},
+            "gguf_architectures (read)": sorted(ARCHITECTURES),
+            "adapters": "LoRA, lmkit's layout and PEFT's (read and written)"}
+
+
+@command("info", "show a preset's or a checkpoint's architecture and size (--list: "
+         "everything lmkit offers)", _info_args)
 def info(args: argparse.Namespace) -> None:
+    if args.list:
+        print(json.dumps(catalog(), indent=2))
+        return
+    if not args.model:
+        raise ValueError("give a preset name or a checkpoint (or --list)")
     import lmkit
     from lmkit.flops import num_parameters
 
@@ -152,7 +217,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=_value(float, _generate_option, "length_penalty"),
                    default=1.0)
     p.add_argument("--n-best", type=_value(int, _generate_option, "num_return_sequences"),
-                   default=1)
+                   default=1, help="answers per prompt: the n best beams (at most --beams), "
+                   "or n samples with --sample")
+    p.add_argument("--adapter", help="a LoRA adapter folder to put on the model (PEFT's "
+                   "layout or lmkit's)")
     _device_args(p)
 
 
@@ -161,13 +229,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace) -> None:
     import lmkit
 
-    model = lmkit.load(args.model, dtype=args.dtype, device=args.device)
+    model = lmkit.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     out = lmkit.generate(model, args.prompt, max_new_tokens=args.max_new_tokens,
                          do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, num_beams=args.beams,
                          length_penalty=args.length_penalty,
                          num_return_sequences=args.n_best)
-    per_prompt = args.n_best if args.beams > 1 else 1
+    per_prompt = args.n_best
     for i, (text, score) in enumerate(zip(out.texts, out.scores)):
         prompt = args.prompt[i // per_prompt]
         sep = "" if model.config.family == "decoder" else " => "
@@ -178,12 +246,13 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?",
                    help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
     p.add_argument("--task", type=_value(str, _FINETUNE, "task"),
-                   help="classification | ner | translation | summarization | generation")
+                   help=_choices(names.TASKS))
     p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
     p.add_argument("--dev", help="dev file, scored with the task's metric at the end")
     p.add_argument("--out", help="run folder (becomes the fine-tuned checkpoint)")
     p.add_argument("--scheme", type=_value(str, _FINETUNE, "scheme"),
-                   help="full | frozen | top-k | lora")
+                   help=f"{_choices(names.SCHEMES)} (lora also writes <out>/peft: the "
+                   "adapter in PEFT's layout)")
     p.add_argument("--epochs", type=_value(float, _FINETUNE, "epochs"))
     p.add_argument("--steps", type=_value(int, _FINETUNE, "steps"),
                    help="optimizer steps (overrides --epochs)")
@@ -196,7 +265,9 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out and start again")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable)")
+                   help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable; "
+                   "--help-config lists them)")
+    _help_config(p, "lmkit.finetune.run:FinetuneConfig")
 
 
 @command("finetune", "fine-tune a pretrained checkpoint on a labelled task", _finetune_args)
@@ -248,30 +319,87 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a fine-tuned folder (or any checkpoint with a task head)")
-    p.add_argument("inputs", nargs="+", help="texts to classify / tag / translate / continue")
+    p.add_argument("inputs", nargs="*", help="texts to classify / tag / translate / continue "
+                   "('-': read them from standard input)")
+    p.add_argument("--input", metavar="FILE", help="read the texts from FILE ('-': standard "
+                   "input): one text per line, or JSON lines with a text field")
+    p.add_argument("--field", default="text", help="the JSON lines' text field (default: text)")
+    p.add_argument("--output", metavar="FILE",
+                   help="write the predictions (JSON lines) to FILE instead of standard output")
     p.add_argument("--task", help="the task (default: the folder's own)")
+    p.add_argument("--batch-size", type=_value(int, _FINETUNE, "batch_size"), default=32)
     _device_args(p)
 
 
-@command("predict", "run a fine-tuned model on texts and print its predictions as JSON",
-         _predict_args)
-def predict(args: argparse.Namespace) -> None:
-    from lmkit.finetune.inference import predict as run
+def read_inputs(lines: Any, where: str, field: str = "text") -> list[dict[str, Any]]:
+    """Records from text lines: JSON objects (each with `field`) when the first non-blank line
+    is one, else {"input": line} per non-blank line."""
+    records, as_json = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if as_json is None:
+            as_json = line.lstrip().startswith("{")
+        if not as_json:
+            records.append({"input": line.rstrip("\r\n")})
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{number}: not valid JSON ({e.msg}); give one JSON "
+                             "object per line, or plain text lines") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{where}:{number}: no text field {field!r} (choose it with "
+                             "--field)")
+        records.append(record)
+    return records
 
-    predictions = run(args.run, args.inputs, args.task, device=args.device, dtype=args.dtype)
-    for text, prediction in zip(args.inputs, predictions):
-        print(json.dumps({"input": text, "prediction": prediction}, ensure_ascii=False))
+
+@command("predict", "run a fine-tuned model on texts (arguments, a file or standard input) and "
+         "write its predictions as JSON lines", _predict_args)
+def predict(args: argparse.Namespace) -> None:
+    import os
+
+    from lmkit.finetune.inference import pipeline
+
+    source = args.input or ("-" if args.inputs == ["-"] else None)
+    if source and args.inputs not in ([], ["-"]):
+        raise ValueError("give the texts as arguments or with --input, not both")
+    if source == "-":
+        records = read_inputs(sys.stdin, "stdin", args.field)
+    elif source:
+        with open(source, encoding="utf-8") as f:
+            records = read_inputs(f, source, args.field)
+    else:
+        records = [{"input": text} for text in args.inputs]
+    if not records:
+        raise ValueError("no texts to predict: give them as arguments, with --input FILE or "
+                         "on standard input ('-')")
+    run = pipeline(args.task, args.run, device=args.device, dtype=args.dtype)
+    texts = [r.get("input", r.get(args.field)) for r in records]
+    out = open(args.output + ".tmp", "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for start in range(0, len(texts), 64 * args.batch_size):  # stream long inputs
+            chunk = texts[start:start + 64 * args.batch_size]
+            for record, prediction in zip(records[start:], run(chunk, args.batch_size)):
+                out.write(json.dumps({**record, "prediction": prediction},
+                                     ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        os.replace(args.output + ".tmp", args.output)  # never a half-written file
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of PretrainConfig fields (examples/pretrain/)")
-    p.add_argument("--preset", help="model preset (lmkit info PRESET) or a config.json path")
+    p.add_argument("--preset", help="model preset (lmkit info --list) or a config.json path")
     p.add_argument("--data", action="append", help="training text / JSONL file (repeatable)")
     p.add_argument("--tokenizer", type=_value(str, _PRETRAIN, "tokenizer"),
                    help="bpe:8000 | wordpiece:N | unigram:N | char (one token per character) | a "
                    "tokenizer path")
     p.add_argument("--objective", type=_value(str, _PRETRAIN, "objective"),
-                   help="auto | causal | mlm | span | infilling")
+                   help=_choices(names.OBJECTIVES))
     p.add_argument("--steps", type=_value(int, _PRETRAIN, "steps"))
     p.add_argument("--batch-size", type=_value(int, _PRETRAIN, "batch_size"))
     p.add_argument("--seq-len", type=_value(int, _PRETRAIN, "seq_len"))
@@ -281,7 +409,9 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any PretrainConfig field, model.* for the architecture "
-                   "(e.g. --set model.hidden_size=128); repeatable")
+                   "(e.g. --set model.hidden_size=128); repeatable; --help-config lists "
+                   "them")
+    _help_config(p, "lmkit.train.pretrain:PretrainConfig")
 
 
 @command("pretrain", "train a language model from scratch on text files (works under torchrun)",
@@ -330,9 +460,10 @@ def convert(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmkit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lmkit", description=DESCRIPTION)
     debug = {"action": "store_true", "help": "show the traceback of an error"}
     parser.add_argument("--debug", **debug)
+    parser.add_argument("--version", action="version", version=f"lmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (fn, help, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)
