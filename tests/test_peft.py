@@ -110,7 +110,7 @@ def test_lora_finetuning_writes_a_peft_adapter(tmp_path):
     from lmkit.finetune import FinetuneConfig, finetune
     from lmkit.tokenizer import Tokenizer
 
-    words = "good bad fine awful great poor nice grim".split()
+    words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "grim"]
     (tmp_path / "corpus.txt").write_text(" ".join(words * 20) + "\n")
     tok = Tokenizer.train([tmp_path / "corpus.txt"], "wordpiece", 120, family="encoder")
     hf = tf.BertForMaskedLM(tf.BertConfig(**{**CASES["bert"][1].to_dict(),
