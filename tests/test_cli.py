@@ -80,7 +80,8 @@ def test_pretrain_generate_and_resume(data):
                      "--max-new-tokens", "6", "--sample", "--n-best", "3", "--seed", "2",
                      cwd=data)  # 3 samples per prompt, each with its score
     lines = proc.stdout.splitlines()
-    assert [line.split()[:2] for line in lines] == [["the", "film"]] * 3 + [["a", "plot"]] * 3
+    assert [line[:len(p)] for line, p in zip(lines, ["the film"] * 3 + ["a plot"] * 3)] == \
+        ["the film"] * 3 + ["a plot"] * 3 and len(lines) == 6
     assert all("[score -" in line for line in lines)
     proc = lmkit_cli("pretrain", "--preset", "tiny-decoder", "--data", data / "corpus.txt",
                      "--out", out, cwd=data, ok=False)

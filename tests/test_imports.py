@@ -120,6 +120,7 @@ LAYERS = [
     ["lmkit.train"],
     ["lmkit.tasks"],
     ["lmkit.finetune"],
+    ["lmkit.serve"],
     ["lmkit.cli", "lmkit"],
 ]
 

@@ -459,6 +459,25 @@ def convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a checkpoint or fine-tuned folder")
+    p.add_argument("--task", help="the task of /predict (default: the folder's own)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _device_args(p)
+
+
+@command("serve", "serve a model over HTTP: POST /generate and /predict (JSON; the serve "
+         "extra)", _serve_args)
+def serve(args: argparse.Namespace) -> None:
+    from lmkit.errors import require
+    from lmkit.serve import create_app
+
+    uvicorn = require("uvicorn", "serve", "lmkit serve")
+    app = create_app(args.model, args.task, device=args.device, dtype=args.dtype)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmkit", description=DESCRIPTION)
     debug = {"action": "store_true", "help": "show the traceback of an error"}
