@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import traceback
@@ -87,8 +88,10 @@ def _convert_dtype(name: str, value: str) -> None:
         _device_option(name, value)
 
 
-_PRETRAIN = _config_field("lmkit.train.pretrain:PretrainConfig")
-_FINETUNE = _config_field("lmkit.finetune.run:FinetuneConfig")
+PRETRAIN_CONFIG = "lmkit.train.pretrain:PretrainConfig"
+FINETUNE_CONFIG = "lmkit.finetune.run:FinetuneConfig"
+_PRETRAIN = _config_field(PRETRAIN_CONFIG)
+_FINETUNE = _config_field(FINETUNE_CONFIG)
 
 
 def command(name: str, help: str, arguments: Any):
@@ -103,9 +106,75 @@ def _choices(values: tuple[str, ...]) -> str:
     return " | ".join(values)
 
 
+def _source(module: str) -> tuple[Any, list[str]]:
+    """The syntax tree and lines of an lmkit module's file, read without importing it."""
+    import ast
+    from pathlib import Path
+
+    file = Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    text = file.read_text(encoding="utf-8")
+    return ast.parse(text), text.splitlines()
+
+
+@functools.cache
+def config_fields(cls_path: str, prefix: str = "") -> dict[str, tuple[str, str, str]]:
+    """name -> (type, default, help) of every field of the config dataclass at `cls_path`
+    ("module:Class"), its bases' first, and of a `NESTED` dataclass as `field.name`. Read
+    from the source (the help is the comment beside the field, else the comment lines above
+    it), so that `--help` and `--help-config` import neither torch nor the class."""
+    import ast
+
+    module, name = cls_path.split(":")
+    tree, lines = _source(module)
+    imported = {a.asname or a.name: f"{n.module}:{a.name}" for n in tree.body
+                if isinstance(n, ast.ImportFrom) and n.module for a in n.names}
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    fields: dict[str, tuple[str, str, str]] = {}
+    for base in cls.bases:
+        if isinstance(base, ast.Name) and base.id in imported:
+            fields.update(config_fields(imported[base.id], prefix))
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        key, kind = node.target.id, ast.unparse(node.annotation)
+        if kind.startswith("ClassVar"):
+            if key == "NESTED" and isinstance(node.value, ast.Dict):
+                for k, v in zip(node.value.keys, node.value.values):
+                    fields.update(config_fields(imported[v.id], f"{prefix}{k.value}."))
+            continue
+        line = lines[node.lineno - 1]
+        above = []
+        for prev in reversed(lines[:node.lineno - 1]):
+            if not prev.strip().startswith("#"):
+                break
+            above.insert(0, prev.strip().lstrip("# "))
+        note = line.split("  # ", 1)[1] if "  # " in line else " ".join(above)
+        fields[prefix + key] = (kind, _default(node.value),
+                                note or fields.get(prefix + key, ("", "", ""))[2])
+    return fields
+
+
+def _default(value: Any) -> str:
+    """A field's default as written (`field(default_factory=...)`: what the factory makes)."""
+    import ast
+
+    if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "field":
+        factory = next(k.value for k in value.keywords if k.arg == "default_factory")
+        if isinstance(factory, ast.Lambda):
+            return ast.unparse(factory.body)
+        return {"list": "[]", "dict": "{}"}.get(ast.unparse(factory), ast.unparse(factory) + "()")
+    return ast.unparse(value) if value is not None else "(required)"
+
+
+def _field_help(cls_path: str, name: str, text: str | None = None) -> str:
+    """A flag's help: `text` (else the field's comment) and the field's default."""
+    _, default, note = config_fields(cls_path)[name]
+    return f"{text or note} (default: {default})".lstrip()
+
+
 class _HelpConfig(argparse.Action):
-    """`--help-config`: every field `--set` takes (type, default, help), read from the config
-    dataclass at `cls_path` ("module:Class"; imported only now)."""
+    """`--help-config`: every field `--set` takes (type, default, help), read from the source
+    of the config dataclass at `cls_path` ("module:Class")."""
 
     def __init__(self, option_strings: list[str], cls_path: str, **kw: Any):
         super().__init__(option_strings, nargs=0, default=argparse.SUPPRESS,
@@ -113,15 +182,11 @@ class _HelpConfig(argparse.Action):
         self.cls_path = cls_path
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        import importlib
-
-        from lmkit.train.options import describe
-
-        module, name = self.cls_path.split(":")
-        rows = describe(getattr(importlib.import_module(module), name))
-        width = max(len(r[0]) for r in rows)
-        print(f"{parser.prog}: fields of {name} (--set KEY=VALUE, or a --config YAML file)")
-        for key, kind, default, note in rows:
+        fields = config_fields(self.cls_path)
+        width = max(map(len, fields))
+        print(f"{parser.prog}: fields of {self.cls_path.split(':')[1]} (--set KEY=VALUE, or "
+              "a --config YAML file)")
+        for key, (kind, default, note) in fields.items():
             print(f"  {key:<{width}}  {kind} = {default}" + (f"\n  {'':<{width}}    {note}"
                                                            if note else ""))
         parser.exit()
@@ -131,6 +196,14 @@ def _help_config(p: argparse.ArgumentParser, cls_path: str) -> None:
     p.add_argument("--help-config", action=_HelpConfig, cls_path=cls_path)
 
 
+def config_flag(p: argparse.ArgumentParser, cls_path: str, name: str, kind: type = str,
+                text: str | None = None) -> None:
+    """`--name` for the run-config field `name`: checked by the class's `validate`, its help
+    and default read from the field (`text` replaces the field's comment)."""
+    p.add_argument("--" + name.replace("_", "-"), help=_field_help(cls_path, name, text),
+                   type=_value(kind, _config_field(cls_path), name))
+
+
 def _device_flag(p: argparse.ArgumentParser, device: str | None) -> None:
     """--device; a None default leaves the choice to the run config."""
     p.add_argument("--device", type=_value(str, _device_option, "device"), default=device,
@@ -138,10 +211,10 @@ def _device_flag(p: argparse.ArgumentParser, device: str | None) -> None:
                    f"cuda | cuda:N (default: {device or 'the config, else auto'})")
 
 
-def _training_device_args(p: argparse.ArgumentParser, fields: Any) -> None:
+def _training_device_args(p: argparse.ArgumentParser, cls_path: str) -> None:
     """--precision (bf16 autocast or fp32) and --device of a training command."""
-    p.add_argument("--precision", type=_value(str, fields, "precision"),
-                   help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
+    config_flag(p, cls_path, "precision",
+                text="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
     _device_flag(p, None)
 
 
@@ -245,20 +318,18 @@ def generate(args: argparse.Namespace) -> None:
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?",
                    help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
-    p.add_argument("--task", type=_value(str, _FINETUNE, "task"),
-                   help=_choices(names.TASKS))
+    config_flag(p, FINETUNE_CONFIG, "task", text=_choices(names.TASKS))
     p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
     p.add_argument("--dev", help="dev file, scored with the task's metric at the end")
-    p.add_argument("--out", help="run folder (becomes the fine-tuned checkpoint)")
-    p.add_argument("--scheme", type=_value(str, _FINETUNE, "scheme"),
-                   help=f"{_choices(names.SCHEMES)} (lora also writes <out>/peft: the "
-                   "adapter in PEFT's layout)")
-    p.add_argument("--epochs", type=_value(float, _FINETUNE, "epochs"))
-    p.add_argument("--steps", type=_value(int, _FINETUNE, "steps"),
-                   help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=_value(float, _FINETUNE, "lr"))
-    p.add_argument("--batch-size", type=_value(int, _FINETUNE, "batch_size"))
-    _training_device_args(p, _FINETUNE)
+    p.add_argument("--out", help=_field_help(FINETUNE_CONFIG, "out", "run folder (becomes "
+                                             "the fine-tuned checkpoint)"))
+    config_flag(p, FINETUNE_CONFIG, "scheme", text=f"{_choices(names.SCHEMES)} (lora also "
+                "writes <out>/peft: the adapter in PEFT's layout)")
+    config_flag(p, FINETUNE_CONFIG, "epochs", float, "passes over the training data")
+    config_flag(p, FINETUNE_CONFIG, "steps", int, "optimizer steps (overrides --epochs)")
+    config_flag(p, FINETUNE_CONFIG, "lr", float)
+    config_flag(p, FINETUNE_CONFIG, "batch_size", int)
+    _training_device_args(p, FINETUNE_CONFIG)
     p.add_argument("--config", help="YAML file of FinetuneConfig fields")
     p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run in this folder "
                    "(with its saved checkpoint and config; flags and --set change fields)")
@@ -267,7 +338,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable; "
                    "--help-config lists them)")
-    _help_config(p, "lmkit.finetune.run:FinetuneConfig")
+    _help_config(p, FINETUNE_CONFIG)
 
 
 @command("finetune", "fine-tune a pretrained checkpoint on a labelled task", _finetune_args)
@@ -393,25 +464,23 @@ def predict(args: argparse.Namespace) -> None:
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of PretrainConfig fields (examples/pretrain/)")
-    p.add_argument("--preset", help="model preset (lmkit info --list) or a config.json path")
+    p.add_argument("--preset", help=_field_help(PRETRAIN_CONFIG, "preset", "model preset "
+                                                "(lmkit info --list) or a config.json path"))
     p.add_argument("--data", action="append", help="training text / JSONL file (repeatable)")
-    p.add_argument("--tokenizer", type=_value(str, _PRETRAIN, "tokenizer"),
-                   help="bpe:8000 | wordpiece:N | unigram:N | char (one token per character) | a "
-                   "tokenizer path")
-    p.add_argument("--objective", type=_value(str, _PRETRAIN, "objective"),
-                   help=_choices(names.OBJECTIVES))
-    p.add_argument("--steps", type=_value(int, _PRETRAIN, "steps"))
-    p.add_argument("--batch-size", type=_value(int, _PRETRAIN, "batch_size"))
-    p.add_argument("--seq-len", type=_value(int, _PRETRAIN, "seq_len"))
-    p.add_argument("--lr", type=_value(float, _PRETRAIN, "lr"))
-    _training_device_args(p, _PRETRAIN)
-    p.add_argument("--out", help="run folder")
+    config_flag(p, PRETRAIN_CONFIG, "tokenizer",
+                text="bpe:8000 | wordpiece:N | unigram:N (trained) | char (one token per "
+                "character) | a tokenizer path")
+    config_flag(p, PRETRAIN_CONFIG, "objective", text=_choices(names.OBJECTIVES))
+    for name, kind in (("steps", int), ("batch_size", int), ("seq_len", int), ("lr", float)):
+        config_flag(p, PRETRAIN_CONFIG, name, kind)
+    _training_device_args(p, PRETRAIN_CONFIG)
+    p.add_argument("--out", help=_field_help(PRETRAIN_CONFIG, "out"))
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any PretrainConfig field, model.* for the architecture "
                    "(e.g. --set model.hidden_size=128); repeatable; --help-config lists "
                    "them")
-    _help_config(p, "lmkit.train.pretrain:PretrainConfig")
+    _help_config(p, PRETRAIN_CONFIG)
 
 
 @command("pretrain", "train a language model from scratch on text files (works under torchrun)",

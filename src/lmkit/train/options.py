@@ -188,34 +188,3 @@ def save_config(cfg: Any, path: str | Path) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(name, type, default, help) of every field of the config dataclass `cls` (and of the
-    dataclass a `NESTED` field holds, as `field.name`): what `--help-config` lists. The help
-    is the comment beside the field in its class's source, else the comment lines above it
-    (a subclass's own line first, then its bases')."""
-    import inspect
-    import re
-
-    notes: dict[str, str] = {}
-    for klass in cls.__mro__[::-1]:  # bases first, so a subclass's comment wins
-        if not dataclasses.is_dataclass(klass):
-            continue
-        above: list[str] = []
-        for line in inspect.getsource(klass).splitlines()[1:]:
-            if line.strip().startswith("#"):
-                above.append(line.strip().lstrip("#").strip())
-                continue
-            field = re.match(r"    (\w+): [^#]*?(?:  # (.*))?$", line)
-            if field and (field[2] or above):
-                notes[field[1]] = field[2] or " ".join(above)
-            above = []
-    rows = []
-    nested = getattr(cls, "NESTED", {})
-    for f in dataclasses.fields(cls):
-        if f.name in nested:
-            rows += describe(nested[f.name], f"{prefix}{f.name}.")
-            continue
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        rows.append((prefix + f.name, str(f.type), repr(default), notes.get(f.name, "")))
-    return rows
