@@ -184,10 +184,22 @@ def test_version_list_and_help_config(tmp_path):
     text = lmkit_cli("finetune", "--help-config", cwd=tmp_path).stdout
     rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")
             and not line.startswith("     ")}
+    from lmkit.cli import FINETUNE_CONFIG, PRETRAIN_CONFIG, config_fields
     from lmkit.finetune.run import FinetuneConfig
     from lmkit.train.pretrain import PretrainConfig
 
     assert set(rows) == {f.name for f in dataclasses.fields(FinetuneConfig)}
+    for cls, path in ((FinetuneConfig, FINETUNE_CONFIG), (PretrainConfig, PRETRAIN_CONFIG)):
+        fields = config_fields(path)  # read from the source: the same types and defaults
+        for f in dataclasses.fields(cls()):
+            if f.name != "model":
+                default = f.default if f.default_factory is dataclasses.MISSING \
+                    else f.default_factory()
+                assert fields[f.name][:2] == (f.type, repr(default)), f.name
+    model = {f.name: repr(getattr(lmkit.ModelConfig(), f.name))
+             for f in dataclasses.fields(lmkit.ModelConfig)}
+    assert {k: v[1] for k, v in config_fields(PRETRAIN_CONFIG).items()
+            if k.startswith("model.")} == {f"model.{k}": v for k, v in model.items()}
     assert rows["lora_rank"].split() == ["lora_rank", "int", "=", "8"]
     assert "cosine | linear | constant" in text  # the field's comment is its help
     text = lmkit_cli("pretrain", "--help-config", cwd=tmp_path).stdout
