@@ -196,8 +196,8 @@ def test_version_list_and_help_config(tmp_path):
                 default = f.default if f.default_factory is dataclasses.MISSING \
                     else f.default_factory()
                 assert fields[f.name][:2] == (f.type, repr(default)), f.name
-    model = {f.name: repr(getattr(lmkit.ModelConfig(), f.name))
-             for f in dataclasses.fields(lmkit.ModelConfig)}
+    model = {f.name: repr(f.default if f.default_factory is dataclasses.MISSING
+                          else f.default_factory()) for f in dataclasses.fields(lmkit.ModelConfig)}
     assert {k: v[1] for k, v in config_fields(PRETRAIN_CONFIG).items()
             if k.startswith("model.")} == {f"model.{k}": v for k, v in model.items()}
     assert rows["lora_rank"].split() == ["lora_rank", "int", "=", "8"]
