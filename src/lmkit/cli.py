@@ -249,7 +249,7 @@ def catalog() -> dict[str, Any]:
             "schemes": list(names.SCHEMES),
             "hugging_face_model_types": {k: sorted(s.architectures.values())
                                          for k, s in registry().items()},
-            "gguf_architectures (read)": sorted(ARCHITECTURES),
+            "gguf_architectures": sorted(ARCHITECTURES),
             "adapters": "LoRA, lmkit's layout and PEFT's (read and written)"}
 
 
