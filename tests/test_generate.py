@@ -110,6 +110,28 @@ def test_sampling_is_seeded_and_filters():
     assert cold.sequences == greedy.sequences
 
 
+def test_n_samples_per_prompt():
+    """num_return_sequences with sampling: n consecutive rows per prompt, each an independent
+    sample whose score is its log-probability as a continuation of its own prompt."""
+    model = tiny("tiny-decoder")
+    prompts = [[5, 6], [7, 8, 9]]
+    out = lmkit.generate(model, prompts, max_new_tokens=6, do_sample=True, seed=0,
+                         num_return_sequences=4, temperature=2.0)
+    assert len(out.sequences) == len(out.scores) == 8
+    assert len({tuple(s) for s in out.sequences[:4]}) > 1  # not one sample repeated
+    for i, (seq, score) in enumerate(zip(out.sequences, out.scores)):
+        ids = torch.tensor([prompts[i // 4] + seq])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+        n = len(prompts[i // 4])
+        target = ids[0, n:]
+        expected = logp[n - 1:].gather(-1, target[:, None]).sum().item()
+        if len(seq) < 6:  # stopped at EOS, whose probability is in the score too
+            expected += torch.log_softmax(model(ids).logits[0, -1], -1)[2].item()
+        assert score == pytest.approx(expected, abs=1e-4)
+    with pytest.raises(ValueError, match="do_sample=True for n samples"):
+        lmkit.generate(model, prompts, num_return_sequences=2)
+
+
 def test_filter_top_p_keeps_smallest_nucleus():
     logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
     kept = torch.isfinite(_filter(logp, 1.0, None, 0.7))

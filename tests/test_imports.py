@@ -103,7 +103,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_lmkit_has_no_import_cycle():
     graph = import_graph(ROOT, "lmkit")
-    assert len(graph) > 30 and "lmkit.loading" in graph["lmkit"]  # the graph was really read
+    assert len(graph) > 30 and "lmkit.loading" in graph["lmkit.cli"]  # the graph was read
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -111,7 +111,7 @@ def test_lmkit_has_no_import_cycle():
 # The layers of docs/ARCHITECTURE.md, bottom first: a module imports only lower layers and its
 # own unit (a module, or a package and its submodules).
 LAYERS = [
-    ["lmkit.errors"],
+    ["lmkit.errors", "lmkit.names"],
     ["lmkit.textfiles"],
     ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage"],
     ["lmkit.model", "lmkit.tokenizer"],
@@ -121,6 +121,7 @@ LAYERS = [
     ["lmkit.tasks"],
     ["lmkit.finetune"],
     ["lmkit.report"],
+    ["lmkit.serve"],
     ["lmkit.cli", "lmkit"],
 ]
 

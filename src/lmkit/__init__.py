@@ -11,8 +11,9 @@
 Pretraining is `lmkit.train.pretrain`, fine-tuning `lmkit.finetune.finetune`.
 """
 
-from lmkit.checkpoint import save
-from lmkit.config import PRESETS, ModelConfig, preset
+import sys
+import types
+
 from lmkit.errors import (
     CheckpointError,
     ConfigError,
@@ -21,20 +22,35 @@ from lmkit.errors import (
     StorageError,
     TokenizerError,
 )
-from lmkit.generate import Generation, generate
-from lmkit.hub import pull, push
-from lmkit.loading import load
-from lmkit.model import Model, ModelOutput
 
 __all__ = ["PRESETS", "CheckpointError", "ConfigError", "DataError", "Generation", "LmkitError",
            "Model", "ModelConfig", "ModelOutput", "StorageError", "TokenizerError", "generate",
            "load", "pipeline", "preset", "pull", "push", "save"]
 __version__ = "0.1.0"
 
+# The rest is imported when first used, so `import lmkit.cli` (and `lmkit --help`) needs no
+# torch: name -> the module that defines it.
+_LAZY = {"save": "lmkit.checkpoint", "PRESETS": "lmkit.config", "ModelConfig": "lmkit.config",
+         "preset": "lmkit.config", "Generation": "lmkit.generate", "generate": "lmkit.generate",
+         "load": "lmkit.loading", "Model": "lmkit.model", "ModelOutput": "lmkit.model",
+         "pipeline": "lmkit.finetune.inference", "push": "lmkit.hub", "pull": "lmkit.hub"}
 
-def __getattr__(name: str):  # the fine-tuning stack is imported only when it is used
-    if name == "pipeline":
-        from lmkit.finetune.inference import pipeline
 
-        return pipeline
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once
+        return value
     raise AttributeError(f"module 'lmkit' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: object) -> None:
+        # Importing the submodule lmkit.generate binds it here; it must not hide the function.
+        if not (name in _LAZY and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,7 +1,9 @@
 """The `lmkit` command: a thin face over the Python API (each command calls the same public
 function a Python user would).
 
-Option values are checked at parse time by the same rules the API applies. Bad input, I/O
+The parser is built without importing torch or lmkit's models (choices come from
+`lmkit.names`, the config dataclasses are read only for `--help-config`), so `--help` is
+instant. Option values are checked at parse time by the same rules the API applies. Bad input, I/O
 failures and interruptions end with one line `lmkit: error: ...` (or `stopped:` /
 `interrupted:`) and a non-zero exit status; `--debug` shows the traceback instead. Anything
 else is a bug in lmkit and keeps its traceback.
@@ -11,13 +13,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
 
+from lmkit import __version__, names
+
 COMMANDS: dict[str, Any] = {}
+DESCRIPTION = ("lmkit: pretrain, convert, fine-tune and run Transformer models. Each command "
+               "calls the Python function of the same name; `lmkit COMMAND --help` lists its "
+               "options.")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,8 +88,10 @@ def _convert_dtype(name: str, value: str) -> None:
         _device_option(name, value)
 
 
-_PRETRAIN = _config_field("lmkit.train.pretrain:PretrainConfig")
-_FINETUNE = _config_field("lmkit.finetune.run:FinetuneConfig")
+PRETRAIN_CONFIG = "lmkit.train.pretrain:PretrainConfig"
+FINETUNE_CONFIG = "lmkit.finetune.run:FinetuneConfig"
+_PRETRAIN = _config_field(PRETRAIN_CONFIG)
+_FINETUNE = _config_field(FINETUNE_CONFIG)
 
 
 def command(name: str, help: str, arguments: Any):
@@ -92,6 +102,108 @@ def command(name: str, help: str, arguments: Any):
     return register
 
 
+def _choices(values: tuple[str, ...]) -> str:
+    return " | ".join(values)
+
+
+def _source(module: str) -> tuple[Any, list[str]]:
+    """The syntax tree and lines of an lmkit module's file, read without importing it."""
+    import ast
+    from pathlib import Path
+
+    file = Path(__file__).parent.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    text = file.read_text(encoding="utf-8")
+    return ast.parse(text), text.splitlines()
+
+
+@functools.cache
+def config_fields(cls_path: str, prefix: str = "") -> dict[str, tuple[str, str, str]]:
+    """name -> (type, default, help) of every field of the config dataclass at `cls_path`
+    ("module:Class"), its bases' first, and of a `NESTED` dataclass as `field.name`. Read
+    from the source (the help is the comment beside the field, else the comment lines above
+    it), so that `--help` and `--help-config` import neither torch nor the class."""
+    import ast
+
+    module, name = cls_path.split(":")
+    tree, lines = _source(module)
+    imported = {a.asname or a.name: f"{n.module}:{a.name}" for n in tree.body
+                if isinstance(n, ast.ImportFrom) and n.module for a in n.names}
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    fields: dict[str, tuple[str, str, str]] = {}
+    for base in cls.bases:
+        if isinstance(base, ast.Name) and base.id in imported:
+            fields.update(config_fields(imported[base.id], prefix))
+    for node in cls.body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        key, kind = node.target.id, ast.unparse(node.annotation)
+        if kind.startswith("ClassVar"):
+            if key == "NESTED" and isinstance(node.value, ast.Dict):
+                for k, v in zip(node.value.keys, node.value.values):
+                    fields.update(config_fields(imported[v.id], f"{prefix}{k.value}."))
+            continue
+        line = lines[node.lineno - 1]
+        above = []
+        for prev in reversed(lines[:node.lineno - 1]):
+            if not prev.strip().startswith("#"):
+                break
+            above.insert(0, prev.strip().lstrip("# "))
+        note = line.split("  # ", 1)[1] if "  # " in line else " ".join(above)
+        fields[prefix + key] = (kind, _default(node.value),
+                                note or fields.get(prefix + key, ("", "", ""))[2])
+    return fields
+
+
+def _default(value: Any) -> str:
+    """A field's default as written (`field(default_factory=...)`: what the factory makes)."""
+    import ast
+
+    if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "field":
+        factory = next(k.value for k in value.keywords if k.arg == "default_factory")
+        if isinstance(factory, ast.Lambda):
+            return ast.unparse(factory.body)
+        return {"list": "[]", "dict": "{}"}.get(ast.unparse(factory), ast.unparse(factory) + "()")
+    return ast.unparse(value) if value is not None else "(required)"
+
+
+def _field_help(cls_path: str, name: str, text: str | None = None) -> str:
+    """A flag's help: `text` (else the field's comment) and the field's default."""
+    _, default, note = config_fields(cls_path)[name]
+    return f"{text or note} (default: {default})".lstrip()
+
+
+class _HelpConfig(argparse.Action):
+    """`--help-config`: every field `--set` takes (type, default, help), read from the source
+    of the config dataclass at `cls_path` ("module:Class")."""
+
+    def __init__(self, option_strings: list[str], cls_path: str, **kw: Any):
+        super().__init__(option_strings, nargs=0, default=argparse.SUPPRESS,
+                         help="list every --set field with its type, default and meaning", **kw)
+        self.cls_path = cls_path
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        fields = config_fields(self.cls_path)
+        width = max(map(len, fields))
+        print(f"{parser.prog}: fields of {self.cls_path.split(':')[1]} (--set KEY=VALUE, or "
+              "a --config YAML file)")
+        for key, (kind, default, note) in fields.items():
+            print(f"  {key:<{width}}  {kind} = {default}" + (f"\n  {'':<{width}}    {note}"
+                                                           if note else ""))
+        parser.exit()
+
+
+def _help_config(p: argparse.ArgumentParser, cls_path: str) -> None:
+    p.add_argument("--help-config", action=_HelpConfig, cls_path=cls_path)
+
+
+def config_flag(p: argparse.ArgumentParser, cls_path: str, name: str, kind: type = str,
+                text: str | None = None) -> None:
+    """`--name` for the run-config field `name`: checked by the class's `validate`, its help
+    and default read from the field (`text` replaces the field's comment)."""
+    p.add_argument("--" + name.replace("_", "-"), help=_field_help(cls_path, name, text),
+                   type=_value(kind, _config_field(cls_path), name))
+
+
 def _device_flag(p: argparse.ArgumentParser, device: str | None) -> None:
     """--device; a None default leaves the choice to the run config."""
     p.add_argument("--device", type=_value(str, _device_option, "device"), default=device,
@@ -99,10 +211,10 @@ def _device_flag(p: argparse.ArgumentParser, device: str | None) -> None:
                    f"cuda | cuda:N (default: {device or 'the config, else auto'})")
 
 
-def _training_device_args(p: argparse.ArgumentParser, fields: Any) -> None:
+def _training_device_args(p: argparse.ArgumentParser, cls_path: str) -> None:
     """--precision (bf16 autocast or fp32) and --device of a training command."""
-    p.add_argument("--precision", type=_value(str, fields, "precision"),
-                   help="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
+    config_flag(p, cls_path, "precision",
+                text="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
     _device_flag(p, None)
     p.add_argument("--carbon-intensity", type=_value(str, fields, "carbon_intensity"),
                    help="grid g CO2eq/kWh, or a country code (FRA, FR) for the run's "
@@ -126,17 +238,44 @@ def _registry_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a preset name, a checkpoint folder / .gguf file, or a model "
-                   "name owner/name[@tag|@revision] (registry or Hugging Face cache)")
+    p.add_argument("model", nargs="?", help="a preset name, a checkpoint folder / .gguf "
+                   "file, or a model name owner/name[@tag|@revision] (registry or Hugging "
+                   "Face cache)")
+    p.add_argument("--list", action="store_true", help="list presets, heads, tasks, "
+                   "objectives, schemes and the foreign model types lmkit reads and writes")
     _registry_flag(p)
 
 
-@command("info", "show a preset's or a checkpoint's architecture and size (and a named "
-         "model's revisions, card and lineage)", _info_args)
+def catalog() -> dict[str, Any]:
+    """What lmkit offers, read from its tables (what `lmkit info --list` prints)."""
+    from lmkit.config import HEADS, PRESETS, preset
+    from lmkit.convert.gguf import ARCHITECTURES
+    from lmkit.convert.hf import registry
+
+    configs = {name: preset(name) for name in PRESETS}
+    return {"presets": {k: f"{c.family}, {c.encoder_layers + c.decoder_layers} layers, "
+                        f"hidden {c.hidden_size}" for k, c in configs.items()},
+            "heads": {k: f"for {', '.join(h.families)}" for k, h in HEADS.items()},
+            "tasks": list(names.TASKS), "objectives": list(names.OBJECTIVES),
+            "schemes": list(names.SCHEMES),
+            "hugging_face_model_types": {k: sorted(s.architectures.values())
+                                         for k, s in registry().items()},
+            "gguf_architectures": sorted(ARCHITECTURES),
+            "adapters": "LoRA, lmkit's layout and PEFT's (read and written)"}
+
+
+@command("info", "show a preset's or a checkpoint's architecture and size (a named "
+         "model's revisions, card and lineage; --list: everything lmkit offers)", _info_args)
 def info(args: argparse.Namespace) -> None:
+    if args.list:
+        print(json.dumps(catalog(), indent=2))
+        return
+    if not args.model:
+        raise ValueError("give a preset name or a checkpoint (or --list)")
     import lmkit
     from lmkit.flops import num_parameters
 
+    located = None
     if args.model in lmkit.PRESETS:
         config = lmkit.preset(args.model)
     else:
@@ -148,11 +287,10 @@ def info(args: argparse.Namespace) -> None:
     print(json.dumps(config.to_dict(), indent=2))
     print(f"parameters: {num_parameters(config):,} "
           f"({num_parameters(config, include_embeddings=False):,} without embeddings)")
-    if args.model not in lmkit.PRESETS:
+    if located is not None and located.path.is_dir():
         from lmkit.lineage import describe
-        from lmkit.loading import locate
 
-        print(describe(locate(args.model).path))
+        print(describe(located.path))
 
 
 def _print_origin(located: Any, ref: str, registry: str | None) -> None:
@@ -253,7 +391,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length-penalty", type=_value(float, _generate_option, "length_penalty"),
                    default=1.0)
     p.add_argument("--n-best", type=_value(int, _generate_option, "num_return_sequences"),
-                   default=1)
+                   default=1, help="answers per prompt: the n best beams (at most --beams), "
+                   "or n samples with --sample")
+    p.add_argument("--adapter", help="a LoRA adapter folder to put on the model (PEFT's "
+                   "layout or lmkit's)")
     _device_args(p)
 
 
@@ -262,13 +403,13 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace) -> None:
     import lmkit
 
-    model = lmkit.load(args.model, dtype=args.dtype, device=args.device)
+    model = lmkit.load(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
     out = lmkit.generate(model, args.prompt, max_new_tokens=args.max_new_tokens,
                          do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed, num_beams=args.beams,
                          length_penalty=args.length_penalty,
                          num_return_sequences=args.n_best)
-    per_prompt = args.n_best if args.beams > 1 else 1
+    per_prompt = args.n_best
     for i, (text, score) in enumerate(zip(out.texts, out.scores)):
         prompt = args.prompt[i // per_prompt]
         sep = "" if model.config.family == "decoder" else " => "
@@ -278,26 +419,27 @@ def generate(args: argparse.Namespace) -> None:
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?",
                    help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
-    p.add_argument("--task", type=_value(str, _FINETUNE, "task"),
-                   help="classification | ner | translation | summarization | generation")
+    config_flag(p, FINETUNE_CONFIG, "task", text=_choices(names.TASKS))
     p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
     p.add_argument("--dev", help="dev file, scored with the task's metric at the end")
-    p.add_argument("--out", help="run folder (becomes the fine-tuned checkpoint)")
-    p.add_argument("--scheme", type=_value(str, _FINETUNE, "scheme"),
-                   help="full | frozen | top-k | lora")
-    p.add_argument("--epochs", type=_value(float, _FINETUNE, "epochs"))
-    p.add_argument("--steps", type=_value(int, _FINETUNE, "steps"),
-                   help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=_value(float, _FINETUNE, "lr"))
-    p.add_argument("--batch-size", type=_value(int, _FINETUNE, "batch_size"))
-    _training_device_args(p, _FINETUNE)
+    p.add_argument("--out", help=_field_help(FINETUNE_CONFIG, "out", "run folder (becomes "
+                                             "the fine-tuned checkpoint)"))
+    config_flag(p, FINETUNE_CONFIG, "scheme", text=f"{_choices(names.SCHEMES)} (lora also "
+                "writes <out>/peft: the adapter in PEFT's layout)")
+    config_flag(p, FINETUNE_CONFIG, "epochs", float, "passes over the training data")
+    config_flag(p, FINETUNE_CONFIG, "steps", int, "optimizer steps (overrides --epochs)")
+    config_flag(p, FINETUNE_CONFIG, "lr", float)
+    config_flag(p, FINETUNE_CONFIG, "batch_size", int)
+    _training_device_args(p, FINETUNE_CONFIG)
     p.add_argument("--config", help="YAML file of FinetuneConfig fields")
     p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run in this folder "
                    "(with its saved checkpoint and config; flags and --set change fields)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out and start again")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable)")
+                   help="any FinetuneConfig field, e.g. --set lora_rank=16 (repeatable; "
+                   "--help-config lists them)")
+    _help_config(p, FINETUNE_CONFIG)
 
 
 @command("finetune", "fine-tune a pretrained checkpoint on a labelled task", _finetune_args)
@@ -349,40 +491,97 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a fine-tuned folder (or any checkpoint with a task head)")
-    p.add_argument("inputs", nargs="+", help="texts to classify / tag / translate / continue")
+    p.add_argument("inputs", nargs="*", help="texts to classify / tag / translate / continue "
+                   "('-': read them from standard input)")
+    p.add_argument("--input", metavar="FILE", help="read the texts from FILE ('-': standard "
+                   "input): one text per line, or JSON lines with a text field")
+    p.add_argument("--field", default="text", help="the JSON lines' text field (default: text)")
+    p.add_argument("--output", metavar="FILE",
+                   help="write the predictions (JSON lines) to FILE instead of standard output")
     p.add_argument("--task", help="the task (default: the folder's own)")
+    p.add_argument("--batch-size", type=_value(int, _FINETUNE, "batch_size"), default=32)
     _device_args(p)
 
 
-@command("predict", "run a fine-tuned model on texts and print its predictions as JSON",
-         _predict_args)
-def predict(args: argparse.Namespace) -> None:
-    from lmkit.finetune.inference import predict as run
+def read_inputs(lines: Any, where: str, field: str = "text") -> list[dict[str, Any]]:
+    """Records from text lines: JSON objects (each with `field`) when the first non-blank line
+    is one, else {"input": line} per non-blank line."""
+    records, as_json = [], None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if as_json is None:
+            as_json = line.lstrip().startswith("{")
+        if not as_json:
+            records.append({"input": line.rstrip("\r\n")})
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{number}: not valid JSON ({e.msg}); give one JSON "
+                             "object per line, or plain text lines") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise ValueError(f"{where}:{number}: no text field {field!r} (choose it with "
+                             "--field)")
+        records.append(record)
+    return records
 
-    predictions = run(args.run, args.inputs, args.task, device=args.device, dtype=args.dtype)
-    for text, prediction in zip(args.inputs, predictions):
-        print(json.dumps({"input": text, "prediction": prediction}, ensure_ascii=False))
+
+@command("predict", "run a fine-tuned model on texts (arguments, a file or standard input) and "
+         "write its predictions as JSON lines", _predict_args)
+def predict(args: argparse.Namespace) -> None:
+    import os
+
+    from lmkit.finetune.inference import pipeline
+
+    source = args.input or ("-" if args.inputs == ["-"] else None)
+    if source and args.inputs not in ([], ["-"]):
+        raise ValueError("give the texts as arguments or with --input, not both")
+    if source == "-":
+        records = read_inputs(sys.stdin, "stdin", args.field)
+    elif source:
+        with open(source, encoding="utf-8") as f:
+            records = read_inputs(f, source, args.field)
+    else:
+        records = [{"input": text} for text in args.inputs]
+    if not records:
+        raise ValueError("no texts to predict: give them as arguments, with --input FILE or "
+                         "on standard input ('-')")
+    run = pipeline(args.task, args.run, device=args.device, dtype=args.dtype)
+    texts = [r.get("input", r.get(args.field)) for r in records]
+    out = open(args.output + ".tmp", "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        for start in range(0, len(texts), 64 * args.batch_size):  # stream long inputs
+            chunk = texts[start:start + 64 * args.batch_size]
+            for record, prediction in zip(records[start:], run(chunk, args.batch_size)):
+                out.write(json.dumps({**record, "prediction": prediction},
+                                     ensure_ascii=False) + "\n")
+    finally:
+        if args.output:
+            out.close()
+    if args.output:
+        os.replace(args.output + ".tmp", args.output)  # never a half-written file
 
 
 def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of PretrainConfig fields (examples/pretrain/)")
-    p.add_argument("--preset", help="model preset (lmkit info PRESET) or a config.json path")
+    p.add_argument("--preset", help=_field_help(PRETRAIN_CONFIG, "preset", "model preset "
+                                                "(lmkit info --list) or a config.json path"))
     p.add_argument("--data", action="append", help="training text / JSONL file (repeatable)")
-    p.add_argument("--tokenizer", type=_value(str, _PRETRAIN, "tokenizer"),
-                   help="bpe:8000 | wordpiece:N | unigram:N | char (one token per character) | a "
-                   "tokenizer path")
-    p.add_argument("--objective", type=_value(str, _PRETRAIN, "objective"),
-                   help="auto | causal | mlm | span | infilling")
-    p.add_argument("--steps", type=_value(int, _PRETRAIN, "steps"))
-    p.add_argument("--batch-size", type=_value(int, _PRETRAIN, "batch_size"))
-    p.add_argument("--seq-len", type=_value(int, _PRETRAIN, "seq_len"))
-    p.add_argument("--lr", type=_value(float, _PRETRAIN, "lr"))
-    _training_device_args(p, _PRETRAIN)
-    p.add_argument("--out", help="run folder")
+    config_flag(p, PRETRAIN_CONFIG, "tokenizer",
+                text="bpe:8000 | wordpiece:N | unigram:N (trained) | char (one token per "
+                "character) | a tokenizer path")
+    config_flag(p, PRETRAIN_CONFIG, "objective", text=_choices(names.OBJECTIVES))
+    for name, kind in (("steps", int), ("batch_size", int), ("seq_len", int), ("lr", float)):
+        config_flag(p, PRETRAIN_CONFIG, name, kind)
+    _training_device_args(p, PRETRAIN_CONFIG)
+    p.add_argument("--out", help=_field_help(PRETRAIN_CONFIG, "out"))
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any PretrainConfig field, model.* for the architecture "
-                   "(e.g. --set model.hidden_size=128); repeatable")
+                   "(e.g. --set model.hidden_size=128); repeatable; --help-config lists "
+                   "them")
+    _help_config(p, PRETRAIN_CONFIG)
 
 
 @command("pretrain", "train a language model from scratch on text files (works under torchrun)",
@@ -448,10 +647,30 @@ def report(args: argparse.Namespace) -> None:
     print(f"wrote {rep.png} and {rep.markdown}")
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a checkpoint or fine-tuned folder")
+    p.add_argument("--task", help="the task of /predict (default: the folder's own)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _device_args(p)
+
+
+@command("serve", "serve a model over HTTP: POST /generate and /predict (JSON; the serve "
+         "extra)", _serve_args)
+def serve(args: argparse.Namespace) -> None:
+    from lmkit.errors import require
+    from lmkit.serve import create_app
+
+    uvicorn = require("uvicorn", "serve", "lmkit serve")
+    app = create_app(args.model, args.task, device=args.device, dtype=args.dtype)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lmkit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lmkit", description=DESCRIPTION)
     debug = {"action": "store_true", "help": "show the traceback of an error"}
     parser.add_argument("--debug", **debug)
+    parser.add_argument("--version", action="version", version=f"lmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (fn, help, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help, description=help)

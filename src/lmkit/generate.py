@@ -42,8 +42,8 @@ def check_option(name: str, value: float | None) -> None:
 class Generation:
     """What `generate` returns: new tokens per prompt (prompt not included, EOS removed), their
     scores (sum of log-probabilities; for beam search, length-penalised), and the decoded
-    texts when the model has a tokenizer. With n-best beam search, each prompt has
-    `num_return_sequences` consecutive entries, best first."""
+    texts when the model has a tokenizer. With `num_return_sequences` = n, each prompt has n
+    consecutive entries: the n best beams (best first), or n independent samples."""
 
     sequences: list[list[int]]
     scores: list[float]
@@ -223,7 +223,8 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
 
     prompts: text (encoded with the model's tokenizer), lists of token ids of any lengths, or
     a padded tensor with `attention_mask`. Stops at EOS (`eos_id`, default the config's) or
-    after `max_new_tokens`. `num_beams` > 1 runs beam search and may return the n best.
+    after `max_new_tokens`. `num_beams` > 1 runs beam search and may return the n best;
+    with `do_sample`, `num_return_sequences` samples are drawn per prompt.
     `temperature=0` means greedy decoding, also with `do_sample` (the usual convention)."""
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
@@ -234,9 +235,12 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
     cfg = model.config
     if cfg.head != "lm":
         raise ValueError(f"generation needs an LM head; this model has head={cfg.head!r}")
-    if num_return_sequences > max(num_beams, 1) or (do_sample and num_beams > 1):
-        raise ValueError("num_return_sequences must be <= num_beams, and sampling does not "
-                         "combine with beam search here")
+    if do_sample and num_beams > 1:
+        raise ValueError("sampling does not combine with beam search here: drop num_beams "
+                         "(or do_sample)")
+    if num_return_sequences > max(num_beams, 1) and not do_sample:
+        raise ValueError("num_return_sequences must be <= num_beams (the n best beams), or "
+                         "sample with do_sample=True for n samples per prompt")
     texts = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                          and isinstance(prompts[0], str))
     if texts:
@@ -262,6 +266,9 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
             seqs, scores = _beam(dec, max_new_tokens, eos, num_beams, length_penalty,
                                  early_stopping, num_return_sequences)
         else:
+            if num_return_sequences > 1:  # n rows per prompt, sampled independently
+                dec.reorder(torch.arange(ids.shape[0], device=device)
+                            .repeat_interleave(num_return_sequences))
             gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
             seqs, scores = _sample(dec, max_new_tokens, eos, pad, not do_sample, temperature,
                                    top_k, top_p, gen)

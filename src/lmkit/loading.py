@@ -26,10 +26,12 @@ from lmkit.checkpoint import (
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
+from lmkit.convert.peft import is_peft, load_peft, peft_head
 from lmkit.errors import CheckpointError, RegistryError
 from lmkit.hub import default_registry, hf_cache, lookup, parse, resolve
 from lmkit.lineage import write_conversion_card
 from lmkit.model import Model, build
+from lmkit.model.lora import ADAPTER_CONFIG, load_adapter
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
 
@@ -86,7 +88,7 @@ def _checkpoint_in(folder: Path) -> Path:
 
 def load(path: str | Path, *, head: str | None = None, label_names: list[str] | None = None,
          dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         allow_pickle: bool = False) -> Model:
+         allow_pickle: bool = False, adapter: str | Path | None = None) -> Model:
     """Load a checkpoint folder as a Model (with its tokenizer attached when it has one).
 
     Also reads Hugging Face folders (config.json with a "model_type") and GGUF files (a path
@@ -98,7 +100,15 @@ def load(path: str | Path, *, head: str | None = None, label_names: list[str] | 
 
     `dtype`: None keeps the stored dtype; "auto" keeps it where `device` computes it natively,
     else fp32; "fp32" / "bf16" / "fp16" (GPU only) or a torch.dtype. `device`: "cpu", "auto"
-    (the GPU if there is one), "cuda" or "cuda:N"."""
+    (the GPU if there is one), "cuda" or "cuda:N".
+
+    `adapter`: a LoRA adapter folder to put on the model, in PEFT's layout
+    (adapter_config.json + adapter_model.safetensors, trained on this base) or lmkit's
+    (`lmkit.model.lora.save_adapter`). A PEFT adapter's task type picks the head unless
+    `head` is given (a classifier also needs `label_names`)."""
+    if adapter is not None:
+        return _with_adapter(path, locate(adapter).path, head=head, label_names=label_names,
+                             dtype=dtype, device=device, allow_pickle=allow_pickle)
     path = locate(path).path
     if path.suffix.lower() == ".gguf":
         return load_gguf(path, head=head, label_names=label_names, dtype=dtype,
@@ -112,6 +122,16 @@ def load(path: str | Path, *, head: str | None = None, label_names: list[str] | 
         return load_hf(path, head=head, label_names=label_names, dtype=dtype, device=device,
                        allow_pickle=allow_pickle)
     return load_lmkit(path, head=head, label_names=label_names, dtype=dtype, device=device)
+
+
+def _with_adapter(path: str | Path, adapter: Path, *, head: str | None, **kw) -> Model:
+    """The base checkpoint at `path` with the LoRA adapter folder `adapter` on it."""
+    if is_peft(adapter):
+        model = load(path, head=head or peft_head(adapter), **kw)
+        return load_peft(model, adapter)
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise CheckpointError(f"{adapter} is not an adapter folder: it has no {ADAPTER_CONFIG}")
+    return load_adapter(load(path, head=head, **kw), adapter).eval()
 
 
 def load_lmkit(path: str | Path, *, head: str | None = None,

@@ -236,7 +236,7 @@ def _head_of(spec: Spec, hf: dict[str, Any], names: set[str], cfg: ModelConfig) 
     return "none"
 
 
-def _strip_prefix(tensors: Tensors, prefix: str) -> Tensors:
+def strip_prefix(tensors: Tensors, prefix: str) -> Tensors:
     if not prefix:
         return tensors
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
@@ -302,7 +302,7 @@ def load_hf(path: str | Path, *, head: str | None = None,
     path = Path(path)
     raw = read_json(path / CONFIG)
     spec = _spec_for(raw.get("model_type"))
-    tensors = _strip_prefix(read_weights(path, allow_pickle), spec.prefix)
+    tensors = strip_prefix(read_weights(path, allow_pickle), spec.prefix)
     with reading(path / CONFIG, ConfigError, f"{spec.model_type} config", "a field is "
                  "missing or has the wrong type: fix it or download the file again"):
         source = config_from_hf(raw, set(tensors))
@@ -418,16 +418,21 @@ def _differences(cfg: ModelConfig, spec: Spec, names: set[str]) -> dict[str, tup
 
 
 def _hf_tensors(model: Model, spec: Spec) -> Tensors:
-    cfg = model.config
     tied = model.tied_names()
     state = {k: v.detach() for k, v in model.state_dict().items() if k not in tied}
-    tensors = to_hf_names(state, expand(spec.table(cfg), cfg))
-    if spec.to_hf is not None:
+    return {k: v.contiguous() for k, v in hf_state(state, model.config, spec).items()}
+
+
+def hf_state(tensors: Tensors, cfg: ModelConfig, spec: Spec, transform: bool = True) -> Tensors:
+    """lmkit tensors under their names in the transformers model of `cfg.head` (the base-model
+    prefix added for a head model); `transform`: also the family's fusing / transposing."""
+    tensors = to_hf_names(tensors, expand(spec.table(cfg), cfg))
+    if transform and spec.to_hf is not None:
         tensors = spec.to_hf(tensors, cfg)
     if cfg.head != "none" and spec.prefix:
         tensors = {(k if k.split(".")[0] in spec.head_modules else spec.prefix + k): v
                    for k, v in tensors.items()}
-    return {k: v.contiguous() for k, v in tensors.items()}
+    return tensors
 
 
 def choose_spec(cfg: ModelConfig, model_type: str | None = None,

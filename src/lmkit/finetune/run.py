@@ -25,7 +25,9 @@ from typing import Any, ClassVar
 import torch
 
 from lmkit.config import DEFAULT_POOLING, HEADS, POOLINGS
+from lmkit.convert.peft import save_peft
 from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
+from lmkit.errors import CheckpointError
 from lmkit.finetune.inference import TASK_FILE
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.lineage import (
@@ -225,6 +227,7 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
                       "elapsed_s": result.compute.get("wall_time_s"), **metrics})
     if model.config.lora:  # keep the adapter alone too, then merge for a plain checkpoint
         save_adapter(model, out / "adapter", base=str(checkpoint))
+        _save_peft(model, out / "peft", checkpoint)
         merge_lora(model)
         model.save(out)
     wall = time.perf_counter() - start
@@ -266,6 +269,14 @@ def _claim(out: Path, resume: bool, overwrite: bool) -> None:
                          f"{out}`, replace it with --overwrite, or choose another --out")
     if holds_run and launch_ranks()[0] == 0:
         shutil.rmtree(out)
+
+
+def _save_peft(model: Model, path: Path, checkpoint: str | Path) -> None:
+    """The adapter in PEFT's layout too, for the families transformers has (others: skipped)."""
+    try:
+        save_peft(model, path, base=checkpoint)
+    except CheckpointError as e:
+        log.info("no PEFT adapter written (%s)", e)
 
 
 def _save_run_config(out: Path, checkpoint: str | Path, cfg: FinetuneConfig) -> None:

@@ -15,8 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from lmkit.model.lora import LoRAConfig, adapter_parameters, apply_lora
-
-SCHEMES = ("full", "frozen", "top-k", "lora")
+from lmkit.names import SCHEMES
 
 
 def apply_scheme(model: nn.Module, scheme: str = "full", *, top_k: int = 1,

@@ -16,10 +16,10 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import sacrebleu
+from lmkit.errors import require
 
-# seqeval (it imports scikit-learn) and rouge-score (nltk) are imported where used: together
-# they add about a second to ``import lmkit.tasks``.
+# sacrebleu, seqeval and rouge-score come with the `metrics` extra and are imported where
+# used (seqeval and rouge-score add about a second to an import).
 
 
 def _check_pairs(preds: Sequence, golds: Sequence, what: str = "references") -> None:
@@ -71,8 +71,9 @@ def entity_scores(pred_tags: Sequence[Sequence[str]], gold_tags: Sequence[Sequen
         if len(p) != len(g):
             raise ValueError(f"sentence {i} has {len(p)} predicted tags but {len(g)} gold "
                              "tags: predict one tag per word")
-    from seqeval.metrics import classification_report
-    from seqeval.scheme import IOB2
+    classification_report = require("seqeval.metrics", "metrics",
+                                    "entity F1").classification_report
+    IOB2 = require("seqeval.scheme", "metrics", "entity F1").IOB2
 
     mode = dict(mode="strict", scheme=IOB2) if strict else {}
     with warnings.catch_warnings():
@@ -113,6 +114,7 @@ def bleu(hyps: Sequence[str], refs: Sequence[str | Sequence[str]],
     hypothesis (the same number for each). ``tokenize`` is sacrebleu's tokenizer: "13a"
     (default, WMT), "intl", "zh", "ja-mecab", "char", "flores200", "none".
     """
+    sacrebleu = require("sacrebleu", "metrics", "BLEU")
     return _corpus_score("bleu", sacrebleu.metrics.BLEU(tokenize=tokenize), hyps, refs)
 
 
@@ -120,6 +122,7 @@ def chrf(hyps: Sequence[str], refs: Sequence[str | Sequence[str]],
          word_order: int = 0) -> dict[str, float | str]:
     """Corpus chrF (0-100): ``{"chrf": score, "signature": ...}``; ``word_order=2`` is
     chrF++. ``refs`` as in :func:`bleu`."""
+    sacrebleu = require("sacrebleu", "metrics", "chrF")
     return _corpus_score("chrf", sacrebleu.metrics.CHRF(word_order=word_order), hyps, refs)
 
 
@@ -148,8 +151,7 @@ def rouge(hyps: Sequence[str], refs: Sequence[str | Sequence[str]]) -> dict[str,
     if len(refs) != len(hyps):
         raise ValueError(f"got {len(hyps)} hypotheses but {len(refs)} references: pass one "
                          "reference (or one list of references) per hypothesis")
-    from rouge_score import rouge_scorer
-
+    rouge_scorer = require("rouge_score.rouge_scorer", "metrics", "ROUGE")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for hyp, ref in zip(hyps, refs):

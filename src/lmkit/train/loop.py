@@ -60,29 +60,29 @@ class TrainConfig:
     """How to train. `batch_size` is rows per micro-batch per process: the global batch is
     batch_size x grad_accum x number of processes."""
 
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-4
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # rows per micro-batch per process
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4  # peak learning rate (AdamW)
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0 to lr
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
     weight_decay: float = 0.1  # not applied to norms, biases, embeddings
     layer_decay: float = 0.0  # layer-wise lr decay: each block below gets this x the rate
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    eps: float = 1e-8  # AdamW
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights, optimizer stay fp32)
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory
     eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
     save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3  # 0 = keep all
-    log_every: int = 10
-    seed: int = 0
+    log_every: int = 10  # steps between train records in metrics.jsonl
+    seed: int = 0  # model init, data order, dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # tqdm progress bar
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard events (the track extra)
     plot: bool = True  # loss.png at the end
     carbon_intensity: str = "world"  # g CO2eq/kWh, or a country code (FRA, FR): train/energy.py
 

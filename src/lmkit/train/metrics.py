@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from lmkit.errors import require
+
 log = logging.getLogger("lmkit")
 METRICS, COMPUTE, CURVE, TENSORBOARD = "metrics.jsonl", "compute.json", "loss.png", "tensorboard"
 
@@ -65,7 +67,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
-                log.warning("tensorboard is not installed: metrics go to %s only", self.file)
+                log.warning("tensorboard is not installed (pip install 'lmkit[track]'): "
+                            "metrics go to %s only", self.file)
             else:
                 purge = resume_step + 1 if resume_step is not None else None
                 self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=purge)
@@ -97,10 +100,8 @@ def plot_curves(out_dir: str | Path, file: str | Path | None = None) -> Path | N
     valid = [(r["step"], r["loss"]) for r in records if r.get("split") == "valid"]
     if not train and not valid:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "plots", "the loss plot (loss.png)").use("Agg")
+    plt = require("matplotlib.pyplot", "plots", "the loss plot (loss.png)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:

@@ -187,3 +187,4 @@ def save_config(cfg: Any, path: str | Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
