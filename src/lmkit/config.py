@@ -25,6 +25,10 @@ POSITIONS = ("learned", "sinusoidal", "rotary", "relative", "none")
 POOLINGS = ("first", "last", "mean", "eos")
 DEFAULT_POOLING = {"encoder": "first", "decoder": "last", "encoder-decoder": "last"}
 DTYPES = ("float32", "bfloat16", "float16")
+# Rotary scaling kinds and the keys each needs besides `type` and `factor` (Hugging Face's
+# rope_type linear, dynamic NTK, Llama 3 frequency bands).
+ROPE_SCALINGS = {"linear": (), "dynamic": ("original_max_positions",),
+                 "llama3": ("original_max_positions", "low_freq_factor", "high_freq_factor")}
 IGNORE_INDEX = -100  # the label id the loss skips (padding, prompts, unpicked tokens)
 
 
@@ -58,6 +62,9 @@ HEADS: dict[str, Head] = {
 }
 
 RENAMED = {"labels": "label_names"}  # config.json keys written by earlier versions -> fields
+# Fields added after configs were first saved: missing from an older config.json, they take
+# their default, which is the behaviour before they existed.
+ADDED = ("rope_scaling", "attention_out_bias", "qk_norm", "sliding_window", "norm_offset")
 
 
 @dataclass
@@ -81,15 +88,21 @@ class ModelConfig:
     final_norm: bool = True  # a norm after the last block (pre-norm models have one)
     embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
     norm_eps: float = 1e-5
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores w for (1 + w)
     position: str = "learned"
     max_positions: int = 1024
     position_offset: int = 0  # learned-position index of position 0 (RoBERTa, BART: 2)
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0  # share of each head's dims that are rotated
+    # Rotary frequency scaling, or None: {"type": one of ROPE_SCALINGS, "factor": f, ...}
+    rope_scaling: dict[str, Any] | None = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT-style; 0 = none
     attention_bias: bool = True
+    attention_out_bias: bool | None = None  # bias on the output projection; None = attention_bias
+    qk_norm: bool = False  # a norm over each head's queries and keys before rotary (Qwen3)
+    sliding_window: int | None = None  # a causal query sees only its last n keys (Mistral)
     mlp_bias: bool = True
     scale_attention: bool = True  # divide scores by sqrt(head_dim); T5 does not
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden) (2017, Marian)
@@ -130,6 +143,12 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether attention's output projection has a bias (Qwen2: q/k/v only)."""
+        return self.attention_bias if self.attention_out_bias is None else \
+            self.attention_out_bias
 
     @property
     def num_labels(self) -> int:
@@ -241,6 +260,14 @@ class ModelConfig:
                              "for decoders")
         if self.head_spec.needs_label_names and not self.label_names:
             raise ValueError(f"a {self.head} head needs label_names (the class names)")
+        if self.sliding_window is not None and (self.sliding_window <= 0 or not self.has_decoder):
+            raise ValueError(f"sliding_window={self.sliding_window} needs a decoder and a "
+                             "positive number of keys (or null for full attention)")
+        if self.norm_offset and self.norm != "rmsnorm":
+            raise ValueError("norm_offset applies to RMSNorm only: set norm='rmsnorm' or "
+                             "norm_offset=0")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -262,7 +289,7 @@ class ModelConfig:
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(fields)}")
-        missing = [fields[k] for k in fields if k not in data]
+        missing = [fields[k] for k in fields if k not in data and k not in ADDED]
         if missing:
             defaults = ", ".join(f"{f.name}={json.dumps(_default(f))}" for f in missing)
             raise ValueError(
@@ -289,6 +316,25 @@ class ModelConfig:
 
 
 _HINTS = typing.get_type_hints(ModelConfig)
+
+
+def check_rope_scaling(scaling: dict[str, Any]) -> None:
+    """Raise ValueError unless `scaling` is {"type": kind, "factor": f >= 1, + the kind's keys}
+    with positive numbers."""
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of "
+                         f"{tuple(ROPE_SCALINGS)}")
+    wanted = {"type", "factor", *ROPE_SCALINGS[kind]}
+    if set(scaling) != wanted:
+        raise ValueError(f"rope_scaling of type {kind} needs exactly the keys {sorted(wanted)}, "
+                         f"got {sorted(scaling)}")
+    for key in wanted - {"type"}:
+        value = scaling[key]
+        if not (_is_a(value, float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"rope_scaling {key} must be a positive number, got {value!r}")
+    if scaling["factor"] < 1:
+        raise ValueError(f"rope_scaling factor must be >= 1, got {scaling['factor']}")
 
 
 def _default(f: dataclasses.Field) -> Any:

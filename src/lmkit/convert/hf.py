@@ -45,7 +45,7 @@ log = logging.getLogger("lmkit")
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-FAMILY_MODULES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_bart", "hf_t5")
+FAMILY_MODULES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_bart", "hf_t5", "hf_decoders")
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,7 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
                          else f.default_factory()) for f in dataclasses.fields(ModelConfig)}
     drop = set(_IRRELEVANT)
     if cfg.position != "rotary":
-        drop |= {"rope_theta", "rotary_fraction"}
+        drop |= {"rope_theta", "rotary_fraction", "rope_scaling"}
     if cfg.position != "relative":
         drop |= {"relative_buckets", "relative_max_distance"}
     else:
@@ -381,6 +381,7 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     for name in drop:
         d[name] = defaults[name]
     d["num_kv_heads"], d["head_dim"] = cfg.kv_heads, cfg.dim_per_head  # None = the default
+    d["attention_out_bias"] = cfg.out_bias
     return d
 
 

@@ -20,11 +20,29 @@ ACTIVATIONS = {
 }
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    """LayerNorm (with bias) or RMSNorm (scale only, as in T5 and Llama)."""
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose scale is `offset + weight` (Gemma's (1 + w); offset 0 is plain RMSNorm)."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0):
+        super().__init__(size, eps=eps)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.offset:
+            return super().forward(x)
+        # Gemma normalises and scales in float32, then casts back
+        y = F.rms_norm(x.float(), self.normalized_shape, self.weight.float() + self.offset,
+                       self.eps)
+        return y.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, size: int | None = None) -> nn.Module:
+    """LayerNorm (with bias) or RMSNorm (scale only, as in T5 and Llama) over `size` features
+    (default the hidden size; a head's dims for query/key norms)."""
+    size = size or cfg.hidden_size
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        return RMSNorm(size, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(size, eps=cfg.norm_eps)
 
 
 class MLP(nn.Module):

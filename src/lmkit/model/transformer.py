@@ -124,7 +124,8 @@ class Stack(nn.Module):
 
         q_seg = segments[:, past:] if segments is not None else None  # (B, T)
         # mask: (B or 1, 1, T, past + T) bool, or None when SDPA's causal flag says it
-        mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device)
+        mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device,
+                                     cfg.sliding_window)
         if self.relative_bias is not None:  # T5: a float mask (B or 1, H, T, past + T)
             bias = self.relative_bias(q_pos, k_pos)
             mask = add_bias(mask, bias, t, past + t, is_causal)
@@ -258,8 +259,8 @@ class Model(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
-            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                nn.init.ones_(m.weight)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):  # a scale of 1 (Gemma: 1 + 0)
+                nn.init.constant_(m.weight, 1.0 - getattr(m, "offset", 0.0))
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         self.tie_weights()
