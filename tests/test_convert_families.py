@@ -200,3 +200,74 @@ def test_unsupported_variants_are_refused(hf_dir, tmp_path):
                 lmkit.load(path)
         finally:
             (path / "config.json").write_text(json.dumps(raw))
+
+
+# ---- GGUF: the files llama.cpp's converter writes for these architectures ---------------------
+GGUF_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "self_attn.qkv_proj": "attn_qkv", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
+              "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def _gguf_name(hf: str) -> str:
+    hf = hf.removeprefix("model.")
+    if hf.startswith("layers."):
+        _, i, rest = hf.split(".", 2)
+        module, _, leaf = rest.rpartition(".")
+        return f"blk.{i}.{GGUF_NAMES[module]}.{leaf}"
+    return {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}[hf]
+
+
+def _write_gguf(path, ref, arch: str) -> None:
+    """A GGUF file as llama.cpp's convert_hf_to_gguf.py writes it (unpermuted Q/K for these
+    architectures, Gemma's norms stored as 1 + w, Phi-3's fused matrices kept)."""
+    gguf = pytest.importorskip("gguf")
+    c = ref.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    fraction = c.rope_parameters.get("partial_rotary_factor", 1.0)
+    w.add_rope_dimension_count(int(head_dim * fraction))
+    if getattr(c, "sliding_window", None):
+        w.add_sliding_window(c.sliding_window)
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    w.add_pad_token_id(c.pad_token_id)
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        arr = t.detach().float().numpy()
+        if arch == "gemma" and name.endswith("norm.weight"):
+            arr = arr + 1
+        w.add_tensor(_gguf_name(name), arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("case", ["qwen2", "qwen3", "gemma", "phi3"])
+def test_gguf_architectures_match_transformers(case, hf_dir, tmp_path):
+    path = hf_dir(case)
+    ref = _reference(case, path)
+    _write_gguf(tmp_path / "m.gguf", ref, case)
+    model = lmkit.load(tmp_path / "m.gguf")
+    same = dict(max_positions=model.config.max_positions, norm_eps=model.config.norm_eps)
+    assert model.config == lmkit.load(path).config.replace(**same)  # eps: stored as float32
+    assert _max_diff(model, ref, _batch()) < 1e-5
+    out = convert(tmp_path / "m.gguf", tmp_path / "hf", to="hf")  # and on to transformers
+    assert json.loads((out / "config.json").read_text())["model_type"] == case
+    torch.testing.assert_close(_hf_logits(_reference(case, out), _batch()),
+                               _hf_logits(ref, _batch()), atol=1e-5, rtol=1e-5)

@@ -18,12 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from lmkit.config import ModelConfig
 from lmkit.convert.hf import ACTIVATIONS_TO_HF, Spec, activation_from_hf
 from lmkit.convert.hf_llama import llama_from_hf, llama_table, llama_to_hf
-from lmkit.convert.tables import Tensors
+from lmkit.convert.tables import fuse, split_fused
 
 IGNORE = (r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 NO_BIAS = dict(attention_bias=False, mlp_bias=False)
@@ -71,36 +69,8 @@ def _qwen_window_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 # ---- Phi-3: fused projections ------------------------------------------------------------------
-def _split_fused(tensors: Tensors, cfg: ModelConfig) -> Tensors:
-    """qkv_proj -> q/k/v_proj and gate_up_proj -> gate/up_proj (rows: q, k, v; gate, up)."""
-    q, kv = cfg.num_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
-    out = {}
-    for name, t in tensors.items():
-        if name.endswith("self_attn.qkv_proj.weight"):
-            base = name.removesuffix("qkv_proj.weight")
-            for part, w in zip("qkv", t.split([q, kv, kv])):
-                out[f"{base}{part}_proj.weight"] = w
-        elif name.endswith("mlp.gate_up_proj.weight"):
-            base = name.removesuffix("gate_up_proj.weight")
-            gate, up = t.chunk(2)
-            out[f"{base}gate_proj.weight"], out[f"{base}up_proj.weight"] = gate, up
-        else:
-            out[name] = t
-    return out
-
-
-def _fuse(tensors: Tensors, cfg: ModelConfig) -> Tensors:
-    """The inverse of `_split_fused`."""
-    out = dict(tensors)
-    for name in [n for n in tensors if n.endswith("self_attn.q_proj.weight")]:
-        base = name.removesuffix("q_proj.weight")
-        out[f"{base}qkv_proj.weight"] = torch.cat([out.pop(f"{base}{p}_proj.weight")
-                                                   for p in "qkv"])
-    for name in [n for n in tensors if n.endswith("mlp.gate_proj.weight")]:
-        base = name.removesuffix("gate_proj.weight")
-        out[f"{base}gate_up_proj.weight"] = torch.cat([out.pop(f"{base}gate_proj.weight"),
-                                                       out.pop(f"{base}up_proj.weight")])
-    return out
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # rows in this order
 
 
 def _phi3_read(hf: dict[str, Any]) -> dict[str, Any]:
@@ -143,5 +113,6 @@ SPECS = [
               ACTIVATIONS_TO_HF[cfg.activation]))),
     _spec("phi3", "Phi3", {"rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 32000,
                            "pad_token_id": 32000},
-          _phi3_read, _phi3_write, from_hf=_split_fused, to_hf=_fuse),
+          _phi3_read, _phi3_write, from_hf=lambda t, cfg: split_fused(t, FUSED, cfg),
+          to_hf=lambda t, cfg: fuse(t, FUSED)),
 ]
