@@ -281,13 +281,14 @@ class Model(nn.Module):
         a tied output projection counted in the head): the forward pass costs 2P, the
         gradients of the activations 2P wherever backpropagation must reach a trainable
         parameter at that depth or below, the gradients of the weights 2 per trainable
-        parameter. Attention scores and values add 4 x seq_len x width per block forward,
-        twice that backward. Full training gives Kaplan's 6N; a frozen body about 2N, LoRA
-        about 4N."""
+        parameter. Attention scores and values add 4 x seq_len x width per block forward
+        (a sliding window caps seq_len), twice that backward. Full training gives Kaplan's
+        6N; a frozen body about 2N, LoRA about 4N."""
         lookups = {id(self.tokens.weight)} | {
             id(s.positions.weight) for s in (self.encoder, self.decoder)
             if s is not None and s.positions is not None}
-        attention = 2 * 2 * seq_len * self.config.num_heads * self.config.dim_per_head
+        span = min(seq_len, self.config.sliding_window or seq_len)  # keys a query scores
+        attention = 2 * 2 * span * self.config.num_heads * self.config.dim_per_head
         groups = self.depth_groups()
         total, backprop = 0.0, False
         for depth, group in enumerate(groups):
