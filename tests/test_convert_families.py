@@ -13,7 +13,8 @@ import json
 import pytest
 import torch
 import transformers as tf
-from test_convert_hf import _randomise
+from test_convert_gguf import gguf_writer
+from test_convert_hf import saved_models
 
 import lmkit
 from lmkit.convert import save_hf
@@ -50,19 +51,8 @@ MODEL_TYPE = {"llama3-rope": "llama", "linear-rope": "llama", "dynamic-rope": "l
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """Saved HF folders, made once per case."""
-    made: dict[str, object] = {}
-
-    def get(case: str):
-        if case not in made:
-            cls, config = CASES[case]
-            torch.manual_seed(0)
-            model = cls(config).eval()
-            _randomise(model)
-            path = tmp_path_factory.mktemp(case)
-            model.save_pretrained(path)
-            made[case] = path
-        return made[case]
-    return get
+    get = saved_models(CASES, tmp_path_factory)
+    return lambda case: get(case)[0]
 
 
 def _reference(case: str, path):
@@ -177,6 +167,11 @@ def test_new_fields_round_trip_and_default_when_absent(tmp_path):
     ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling type 'yarn'"),
     ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "needs exactly the keys"),
     ({"rope_scaling": {"type": "linear", "factor": 0.5}}, "factor must be >= 1"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}, "position": "learned"},
+     "needs position='rotary'"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                       "high_freq_factor": 1.0, "original_max_positions": 64}},
+     "high_freq_factor must be larger"),
     ({"sliding_window": 0}, "sliding_window=0"),
     ({"norm": "layernorm", "norm_offset": 1.0}, "norm_offset applies to RMSNorm"),
 ])
@@ -224,17 +219,10 @@ def _gguf_name(hf: str) -> str:
 def _write_gguf(path, ref, arch: str) -> None:
     """A GGUF file as llama.cpp's convert_hf_to_gguf.py writes it (unpermuted Q/K for these
     architectures, Gemma's norms stored as 1 + w, Phi-3's fused matrices kept)."""
-    gguf = pytest.importorskip("gguf")
     c = ref.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w = gguf_writer(path, arch, c.num_hidden_layers, c.max_position_embeddings, c.hidden_size,
+                    c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+                    c.rope_parameters["rope_theta"], c.rms_norm_eps)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)

@@ -267,6 +267,8 @@ class ModelConfig:
             raise ValueError("norm_offset applies to RMSNorm only: set norm='rmsnorm' or "
                              "norm_offset=0")
         if self.rope_scaling is not None:
+            if self.position != "rotary":
+                raise ValueError("rope_scaling needs position='rotary' (set it to null)")
             check_rope_scaling(self.rope_scaling)
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
@@ -335,6 +337,8 @@ def check_rope_scaling(scaling: dict[str, Any]) -> None:
             raise ValueError(f"rope_scaling {key} must be a positive number, got {value!r}")
     if scaling["factor"] < 1:
         raise ValueError(f"rope_scaling factor must be >= 1, got {scaling['factor']}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError("rope_scaling high_freq_factor must be larger than low_freq_factor")
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -21,7 +21,15 @@ from typing import Any
 import numpy as np
 import tokenizers
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from lmkit.checkpoint import DTYPES, check_layers
 from lmkit.config import ModelConfig
@@ -87,8 +95,11 @@ def _table(cfg: ModelConfig, arch: Arch) -> Table:
 # GPT-2 regex inside ByteLevel). "smollm" also isolates every digit.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2 / Qwen3: Llama 3's split with single digits, after NFC normalisation
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _PRE_SPLITS = {"default": None, "gpt2": None, "gpt-2": None, "smollm": None,
-               "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+               "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+               "qwen2": _QWEN2_SPLIT}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -189,6 +200,8 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if pre == "smollm":
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    if pre == "qwen2":
+        backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
