@@ -66,7 +66,7 @@ ARCHITECTURES = {
 # the fused tensors of Phi-3 under lmkit names, split after dequantizing
 _FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
 
-_TABLE: Table = [
+_TABLE: Table = [  # llama's; the other architectures change a few rows (`_table`)
     ("tokens", "token_embd"), ("decoder.final_norm", "output_norm"), ("head.proj", "output"),
     ("decoder.layers.{i}.attn_norm", "blk.{i}.attn_norm"),
     ("decoder.layers.{i}.attn.q", "blk.{i}.attn_q"),
@@ -74,19 +74,21 @@ _TABLE: Table = [
     ("decoder.layers.{i}.attn.v", "blk.{i}.attn_v"),
     ("decoder.layers.{i}.attn.o", "blk.{i}.attn_output"),
     ("decoder.layers.{i}.mlp_norm", "blk.{i}.ffn_norm"),
+    ("decoder.layers.{i}.mlp.gate", "blk.{i}.ffn_gate"),
+    ("decoder.layers.{i}.mlp.up", "blk.{i}.ffn_up"),
     ("decoder.layers.{i}.mlp.down", "blk.{i}.ffn_down"),
 ]
+_UNFUSED = ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up")
 
 
 def _table(cfg: ModelConfig, arch: Arch) -> Table:
-    """The tensor table of one architecture (`_TABLE` + its q/k norms or fused matrices)."""
+    """The tensor table of one architecture: `_TABLE` with Phi-3's fused matrices in place of
+    their parts, plus Qwen3's q/k norms."""
+    table = list(_TABLE)
     if arch.fused:
-        table = [e for e in _TABLE if not e[0].endswith(("attn.q", "attn.k", "attn.v"))]
+        table = [e for e in table if not e[0].endswith(_UNFUSED)]
         table += [("decoder.layers.{i}.attn.qkv", "blk.{i}.attn_qkv"),
                   ("decoder.layers.{i}.mlp.gate_up", "blk.{i}.ffn_up")]
-    else:
-        table = _TABLE + [("decoder.layers.{i}.mlp.gate", "blk.{i}.ffn_gate"),
-                          ("decoder.layers.{i}.mlp.up", "blk.{i}.ffn_up")]
     if cfg.qk_norm:
         table += [("decoder.layers.{i}.attn.q_norm", "blk.{i}.attn_q_norm"),
                   ("decoder.layers.{i}.attn.k_norm", "blk.{i}.attn_k_norm")]
