@@ -44,7 +44,8 @@ def test_unknown_model_type_lists_supported(tmp_path):
     for name in ("bert", "roberta", "distilbert", "gpt2", "llama", "bart", "marian", "t5"):
         assert name in str(e.value)
     assert set(registry()) == {"bert", "roberta", "xlm-roberta", "distilbert", "modernbert",
-                               "gpt2", "llama", "bart", "marian", "t5", "mt5"}
+                               "gpt2", "llama", "bart", "marian", "t5", "mt5", "mistral",
+                               "qwen2", "qwen3", "gemma", "phi3"}
 
 
 def test_unsupported_architecture_and_config(bert_dir):

@@ -31,18 +31,27 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
         .reshape(w.shape)
 
 
+def gguf_writer(path, arch: str, layers: int, context: int, hidden: int, ffn: int, heads: int,
+                kv_heads: int, theta: float, eps: float) -> gguf.GGUFWriter:
+    """A GGUFWriter with the hyperparameters every architecture here has."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(layers)
+    w.add_context_length(context)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(eps)
+    return w
+
+
 def write_gguf(path, model: lmkit.Model, arch: str = "llama", quantize: bool = False,
                add_bos: bool = True) -> None:
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.decoder_layers)
-    w.add_context_length(cfg.max_positions)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w = gguf_writer(path, arch, cfg.decoder_layers, cfg.max_positions, cfg.hidden_size,
+                    cfg.intermediate_size, cfg.num_heads, cfg.kv_heads, cfg.rope_theta,
+                    cfg.norm_eps)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     tokens = _vocab()
@@ -166,3 +175,18 @@ def test_gguf_converts_to_a_transformers_folder(tmp_path):
         torch.testing.assert_close(ref(ids).logits, model(ids).logits)
     tok = tf.AutoTokenizer.from_pretrained(out)
     assert tok("the the")["input_ids"] == model.tokenizer.encode("the the")
+
+
+def test_gguf_qwen2_tokenizer_matches_transformers():
+    """llama.cpp's "qwen2" pre-tokenizer (Qwen2 and Qwen3 files): NFC, then single digits."""
+    import transformers as tf
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": _vocab(),
+            "tokenizer.ggml.merges": MERGES, "tokenizer.ggml.pre": "qwen2"}
+    tok = tokenizer_from_gguf(meta)
+    ref = tf.Qwen2Tokenizer(vocab={t: i for i, t in enumerate(_vocab())},
+                            merges=[tuple(m.split(" ")) for m in MERGES])
+    for text in ["the 2024 the", "cafe\u0301\n\n the  12345", "x's 7.5%\tthe"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == ref.encode(text, add_special_tokens=False)
+    assert tok.encode("123", add_special_tokens=False) == [_vocab().index(c) for c in "123"]

@@ -122,14 +122,14 @@ def _randomise(model: torch.nn.Module) -> None:
             t.copy_(1 + 0.1 * noise if norm else 0.3 * noise)
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """Saved HF folders, made once per case; returns (folder, reference model)."""
+def saved_models(cases: dict, tmp_path_factory):
+    """get(case) -> (folder, reference model): a random tiny transformers model of each case
+    (class, config), saved with save_pretrained once."""
     made: dict[str, tuple] = {}
 
     def get(case: str):
         if case not in made:
-            cls, config = CASES[case]
+            cls, config = cases[case]
             torch.manual_seed(0)
             model = cls(config).eval()
             _randomise(model)
@@ -138,6 +138,12 @@ def hf_dir(tmp_path_factory):
             made[case] = (path, model)
         return made[case]
     return get
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """Saved HF folders, made once per case; returns (folder, reference model)."""
+    return saved_models(CASES, tmp_path_factory)
 
 
 def _batch(case: str, model) -> dict[str, torch.Tensor]:

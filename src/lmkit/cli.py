@@ -216,7 +216,8 @@ def _training_device_args(p: argparse.ArgumentParser, cls_path: str) -> None:
     config_flag(p, cls_path, "precision",
                 text="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
     _device_flag(p, None)
-    p.add_argument("--carbon-intensity", type=_value(str, fields, "carbon_intensity"),
+    p.add_argument("--carbon-intensity",
+                   type=_value(str, _config_field(cls_path), "carbon_intensity"),
                    help="grid g CO2eq/kWh, or a country code (FRA, FR) for the run's "
                    "emissions (default: world average, 475)")
 

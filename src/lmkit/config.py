@@ -26,6 +26,10 @@ POOLINGS = ("first", "last", "mean", "eos")
 LAYER_TYPES = ("global", "local")  # a block attends to every key, or within `window`
 DEFAULT_POOLING = {"encoder": "first", "decoder": "last", "encoder-decoder": "last"}
 DTYPES = ("float32", "bfloat16", "float16")
+# Rotary scaling kinds and the keys each needs besides `type` and `factor` (Hugging Face's
+# rope_type linear, dynamic NTK, Llama 3 frequency bands).
+ROPE_SCALINGS = {"linear": (), "dynamic": ("original_max_positions",),
+                 "llama3": ("original_max_positions", "low_freq_factor", "high_freq_factor")}
 IGNORE_INDEX = -100  # the label id the loss skips (padding, prompts, unpicked tokens)
 
 
@@ -62,7 +66,8 @@ RENAMED = {"labels": "label_names"}  # config.json keys written by earlier versi
 # Fields added after config.json files were first written: their default is what the earlier
 # versions computed, so a file without them means exactly that (any other field must be there).
 ADDED = ("norm_bias", "first_attn_norm", "window", "layer_types", "local_rope_theta",
-         "classifier_norm", "classifier_bias", "head_dense_bias")
+         "classifier_norm", "classifier_bias", "head_dense_bias", "rope_scaling",
+         "attention_out_bias", "qk_norm", "sliding_window", "norm_offset")
 
 
 @dataclass
@@ -89,11 +94,14 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorms have a bias (ModernBERT's do not)
     # The first block normalises its attention input; ModernBERT's does not (embed_norm just did)
     first_attn_norm: bool = True
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores w for (1 + w)
     position: str = "learned"
     max_positions: int = 1024
     position_offset: int = 0  # learned-position index of position 0 (RoBERTa, BART: 2)
     rope_theta: float = 10000.0
     rotary_fraction: float = 1.0  # share of each head's dims that are rotated
+    # Rotary frequency scaling, or None: {"type": one of ROPE_SCALINGS, "factor": f, ...}
+    rope_scaling: dict[str, Any] | None = None
     relative_buckets: int = 32
     relative_max_distance: int = 128
     # Local attention (ModernBERT): a "local" block's queries see only keys at most `window`
@@ -105,6 +113,9 @@ class ModelConfig:
     local_rope_theta: float | None = None
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings, BERT-style; 0 = none
     attention_bias: bool = True
+    attention_out_bias: bool | None = None  # bias on the output projection; None = attention_bias
+    qk_norm: bool = False  # a norm over each head's queries and keys before rotary (Qwen3)
+    sliding_window: int | None = None  # a causal query sees only its last n keys (Mistral)
     mlp_bias: bool = True
     scale_attention: bool = True  # divide scores by sqrt(head_dim); T5 does not
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(hidden) (2017, Marian)
@@ -148,6 +159,12 @@ class ModelConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether attention's output projection has a bias (Qwen2: q/k/v only)."""
+        return self.attention_bias if self.attention_out_bias is None else \
+            self.attention_out_bias
 
     @property
     def num_labels(self) -> int:
@@ -267,6 +284,16 @@ class ModelConfig:
                              "for decoders")
         if self.head_spec.needs_label_names and not self.label_names:
             raise ValueError(f"a {self.head} head needs label_names (the class names)")
+        if self.sliding_window is not None and (self.sliding_window <= 0 or not self.has_decoder):
+            raise ValueError(f"sliding_window={self.sliding_window} needs a decoder and a "
+                             "positive number of keys (or null for full attention)")
+        if self.norm_offset and self.norm != "rmsnorm":
+            raise ValueError("norm_offset applies to RMSNorm only: set norm='rmsnorm' or "
+                             "norm_offset=0")
+        if self.rope_scaling is not None:
+            if self.position != "rotary":
+                raise ValueError("rope_scaling needs position='rotary' (set it to null)")
+            check_rope_scaling(self.rope_scaling)
         for name in ("dropout", "attention_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -334,6 +361,27 @@ class ModelConfig:
 
 
 _HINTS = typing.get_type_hints(ModelConfig)
+
+
+def check_rope_scaling(scaling: dict[str, Any]) -> None:
+    """Raise ValueError unless `scaling` is {"type": kind, "factor": f >= 1, + the kind's keys}
+    with positive numbers."""
+    kind = scaling.get("type")
+    if kind not in ROPE_SCALINGS:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of "
+                         f"{tuple(ROPE_SCALINGS)}")
+    wanted = {"type", "factor", *ROPE_SCALINGS[kind]}
+    if set(scaling) != wanted:
+        raise ValueError(f"rope_scaling of type {kind} needs exactly the keys {sorted(wanted)}, "
+                         f"got {sorted(scaling)}")
+    for key in wanted - {"type"}:
+        value = scaling[key]
+        if not (_is_a(value, float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"rope_scaling {key} must be a positive number, got {value!r}")
+    if scaling["factor"] < 1:
+        raise ValueError(f"rope_scaling factor must be >= 1, got {scaling['factor']}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ValueError("rope_scaling high_freq_factor must be larger than low_freq_factor")
 
 
 def _default(f: dataclasses.Field) -> Any:

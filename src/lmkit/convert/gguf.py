@@ -1,10 +1,12 @@
-"""GGUF import (llama.cpp's single-file format): Llama-architecture models.
+"""GGUF import (llama.cpp's single-file format): the llama, qwen2, qwen3, gemma and phi3
+architectures (`ARCHITECTURES`: what each fixes in the config, one shared tensor table).
 
 Quantized tensors are dequantized to float one at a time, straight into the dtype asked for,
 so the weights are never in memory twice (the file itself is memory-mapped). llama.cpp stores
 the query and key projections with rows permuted for its interleaved rotary layout; they are
-permuted back to the half-split layout lmkit (and Hugging Face) use. The tokenizer is rebuilt
-from the file's `tokenizer.ggml.*` metadata.
+permuted back to the half-split layout lmkit (and Hugging Face) use (the other architectures
+are stored unpermuted). Gemma's norm weights are stored as 1 + w; Phi-3 keeps q/k/v and
+gate/up fused. The tokenizer is rebuilt from the file's `tokenizer.ggml.*` metadata.
 """
 
 from __future__ import annotations
@@ -12,27 +14,59 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tokenizers
 import torch
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from lmkit.checkpoint import DTYPES, check_layers
 from lmkit.config import ModelConfig
 from lmkit.convert.hf import check_vocab, new_head_parts, retarget
-from lmkit.convert.tables import Table, expand, layer_names, to_lmkit_names
+from lmkit.convert.tables import Table, expand, layer_names, split_rows, to_lmkit_names
 from lmkit.device import resolve_device, weight_dtype
 from lmkit.errors import CheckpointError, reading, require
 from lmkit.model import Model, build
 from lmkit.tokenizer import Tokenizer
 
 log = logging.getLogger("lmkit")
-ARCHITECTURES = ("llama",)
 
-_TABLE: Table = [
+
+@dataclass(frozen=True)
+class Arch:
+    """What one llama.cpp architecture fixes: ModelConfig fields, whether Q/K rows are
+    permuted (llama.cpp's LlamaModel converter), the offset added to stored norm weights
+    (Gemma: 1) and whether q/k/v and gate/up are fused (Phi-3)."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
+    permuted: bool = False
+    norm_shift: float = 0.0
+    fused: bool = False
+
+
+ARCHITECTURES = {
+    "llama": Arch(permuted=True),
+    "qwen2": Arch(dict(attention_bias=True, attention_out_bias=False)),
+    "qwen3": Arch(dict(qk_norm=True)),
+    "gemma": Arch(dict(norm_offset=1.0, scale_embeddings=True, activation="gelu_tanh"),
+                  norm_shift=1.0),
+    "phi3": Arch(fused=True),
+}
+# the fused tensors of Phi-3 under lmkit names, split after dequantizing
+_FUSED = {"attn.qkv": ("attn.q", "attn.k", "attn.v"), "mlp.gate_up": ("mlp.gate", "mlp.up")}
+
+_TABLE: Table = [  # llama's; the other architectures change a few rows (`_table`)
     ("tokens", "token_embd"), ("decoder.final_norm", "output_norm"), ("head.proj", "output"),
     ("decoder.layers.{i}.attn_norm", "blk.{i}.attn_norm"),
     ("decoder.layers.{i}.attn.q", "blk.{i}.attn_q"),
@@ -44,12 +78,30 @@ _TABLE: Table = [
     ("decoder.layers.{i}.mlp.up", "blk.{i}.ffn_up"),
     ("decoder.layers.{i}.mlp.down", "blk.{i}.ffn_down"),
 ]
+_UNFUSED = ("attn.q", "attn.k", "attn.v", "mlp.gate", "mlp.up")
+
+
+def _table(cfg: ModelConfig, arch: Arch) -> Table:
+    """The tensor table of one architecture: `_TABLE` with Phi-3's fused matrices in place of
+    their parts, plus Qwen3's q/k norms."""
+    table = list(_TABLE)
+    if arch.fused:
+        table = [e for e in table if not e[0].endswith(_UNFUSED)]
+        table += [("decoder.layers.{i}.attn.qkv", "blk.{i}.attn_qkv"),
+                  ("decoder.layers.{i}.mlp.gate_up", "blk.{i}.ffn_up")]
+    if cfg.qk_norm:
+        table += [("decoder.layers.{i}.attn.q_norm", "blk.{i}.attn_q_norm"),
+                  ("decoder.layers.{i}.attn.k_norm", "blk.{i}.attn_k_norm")]
+    return table
 # llama.cpp's pre-tokenizer names -> the split regex its merges were learned with (None: the
 # GPT-2 regex inside ByteLevel). "smollm" also isolates every digit.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2 / Qwen3: Llama 3's split with single digits, after NFC normalisation
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 _PRE_SPLITS = {"default": None, "gpt2": None, "gpt-2": None, "smollm": None,
-               "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT}
+               "llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+               "qwen2": _QWEN2_SPLIT}
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
@@ -80,8 +132,10 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         return value
 
     scaling = get("rope.scaling.type", "none")
-    if scaling not in (None, "none"):
-        raise CheckpointError(f"rope scaling {scaling!r} is not supported (only unscaled rotary)")
+    if scaling not in (None, "none", "linear"):
+        raise CheckpointError(f"rope scaling {scaling!r} is not supported (only unscaled or "
+                              "linear rotary)")
+    factor = get("rope.scaling.factor", 1.0)
     heads, hidden = count("attention.head_count"), count("embedding_length")
     kv_heads = count("attention.head_count_kv", heads)
     head_dim = count("attention.key_length", hidden // heads or 1)
@@ -90,12 +144,14 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         raise CheckpointError(f"the token embedding {embedding} does not fit the metadata's "
                               f"embedding_length {hidden}: the file is damaged")
     tok = meta.get
-    return ModelConfig(
+    fields = dict(
         family="decoder", vocab_size=embedding[0], hidden_size=hidden,
         num_heads=heads, num_kv_heads=None if kv_heads == heads else kv_heads,
         head_dim=None if head_dim * heads == hidden else head_dim,
         decoder_layers=count("block_count"), intermediate_size=count("feed_forward_length"),
         activation="silu", gated_mlp=True, norm="rmsnorm",
+        rope_scaling={"type": "linear", "factor": factor} if scaling == "linear" else None,
+        sliding_window=get("attention.sliding_window"),
         norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5), position="rotary",
         rope_theta=get("rope.freq_base", 10000.0),
         rotary_fraction=get("rope.dimension_count", head_dim) / head_dim,
@@ -103,6 +159,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         tie_embeddings="output.weight" not in tensor_shapes, dropout=0.0,
         pad_id=tok("tokenizer.ggml.padding_token_id"), bos_id=tok("tokenizer.ggml.bos_token_id"),
         eos_id=tok("tokenizer.ggml.eos_token_id"), dtype=dtype, head="lm")
+    return ModelConfig(**{**fields, **ARCHITECTURES[arch].fields})
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -145,6 +202,8 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> Any:
         steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
     if pre == "smollm":
         steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    if pre == "qwen2":
+        backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
@@ -201,20 +260,26 @@ def _read_file(gguf: Any, path: Path, head: str | None, label_names: list[str] |
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the GGUF metadata does not describe a valid model "
                               f"({e})") from None
-    check_layers(source, shapes, path, layer_names(_TABLE))  # before anything per layer
+    arch = ARCHITECTURES[meta["general.architecture"]]
+    table = _table(source, arch)
+    check_layers(source, shapes, path, layer_names(table))  # before anything per layer
     cfg = retarget(source, head, label_names)
     ignore = () if cfg is source else (r"output\.weight",)
     # Rename first (values are the lazy reader tensors), then dequantize one tensor at a time.
-    lazy = to_lmkit_names({t.name: t for t in reader.tensors}, expand(_TABLE, cfg), ignore,
+    lazy = to_lmkit_names({t.name: t for t in reader.tensors}, expand(table, cfg), ignore,
                           cfg.tied_output)
     tensors: dict[str, torch.Tensor] = {}
     for name in list(lazy):
         w = _dequantize(gguf, lazy.pop(name))
-        if name.endswith("attn.q.weight"):
+        if arch.permuted and name.endswith("attn.q.weight"):
             w = _unpermute(w, cfg.num_heads)
-        elif name.endswith("attn.k.weight"):
+        elif arch.permuted and name.endswith("attn.k.weight"):
             w = _unpermute(w, cfg.kv_heads)
+        elif arch.norm_shift and name.endswith("norm.weight"):
+            w = w - arch.norm_shift
         tensors[name] = w.to(dtype)
+    if arch.fused:
+        tensors = split_rows(tensors, _FUSED, cfg)
     return source, cfg, tensors, meta
 
 
@@ -222,8 +287,9 @@ def load_gguf(path: str | Path, *, head: str | None = None,
               label_names: list[str] | None = None,
               dtype: torch.dtype | str | None = None,
               device: str | torch.device = "cpu") -> Model:
-    """Load a GGUF file (Llama architecture) as an lmkit Model in eval mode, with the tokenizer
-    its metadata describes. Quantized weights are dequantized to `dtype` (default float32)."""
+    """Load a GGUF file (llama, qwen2, qwen3, gemma or phi3 architecture) as an lmkit Model
+    in eval mode, with the tokenizer its metadata describes. Quantized weights are
+    dequantized to `dtype` (default float32)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no GGUF file at {path}")

@@ -45,7 +45,8 @@ log = logging.getLogger("lmkit")
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 PICKLE, PICKLE_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
-FAMILY_MODULES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_bart", "hf_t5", "hf_modernbert")
+FAMILY_MODULES = ("hf_bert", "hf_gpt2", "hf_llama", "hf_bart", "hf_t5", "hf_modernbert",
+                  "hf_decoders")
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,7 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
                          else f.default_factory()) for f in dataclasses.fields(ModelConfig)}
     drop = set(_IRRELEVANT)
     if cfg.position != "rotary":
-        drop |= {"rope_theta", "rotary_fraction"}
+        drop |= {"rope_theta", "rotary_fraction", "rope_scaling"}
     if cfg.position != "relative":
         drop |= {"relative_buckets", "relative_max_distance"}
     else:
@@ -402,6 +403,7 @@ def _canonical(cfg: ModelConfig) -> dict[str, Any]:
     d["layer_types"], d["window"] = (kinds, cfg.window) if local else ([], None)
     d["local_rope_theta"] = (cfg.local_rope_theta or cfg.rope_theta
                              if local and cfg.position == "rotary" else None)
+    d["attention_out_bias"] = cfg.out_bias
     return d
 
 

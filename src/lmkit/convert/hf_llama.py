@@ -1,11 +1,12 @@
-"""Llama: a pre-norm decoder with RMSNorm, rotary positions (rope_theta), a SwiGLU MLP and
-grouped-query attention; the LM head may be tied or not (tie_word_embeddings)."""
+"""Llama: a pre-norm decoder with RMSNorm, rotary positions (rope_theta, optionally scaled:
+linear, dynamic NTK, llama3), a SwiGLU MLP and grouped-query attention; the LM head may be
+tied or not (tie_word_embeddings). Its relatives (hf_decoders) start from this translation."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from lmkit.config import ModelConfig
+from lmkit.config import ROPE_SCALINGS, ModelConfig
 from lmkit.convert.hf import (
     ACTIVATIONS_TO_HF,
     Spec,
@@ -16,7 +17,7 @@ from lmkit.convert.hf import (
 from lmkit.convert.tables import Table
 
 
-def _table(cfg: ModelConfig) -> Table:
+def llama_table(cfg: ModelConfig) -> Table:
     table: Table = [
         ("tokens", "embed_tokens"), ("decoder.final_norm", "norm"),
         ("decoder.layers.{i}.attn_norm", "layers.{i}.input_layernorm"),
@@ -29,6 +30,9 @@ def _table(cfg: ModelConfig) -> Table:
         ("decoder.layers.{i}.mlp.up", "layers.{i}.mlp.up_proj"),
         ("decoder.layers.{i}.mlp.down", "layers.{i}.mlp.down_proj"),
     ]
+    if cfg.qk_norm:  # Qwen3
+        table += [("decoder.layers.{i}.attn.q_norm", "layers.{i}.self_attn.q_norm"),
+                  ("decoder.layers.{i}.attn.k_norm", "layers.{i}.self_attn.k_norm")]
     return table + _HEADS.get(cfg.head, [])
 
 
@@ -39,17 +43,46 @@ _HEADS: dict[str, Table] = {"lm": [("head.proj.weight", "lm_head.weight")],
                             "token-classification": [("head.proj", "score")]}
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-    """rope_theta from a v5 `rope_parameters` dict or the v4 top-level keys; scaled variants
-    (linear, dynamic, yarn, llama3) change the frequencies and are refused."""
+# lmkit rope_scaling keys <-> Hugging Face rope_parameters keys (besides type / rope_type)
+_ROPE_KEYS = {"factor": "factor", "low_freq_factor": "low_freq_factor",
+              "high_freq_factor": "high_freq_factor",
+              "original_max_positions": "original_max_position_embeddings"}
+
+
+def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta and rope_scaling from a v5 `rope_parameters` dict or the v4 top-level keys
+    (`rope_theta`, `rope_scaling`). Scaled kinds lmkit lacks (yarn, longrope, ...) are
+    refused."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"rope type {kind!r} is not supported (only unscaled rotary)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = None
+    if kind == "dynamic":  # transformers scales past max_position_embeddings
+        params = {**params, "original_max_position_embeddings":
+                  hf.get("max_position_embeddings", 2048)}
+    if kind in ROPE_SCALINGS:
+        scaling = {"type": kind, **{lm: params[h] for lm, h in _ROPE_KEYS.items()
+                                    if lm in ("factor", *ROPE_SCALINGS[kind])}}
+    elif kind != "default":
+        raise ValueError(f"rope type {kind!r} is not supported (lmkit reads unscaled rotary "
+                         f"and {', '.join(ROPE_SCALINGS)})")
+    return dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
+                rope_scaling=scaling)
 
 
-def _from_hf(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
+def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """`rope_parameters` (transformers 5) and the top-level keys transformers 4.x reads."""
+    scaling = cfg.rope_scaling or {"type": "default"}
+    params = {"rope_type": scaling["type"], "rope_theta": cfg.rope_theta,
+              **{_ROPE_KEYS[k]: v for k, v in scaling.items() if k != "type"}}
+    if scaling["type"] == "dynamic":  # transformers takes the length from the config
+        params.pop("original_max_position_embeddings")
+    out: dict[str, Any] = {"rope_parameters": params, "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = params
+    return out
+
+
+def llama_from_hf(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
     heads = hf.get("num_attention_heads", 32)
     d = hf.get("hidden_size", 4096)
     kv_heads = hf.get("num_key_value_heads") or heads
@@ -61,7 +94,7 @@ def _from_hf(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
                 intermediate_size=hf.get("intermediate_size", 11008),
                 activation=activation_from_hf(hf.get("hidden_act", "silu")), gated_mlp=True,
                 norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), position="rotary",
-                rope_theta=rope_theta(hf), max_positions=hf.get("max_position_embeddings", 2048),
+                **rope_from_hf(hf), max_positions=hf.get("max_position_embeddings", 2048),
                 attention_bias=hf.get("attention_bias", False),
                 mlp_bias=hf.get("mlp_bias", False), dropout=0.0,
                 attention_dropout=hf.get("attention_dropout", 0.0),
@@ -69,21 +102,20 @@ def _from_hf(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
                 **common_from_hf(hf, pad=None, bos=1, eos=2))
 
 
-def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
+def llama_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                 num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads,
                 head_dim=cfg.dim_per_head, num_hidden_layers=cfg.decoder_layers,
                 intermediate_size=cfg.intermediate_size,
                 hidden_act=ACTIVATIONS_TO_HF[cfg.activation], rms_norm_eps=cfg.norm_eps,
-                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                rope_theta=cfg.rope_theta,  # transformers 4.x reads this key
-                max_position_embeddings=cfg.max_positions, attention_bias=cfg.attention_bias,
-                mlp_bias=cfg.mlp_bias, attention_dropout=cfg.attention_dropout,
+                **rope_to_hf(cfg), max_position_embeddings=cfg.max_positions,
+                attention_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias,
+                attention_dropout=cfg.attention_dropout,
                 tie_word_embeddings=cfg.tie_embeddings, **common_to_hf(cfg))
 
 
 SPECS = [Spec("llama", {"none": "LlamaModel", "lm": "LlamaForCausalLM",
                         "classification": "LlamaForSequenceClassification",
                         "token-classification": "LlamaForTokenClassification"}, "model.",
-              ("lm_head", "score"), _from_hf, _to_hf, _table,
+              ("lm_head", "score"), llama_from_hf, llama_to_hf, llama_table,
               ignore=(r"layers\.\d+\.self_attn\.rotary_emb\.inv_freq",))]

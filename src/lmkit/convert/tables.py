@@ -119,4 +119,34 @@ def join_fused(tensors: Tensors, fused: dict[str, tuple[str, ...]]) -> Tensors:
             out[name] = t
         elif part == parts[0]:
             out[f"{base}.{leaf}"] = torch.cat([tensors[f"{base}.{p}.{leaf}"] for p in parts])
+
+def split_rows(tensors: Tensors, parts: dict[str, tuple[str, ...]], cfg: ModelConfig) -> Tensors:
+    """Split fused matrices by rows (Phi-3): a tensor of module `fused` (a key of `parts`, the
+    module name's end) becomes one per name in `parts[fused]`, which are q, k, v (three parts)
+    or gate, up (two). Other tensors pass through."""
+    q, kv = cfg.num_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    sizes = {3: [q, kv, kv], 2: [cfg.intermediate_size] * 2}
+    out: Tensors = {}
+    for name, t in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        fused = next((k for k in parts if module == k or module.endswith("." + k)), None)
+        if fused is None:
+            out[name] = t
+            continue
+        stem = module.removesuffix(fused)
+        for part, rows in zip(parts[fused], t.split(sizes[len(parts[fused])])):
+            out[f"{stem}{part}.{leaf}"] = rows
+    return out
+
+
+def join_rows(tensors: Tensors, parts: dict[str, tuple[str, ...]]) -> Tensors:
+    """The inverse of `split_rows`: the tensors of `parts[fused]` concatenated by rows."""
+    out = dict(tensors)
+    for fused, names in parts.items():
+        for name in tensors:
+            module, _, leaf = name.rpartition(".")
+            if module == names[0] or module.endswith("." + names[0]):
+                stem = module.removesuffix(names[0])
+                out[f"{stem}{fused}.{leaf}"] = torch.cat([out.pop(f"{stem}{p}.{leaf}")
+                                                          for p in names])
     return out

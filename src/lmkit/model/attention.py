@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.config import ModelConfig
+from lmkit.model.layers import make_norm
 
 
 # ---- masks -------------------------------------------------------------------------------
@@ -43,10 +44,12 @@ def build_mask(q_segments: torch.Tensor | None, k_segments: torch.Tensor | None,
 
     A query sees a key when both are in the same segment, the key is not padding, (if
     causal) the key is not in the future and (with a `window`) the key is at most `window`
-    positions away. Queries are the last q_len of the k_len positions (a KV cache holds the
+    positions away (a decoder's sliding window W is window W - 1; ModernBERT's local blocks
+    look both ways). Queries are the last q_len of the k_len positions (a KV cache holds the
     earlier ones). Returns (mask, is_causal): (None, True/False) when SDPA's built-in causal
     flag or no mask at all says the same thing faster."""
-    if q_segments is None and k_segments is None and window is None:
+    windowed = window is not None and window < k_len - 1  # else every key is near enough
+    if q_segments is None and k_segments is None and not windowed:
         if not causal or q_len == 1:
             return None, False
         if q_len == k_len:
@@ -55,7 +58,7 @@ def build_mask(q_segments: torch.Tensor | None, k_segments: torch.Tensor | None,
     allowed = torch.ones(1, q_len, k_len, dtype=torch.bool, device=device)
     if causal:
         allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(offset)[None]
-    if window is not None:  # distances within a segment are column distances
+    if windowed:  # distances within a segment are column distances
         q_idx = torch.arange(offset, k_len, device=device)
         near = (q_idx[:, None] - torch.arange(k_len, device=device)[None]).abs() <= window
         allowed = allowed & near[None]
@@ -86,11 +89,38 @@ def rotary(positions: torch.Tensor, cfg: ModelConfig,
     the rotated half is the second half of the rotated dims, not interleaved pairs); `theta`
     overrides cfg.rope_theta (ModernBERT's local blocks)."""
     rot = int(cfg.dim_per_head * cfg.rotary_fraction)
-    base = theta or cfg.rope_theta
-    inv_freq = base ** (-torch.arange(0, rot, 2, device=positions.device).float() / rot)
+    inv_freq = inverse_frequencies(cfg, rot, positions, theta)
     angles = positions[..., None].float() * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
+
+
+def inverse_frequencies(cfg: ModelConfig, rot: int, positions: torch.Tensor,
+                        theta: float | None = None) -> torch.Tensor:
+    """The rotary frequencies, scaled as `cfg.rope_scaling` says (as transformers computes
+    them): linear divides them by the factor; dynamic NTK raises the base once the sequence
+    (the largest position + 1 in this call) outgrows the original length; llama3 divides the
+    low frequencies by the factor, keeps the high ones and blends the band between."""
+    scaling = cfg.rope_scaling or {"type": "none"}
+    exponents = torch.arange(0, rot, 2, dtype=torch.int64, device=positions.device).float() / rot
+    base = torch.tensor(theta or cfg.rope_theta, device=positions.device)
+    if scaling["type"] == "dynamic":
+        factor, original = scaling["factor"], scaling["original_max_positions"]
+        length = torch.clamp(positions.max() + 1, min=original)
+        base = base * ((factor * length / original) - (factor - 1)) ** (rot / (rot - 2))
+    inv_freq = 1.0 / base ** exponents
+    if scaling["type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling["type"] == "llama3":
+        factor, original = scaling["factor"], scaling["original_max_positions"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -175,7 +205,10 @@ class Attention(nn.Module):
         self.q = nn.Linear(d, cfg.num_heads * hd, bias=bias)
         self.k = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
         self.v = nn.Linear(d, cfg.kv_heads * hd, bias=bias)
-        self.o = nn.Linear(cfg.num_heads * hd, d, bias=bias)
+        self.o = nn.Linear(cfg.num_heads * hd, d, bias=cfg.out_bias)
+        # Qwen3: queries and keys normalised per head (over head_dim) before rotary
+        self.q_norm = make_norm(cfg, hd) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, hd) if cfg.qk_norm else None
         self.scale = 1 / math.sqrt(hd) if cfg.scale_attention else 1.0
         self.dropout = cfg.attention_dropout
 
@@ -195,12 +228,16 @@ class Attention(nn.Module):
         head_dim, S = key positions (T for self-attention without a cache, past + T with one,
         the source length for cross-attention)."""
         q = self._split(self.q(x), self.num_heads)  # (B, H, T, D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
         if context is not None and slot is not None and slot.k is not None:
             k, v = slot.k, slot.v  # cross-attention keys/values: computed once per source
         else:
             source = x if context is None else context  # (B, S, hidden)
             k = self._split(self.k(source), self.kv_heads)  # (B, K, S, D)
             v = self._split(self.v(source), self.kv_heads)  # (B, K, S, D)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
             if rope is not None:  # cos, sin: (B or 1, 1, T, rotated dims)
                 q = apply_rotary(q, *rope)
                 k = apply_rotary(k, *rope)

@@ -35,7 +35,7 @@ class MLMHead(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.dense = nn.Linear(d, d, bias=cfg.head_dense_bias) if cfg.mlm_transform else None
-        self.norm = make_norm(cfg, "layernorm") if cfg.mlm_transform else None
+        self.norm = make_norm(cfg, kind="layernorm") if cfg.mlm_transform else None
         self.act = ACTIVATIONS[cfg.activation]
         self.proj = nn.Linear(d, cfg.vocab_size)
 
@@ -57,7 +57,7 @@ class ClassificationHead(nn.Module):
         hidden = cfg.classifier_hidden
         self.dense = nn.Linear(d, d, bias=cfg.head_dense_bias) if hidden else None
         self.act = ACTIVATIONS[cfg.classifier_activation]
-        self.norm = make_norm(cfg, "layernorm") if hidden and cfg.classifier_norm else None
+        self.norm = make_norm(cfg, kind="layernorm") if hidden and cfg.classifier_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.proj = nn.Linear(d, cfg.num_labels, bias=cfg.classifier_bias)
 

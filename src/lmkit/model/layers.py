@@ -20,12 +20,30 @@ ACTIVATIONS = {
 }
 
 
-def make_norm(cfg: ModelConfig, kind: str | None = None) -> nn.Module:
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose scale is `offset + weight` (Gemma's (1 + w); offset 0 is plain RMSNorm)."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0):
+        super().__init__(size, eps=eps)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.offset:
+            return super().forward(x)
+        # Gemma normalises and scales in float32, then casts back
+        y = F.rms_norm(x.float(), self.normalized_shape, self.weight.float() + self.offset,
+                       self.eps)
+        return y.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, size: int | None = None, kind: str | None = None) -> nn.Module:
     """LayerNorm (with a bias unless `cfg.norm_bias` is off) or RMSNorm (scale only, as in T5
-    and Llama); `kind` overrides `cfg.norm` (heads whose norm is always a LayerNorm)."""
+    and Llama) over `size` features (default the hidden size; a head's dims for query/key
+    norms); `kind` overrides `cfg.norm` (heads whose norm is always a LayerNorm)."""
+    size = size or cfg.hidden_size
     if (kind or cfg.norm) == "rmsnorm":
-        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+        return RMSNorm(size, cfg.norm_eps, cfg.norm_offset)
+    return nn.LayerNorm(size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
 class MLP(nn.Module):

@@ -125,7 +125,9 @@ class Stack(nn.Module):
 
         q_seg = segments[:, past:] if segments is not None else None  # (B, T)
         # mask: (B or 1, 1, T, past + T) bool, or None when SDPA's causal flag says it
-        mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device)
+        # A decoder's sliding window of W tokens reaches W - 1 positions back.
+        window = cfg.sliding_window - 1 if cfg.sliding_window else None
+        mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device, window)
         # Local blocks (ModernBERT): the mask cut to the window, their own rotary base.
         local = (build_mask(q_seg, segments, t, past + t, self.causal, x.device, cfg.window)
                  if cfg.window is not None else None)
@@ -268,8 +270,8 @@ class Model(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
-            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-                nn.init.ones_(m.weight)
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):  # a scale of 1 (Gemma: 1 + 0)
+                nn.init.constant_(m.weight, 1.0 - getattr(m, "offset", 0.0))
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         self.tie_weights()
@@ -290,13 +292,14 @@ class Model(nn.Module):
         a tied output projection counted in the head): the forward pass costs 2P, the
         gradients of the activations 2P wherever backpropagation must reach a trainable
         parameter at that depth or below, the gradients of the weights 2 per trainable
-        parameter. Attention scores and values add 4 x seq_len x width per block forward,
-        twice that backward. Full training gives Kaplan's 6N; a frozen body about 2N, LoRA
-        about 4N."""
+        parameter. Attention scores and values add 4 x seq_len x width per block forward
+        (a sliding window caps seq_len), twice that backward. Full training gives Kaplan's
+        6N; a frozen body about 2N, LoRA about 4N."""
         lookups = {id(self.tokens.weight)} | {
             id(s.positions.weight) for s in (self.encoder, self.decoder)
             if s is not None and s.positions is not None}
-        attention = 2 * 2 * seq_len * self.config.num_heads * self.config.dim_per_head
+        span = min(seq_len, self.config.sliding_window or seq_len)  # keys a query scores
+        attention = 2 * 2 * span * self.config.num_heads * self.config.dim_per_head
         groups = self.depth_groups()
         total, backprop = 0.0, False
         for depth, group in enumerate(groups):
