@@ -157,7 +157,7 @@ def test_gguf_unsupported_architecture(tmp_path):
 def test_gguf_new_head(tmp_path):
     write_gguf(tmp_path / "m.gguf", _model(tie_embeddings=False))
     model = lmkit.load(tmp_path / "m.gguf", head="classification", label_names=["a", "b"])
-    assert model.new_tensors == ["head.proj.bias", "head.proj.weight"]
+    assert model.new_tensors == ["head.proj.weight"]  # Llama's `score` has no bias, as in HF
     assert model(torch.randint(3, 261, (2, 5))).logits.shape == (2, 2)
 
 

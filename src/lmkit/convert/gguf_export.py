@@ -32,9 +32,12 @@ log = logging.getLogger("lmkit")
 WEIGHT_TYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp token types
 # Fields the round-trip check ignores: not part of the architecture (ids are written with the
-# tokenizer, dtype by --dtype) or meaningless at inference (dropout).
+# tokenizer, dtype by --dtype), meaningless at inference (dropout) or of task heads other than
+# the LM head that GGUF holds.
 _NOT_ARCHITECTURE = {"pad_id", "bos_id", "eos_id", "dtype", "dropout", "attention_dropout",
-                     "label_names", "lora", "pooling"}
+                     "label_names", "lora", "pooling", "classifier_hidden",
+                     "classifier_activation", "classifier_norm", "classifier_bias",
+                     "head_dense_bias", "mlm_transform"}
 
 
 def save_gguf(model: Model, path: str | Path, dtype: str = "f16",

@@ -119,6 +119,8 @@ def join_fused(tensors: Tensors, fused: dict[str, tuple[str, ...]]) -> Tensors:
             out[name] = t
         elif part == parts[0]:
             out[f"{base}.{leaf}"] = torch.cat([tensors[f"{base}.{p}.{leaf}"] for p in parts])
+    return out
+
 
 def split_rows(tensors: Tensors, parts: dict[str, tuple[str, ...]], cfg: ModelConfig) -> Tensors:
     """Split fused matrices by rows (Phi-3): a tensor of module `fused` (a key of `parts`, the
