@@ -220,13 +220,11 @@ class Trackers:
             require(_MODULES[name][0], "track", _MODULES[name][1])
         self.out_dir = Path(out_dir)
         self.sinks: list[Sink] = []
-        self.started = False
 
     def start(self, params: dict[str, Any], resume_step: int | None = None,
               enabled: bool = True) -> None:
         """Open the sinks (`enabled`: this process reports, i.e. rank 0) with the run's
         parameters; `resume_step`: the step a resumed run continues from."""
-        self.started = True
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
