@@ -226,6 +226,8 @@ def test_mlflow_records_params_metrics_and_artifacts(data, tmp_path, monkeypatch
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "feedback-test")
+    MlflowClient(uri).create_experiment(  # artifacts in tmp_path, not the working folder
+        "feedback-test", artifact_location=(tmp_path / "artifacts").as_uri())
     res = tune(data, tmp_path / "tracked", steps=4, eval_every=2, report_to=["mlflow"],
                **{**QUIET, "plot": True})
     client = MlflowClient(uri)
