@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="auto", help="auto | fp32 | bf16")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ap.add_argument("--metric-every", type=int, default=50,
+    ap.add_argument("--eval-every", type=int, default=50,
                     help="steps between dev scorings of the fine-tuned model")
     ap.add_argument("--carbon-intensity", default="world",
                     help="grid g CO2eq/kWh or a country code (FRA, FR) for the CO2 figures")
@@ -81,7 +81,7 @@ def main() -> None:
     base = base_checkpoint(args.base)
     runs = {  # only the fine-tuned model's curve is needed: the scratch model is scored once
         "fine-tuned MiniLM": finetune(base, FinetuneConfig(
-            out=f"{args.out}/finetuned", lr=1e-4, metric_every=args.metric_every, **common)),
+            out=f"{args.out}/finetuned", lr=1e-4, eval_every=args.eval_every, **common)),
         "same model, from scratch": finetune(base, FinetuneConfig(
             out=f"{args.out}/scratch", lr=5e-4, from_scratch=True, **common)),
     }

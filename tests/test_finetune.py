@@ -295,9 +295,10 @@ def test_finetune_resumes_exactly_after_ctrl_c(tmp_path, data, encoder):
         import sys, time
         import lmkit.finetune.run as run
         train = run.train
-        def slow_train(*args, on_step, **kwargs):
+        def slow_train(*args, on_step=None, **kwargs):
             def hook(step, record):
-                on_step(step, record)
+                if on_step is not None:
+                    on_step(step, record)
                 if step == 3:
                     print("READY", flush=True)
                 if step >= 3:

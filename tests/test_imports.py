@@ -111,7 +111,7 @@ def test_lmkit_has_no_import_cycle():
 # The layers of docs/ARCHITECTURE.md, bottom first: a module imports only lower layers and its
 # own unit (a module, or a package and its submodules).
 LAYERS = [
-    ["lmkit.errors", "lmkit.names"],
+    ["lmkit.errors", "lmkit.names", "lmkit.logs"],
     ["lmkit.textfiles"],
     ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage"],
     ["lmkit.model", "lmkit.tokenizer"],

@@ -222,6 +222,31 @@ def _training_device_args(p: argparse.ArgumentParser, cls_path: str) -> None:
                    "emissions (default: world average, 475)")
 
 
+def _feedback_args(p: argparse.ArgumentParser, fields: Any) -> None:
+    """Evaluation, keep-best / early stopping and trackers of a training command."""
+    p.add_argument("--eval-every", type=_value(int, fields, "eval_every"),
+                   help="steps between dev evaluations (0 = none)")
+    p.add_argument("--best-metric", help="keep the model of the best dev evaluation by this "
+                   "metric as the final one (loss, accuracy, macro_f1, f1, bleu, ...)")
+    p.add_argument("--patience", type=_value(int, fields, "patience"),
+                   help="stop after this many evaluations without a better best-metric "
+                   "(default 0: never; alone it watches the dev loss)")
+    p.add_argument("--report-to", type=_value(str, _report_to, "report_to"),
+                   help="trackers besides metrics.jsonl, comma-separated: tensorboard, "
+                   "mlflow, wandb, none (default auto: TensorBoard where it is installed)")
+
+
+def _report_to(name: str, value: str) -> None:
+    from lmkit.train.trackers import check_report_to
+
+    check_report_to([v for v in value.split(",") if v])
+
+
+def _feedback_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"eval_every": args.eval_every, "best_metric": args.best_metric,
+            "patience": args.patience, "report_to": args.report_to}
+
+
 def _device_args(p: argparse.ArgumentParser, device: str = "auto",
                  dtype: str | None = "auto") -> None:
     """--device and --dtype (the format the weights are held in) of a command that runs or
@@ -422,7 +447,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
     config_flag(p, FINETUNE_CONFIG, "task", text=_choices(names.TASKS))
     p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
-    p.add_argument("--dev", help="dev file, scored with the task's metric at the end")
+    p.add_argument("--dev", help="dev file, scored with the task's metric at each evaluation "
+                   "and at the end")
     p.add_argument("--out", help=_field_help(FINETUNE_CONFIG, "out", "run folder (becomes "
                                              "the fine-tuned checkpoint)"))
     config_flag(p, FINETUNE_CONFIG, "scheme", text=f"{_choices(names.SCHEMES)} (lora also "
@@ -432,6 +458,7 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     config_flag(p, FINETUNE_CONFIG, "lr", float)
     config_flag(p, FINETUNE_CONFIG, "batch_size", int)
     _training_device_args(p, FINETUNE_CONFIG)
+    _feedback_args(p, _FINETUNE)
     p.add_argument("--config", help="YAML file of FinetuneConfig fields")
     p.add_argument("--resume", metavar="RUN", help="continue the fine-tuning run in this folder "
                    "(with its saved checkpoint and config; flags and --set change fields)")
@@ -452,7 +479,8 @@ def finetune(args: argparse.Namespace) -> None:
     flags = {"task": args.task, "train": args.train, "dev": args.dev, "out": args.out,
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
              "batch_size": args.batch_size, "precision": args.precision,
-             "device": args.device, "carbon_intensity": args.carbon_intensity}
+             "device": args.device, "carbon_intensity": args.carbon_intensity,
+             **_feedback_flags(args)}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.checkpoint or args.config or args.overwrite:
@@ -469,6 +497,7 @@ def finetune(args: argparse.Namespace) -> None:
         result = run(args.checkpoint, cfg, overwrite=args.overwrite)
     print(json.dumps({"out": str(result.out_dir), "dev": result.metrics,
                       "trainable_parameters": result.trainable, "steps": result.steps,
+                      "best": result.best,
                       "wall_time_s": round(result.wall_time_s, 1),
                       "flops": result.compute.get("flops")}, indent=2))
 
@@ -576,6 +605,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     for name, kind in (("steps", int), ("batch_size", int), ("seq_len", int), ("lr", float)):
         config_flag(p, PRETRAIN_CONFIG, name, kind)
     _training_device_args(p, PRETRAIN_CONFIG)
+    _feedback_args(p, _PRETRAIN)
     p.add_argument("--out", help=_field_help(PRETRAIN_CONFIG, "out"))
     p.add_argument("--resume", metavar="RUN", help="continue the run in this folder")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -594,7 +624,8 @@ def pretrain(args: argparse.Namespace) -> None:
     flags = {"preset": args.preset, "data": args.data, "tokenizer": args.tokenizer,
              "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
-             "device": args.device, "out": args.out, "carbon_intensity": args.carbon_intensity}
+             "device": args.device, "out": args.out, "carbon_intensity": args.carbon_intensity,
+             **_feedback_flags(args)}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.config:
@@ -699,6 +730,9 @@ def error_line(e: BaseException) -> tuple[str, int] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lmkit.logs import setup_logging
+
+    setup_logging()
     try:
         args.func(args)
     except BaseException as e:

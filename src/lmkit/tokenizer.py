@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 from collections import Counter
@@ -70,6 +71,7 @@ FAMILY_SPECIALS = {
 }
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
 CONFIG_FILE = "tokenizer_config.json"
+log = logging.getLogger("lmkit")
 
 
 @dataclass
@@ -195,6 +197,13 @@ class Tokenizer:
             raise TokenizerError(
                 f"vocab_size={vocab_size} is smaller than the corpus's characters and the "
                 f"special tokens need ({backend.get_vocab_size()}): use a larger vocab_size")
+        if backend.get_vocab_size() < vocab_size:
+            why = ("pieces the corpus offers" if kind == "unigram" else
+                   f"merges of pairs seen at least min_frequency={min_frequency} times")
+            log.warning("the %s tokenizer has %s tokens, fewer than the %s asked: %s (%s "
+                        "documents) has no more %s; it is used as it is (more text gives "
+                        "a larger vocabulary)", kind, f"{backend.get_vocab_size():,}",
+                        f"{vocab_size:,}", names, f"{num_docs:,}", why)
         tok = cls(backend)
         tok._set_post_processor(family, byte_level=kind == "bpe")
         return tok

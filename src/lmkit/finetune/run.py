@@ -39,16 +39,20 @@ from lmkit.lineage import (
     write_card,
 )
 from lmkit.loading import load, locate
+from lmkit.logs import setup_logging
 from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
 from lmkit.train.distributed import launch_ranks
 from lmkit.train.loop import TrainConfig, train
+from lmkit.train.metrics import COMPUTE, CURVE, read_metrics
 from lmkit.train.options import read_config, read_yaml, save_config
 from lmkit.train.state import list_checkpoints
+from lmkit.train.trackers import Trackers
 
 log = logging.getLogger("lmkit")
 EVAL_FILE, CONFIG_FILE = "eval.json", "finetune_config.yaml"
+SMALL_DEV = 50  # fewer dev examples than this: the dev metric is noisy (said once, at start)
 # Task options a fine-tuning run may set (None: the task's default, in its Options class);
 # they are stored in task.json so evaluate/predict reuse them.
 OPTION_FIELDS = ("text_column", "pair_column", "label_column", "source_field", "target_field",
@@ -74,8 +78,8 @@ class FinetuneConfig(TrainConfig):
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.01
     beta2: float = 0.999
-    eval_every: int = 0  # steps between dev-loss evaluations (0 = none)
-    metric_every: int = 0  # steps between dev scorings with the task's metric (0 = end only)
+    eval_every: int = 0  # steps between dev evaluations: loss + the task's metric (0 = at
+    # the end only); needed by patience / best_metric
     save_every: int = 0
     scheme: str = "full"  # full | frozen | top-k | lora
     top_k: int = 1  # blocks trained by the top-k scheme
@@ -146,6 +150,7 @@ class FinetuneResult:
     wall_time_s: float
     compute: dict[str, Any]
     curve: list[dict[str, Any]] = field(default_factory=list)  # dev metric during training
+    best: dict[str, Any] | None = None  # keep-best: the evaluation the final model comes from
 
 
 def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, list, list]:
@@ -156,6 +161,10 @@ def prepare(checkpoint: str | Path, cfg: FinetuneConfig) -> tuple[Model, Task, l
     if not train_examples:
         raise ValueError(f"{cfg.train} has no examples")
     label_names = task.label_names(train_examples) if task.labelled else None
+    if label_names is not None and len(label_names) < 2 and cfg.task == "classification":
+        log.warning("%s has a single label (%s): the classifier can only learn to always "
+                    "answer it; check the label column (--set label_column=...)", cfg.train,
+                    label_names)
     dev_examples = task.read(cfg.dev, label_names=label_names, limit=cfg.dev_limit) \
         if cfg.dev else []
     if task.labelled or task.head != base.config.head:
@@ -184,9 +193,12 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
     `cfg.out` must not hold a run already: `resume` continues it from its latest checkpoint
     (see `resume`, which also restores the saved config), `overwrite` deletes it first."""
     cfg.validate()
+    cfg.check_keep_best(bool(cfg.dev))
+    setup_logging()
     start = time.perf_counter()
     out = Path(cfg.out)
     _claim(out, resume, overwrite)
+    trackers = Trackers(cfg.report_to, out, cfg.tensorboard)  # a missing package: said now
     torch.manual_seed(cfg.seed)
     model, task, train_examples, dev_examples = prepare(checkpoint, cfg)
     rank, world, _ = launch_ranks()
@@ -194,9 +206,6 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
         _save_run_config(out, checkpoint, cfg)
     lora = LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.lora_targets))
     counts = apply_scheme(model, cfg.scheme, top_k=cfg.top_k, lora=lora)
-    log.info("new tensors: %s; training %s of %s parameters (%s)",
-             ", ".join(model.new_tensors) or "none", f"{counts['trainable']:,}",
-             f"{counts['total']:,}", cfg.scheme)
     features = [task.features(e) for e in train_examples]
     pad = model.config.fill_id()
     batches = TaskBatches(features, pad, cfg.batch_size, cfg.max_tokens, cfg.seed, rank, world)
@@ -204,38 +213,61 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
                                                              / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else int(0.06 * steps)
     train_cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=warmup)
-    dev_batches = None
+    dev_batches, scorer = None, None
     if dev_examples and cfg.eval_every:
         dev_feats = [task.features(e) for e in dev_examples]
         order = length_grouped_batches([len(f["input_ids"]) for f in dev_feats],
                                        cfg.batch_size, shuffle=False)
         dev_batches = [collate([dev_feats[i] for i in idx], pad) for idx in order]
-    curve: list[dict[str, Any]] = []
 
-    def score(step: int, record: dict[str, Any]) -> None:
-        if cfg.metric_every and dev_examples and step % cfg.metric_every == 0 \
-                and step < train_cfg.steps:
-            curve.append({"step": step, "flops": record["flops"],
-                          "elapsed_s": record["elapsed_s"],
-                          **task.evaluate(model, dev_examples, cfg.batch_size)})
+        def scorer() -> dict[str, float]:
+            return task.evaluate(model, dev_examples, cfg.batch_size)
 
-    result = train(model, batches, train_cfg, out, dev_batches, on_step=score, resume=resume,
-                   resume_hint=f"lmkit finetune --resume {out}")
-    metrics = task.evaluate(model, dev_examples, cfg.batch_size) if dev_examples else {}
-    if dev_examples:
-        curve.append({"step": result.step, "flops": result.compute.get("flops"),
-                      "elapsed_s": result.compute.get("wall_time_s"), **metrics})
-    if model.config.lora:  # keep the adapter alone too, then merge for a plain checkpoint
-        save_adapter(model, out / "adapter", base=str(checkpoint))
-        _save_peft(model, out / "peft", checkpoint)
-        merge_lora(model)
-        model.save(out)
-    wall = time.perf_counter() - start
-    _write_run_files(out, checkpoint, cfg, task, metrics, counts, len(train_examples),
-                     result.compute, wall, curve)
+    if rank == 0 and 0 < len(dev_examples) < SMALL_DEV:
+        log.warning("the dev set has only %d examples: its score is noisy (one example is "
+                    "%.1f%% of it); give %d or more for a figure to compare runs by",
+                    len(dev_examples), 100 / len(dev_examples), SMALL_DEV)
+    summary = _summary(checkpoint, cfg, model, features, len(dev_examples), len(batches),
+                       world)
+    with trackers:
+        result = train(model, batches, train_cfg, out, dev_batches, resume=resume,
+                       resume_hint=f"lmkit finetune --resume {out}", scorer=scorer,
+                       trackers=trackers, summary=summary)
+        metrics = task.evaluate(model, dev_examples, cfg.batch_size) if dev_examples else {}
+        curve = [{k: v for k, v in r.items() if k != "split"} for r in read_metrics(out)
+                 if r.get("split") == "valid"] if rank == 0 else []
+        if dev_examples and not any(p["step"] == result.step for p in curve):
+            curve.append({"step": result.step, "flops": result.compute.get("flops"),
+                          "elapsed_s": result.compute.get("wall_time_s"), **metrics})
+        if model.config.lora:  # keep the adapter alone too, then merge for a plain checkpoint
+            save_adapter(model, out / "adapter", base=str(checkpoint))
+            _save_peft(model, out / "peft", checkpoint)
+            merge_lora(model)
+            model.save(out)
+        wall = time.perf_counter() - start
+        _write_run_files(out, checkpoint, cfg, task, metrics, counts, len(train_examples),
+                         result.compute, wall, curve, result.best)
+        trackers.finish({**result.final_metrics(), "dev": metrics},
+                        [out / CURVE, out / EVAL_FILE, out / CONFIG_FILE, out / COMPUTE])
     return FinetuneResult(out, metrics, list(model.new_tensors), counts["trainable"],
                           counts["total"], len(train_examples), result.step, wall,
-                          result.compute, curve)
+                          result.compute, curve, result.best)
+
+
+def _summary(checkpoint: str | Path, cfg: FinetuneConfig, model: Model, features: list,
+             n_dev: int, n_batches: int, world: int) -> dict[str, Any]:
+    """What the start-up summary says about the model and the data."""
+    tokens = sum(len(f["input_ids"]) for f in features)
+    per_step = tokens / max(n_batches, 1) * cfg.grad_accum * world  # mean (dynamic padding)
+    batch = f"up to {cfg.max_tokens:,} tokens" if cfg.max_tokens else f"{cfg.batch_size}"
+    return {"model": f"{checkpoint} ({model.config.family}, {cfg.task} head, {cfg.scheme} "
+                     "scheme)",
+            "new tensors": ", ".join(model.new_tensors) or "none",
+            "data": f"train {len(features):,} examples ({tokens:,} tokens), "
+                    + (f"dev {n_dev:,} examples" if n_dev else "no dev set"),
+            "batch": f"{batch} x {cfg.grad_accum} accumulation x {world} process"
+                     f"{'es' if world > 1 else ''}",
+            "tokens per step": per_step}
 
 
 def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> FinetuneResult:
@@ -288,17 +320,22 @@ def _save_run_config(out: Path, checkpoint: str | Path, cfg: FinetuneConfig) -> 
 
 def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Task,
                      metrics: dict, counts: dict, n_train: int, compute: dict,
-                     wall: float, curve: list[dict[str, Any]]) -> None:
+                     wall: float, curve: list[dict[str, Any]],
+                     best: dict[str, Any] | None) -> None:
     info = {"task": task.name, "options": cfg.options(), "base": str(checkpoint),
             "scheme": cfg.scheme, "from_scratch": cfg.from_scratch}
     (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "curve": curve},
-                                            indent=2) + "\n")
-    _write_card(out, checkpoint, cfg, task, metrics, counts, n_train, compute, wall)
+    kept = f"the best evaluation (step {best['step']}, dev {best['metric']} " \
+        f"{best['value']:.4g}), not the last step" if best else "the last step"
+    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "final_model": kept,
+                                             "best": best, "curve": curve}, indent=2) + "\n")
+    _write_card(out, checkpoint, cfg, task, metrics, counts, n_train, compute, wall,
+                f"The saved model is {kept}." if best else None)
 
 
 def _write_card(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Task,
-                metrics: dict, counts: dict, n_train: int, compute: dict, wall: float) -> None:
+                metrics: dict, counts: dict, n_train: int, compute: dict, wall: float,
+                note: str | None = None) -> None:
     """README.md: the Hugging Face front matter and the lineage (the base checkpoint's origin,
     its ancestors, the data's sha256, the config, this run's compute and energy)."""
     located = locate(checkpoint)
@@ -323,4 +360,5 @@ def _write_card(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Ta
         f"{compute.get('device', '?')} ({compute.get('precision', '?')}); "
         f"{compute.get('energy_kwh') or 0:.3g} kWh, {compute.get('emissions_kg') or 0:.3g} kg "
         "CO2eq",
+        *(["", note] if note else []),
         "", f"Or use it with `lmkit.pipeline(\"{task.name}\", \"{out}\")`."])

@@ -16,9 +16,10 @@ from lmkit.train.optim import build_optimizer, build_scheduler, param_groups
 from lmkit.train.options import parse_set
 from lmkit.train.pretrain import PretrainConfig, load_config, pretrain, resume
 from lmkit.train.state import latest_checkpoint, list_checkpoints
+from lmkit.train.trackers import Trackers
 
 __all__ = ["BatchStream", "DistEnv", "PretrainConfig", "TrainConfig", "TrainResult",
-           "TrainingDiverged", "TrainingInterrupted", "build_optimizer", "build_scheduler",
-           "cleanup", "evaluate", "fixed_batches", "init_distributed", "latest_checkpoint",
-           "list_checkpoints", "load_config", "param_groups", "parse_set", "plot_curves",
-           "pretrain", "read_metrics", "resume", "train"]
+           "Trackers", "TrainingDiverged", "TrainingInterrupted", "build_optimizer",
+           "build_scheduler", "cleanup", "evaluate", "fixed_batches", "init_distributed",
+           "latest_checkpoint", "list_checkpoints", "load_config", "param_groups", "parse_set",
+           "plot_curves", "pretrain", "read_metrics", "resume", "train"]

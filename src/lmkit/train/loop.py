@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -37,22 +38,40 @@ from tqdm.auto import tqdm
 from lmkit.checkpoint import clean_staging, save
 from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from lmkit.logs import setup_logging
 from lmkit.model import eval_mode
-from lmkit.train.distributed import DistEnv, all_reduce_sum, init_distributed, unwrap, wrap_model
+from lmkit.train.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
 from lmkit.train.energy import EnergyMeter, carbon_intensity
-from lmkit.train.metrics import ComputeMeter, MetricsLogger, describe_device, plot_curves
+from lmkit.train.metrics import COMPUTE, CURVE, ComputeMeter, describe_device, plot_curves
 from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
 from lmkit.train.state import (
     CHECKPOINTS,
     latest_checkpoint,
     list_checkpoints,
+    load_weights,
     resume_checkpoint,
     save_checkpoint,
     seed_everything,
 )
+from lmkit.train.trackers import Trackers, check_report_to
 
 log = logging.getLogger("lmkit")
 Batch = dict[str, torch.Tensor]
+BEST = "best"  # <out>/best: the best model so far, while a keep-best run goes on
+_NOT_SCORES = ("split", "step", "tokens", "flops", "elapsed_s")  # in a dev record
+
+
+def greater_is_better(metric: str) -> bool:
+    """Whether a higher value of the dev metric `metric` is better (losses, perplexities and
+    error rates are lower-is-better; accuracy, F1, BLEU, ... higher)."""
+    return not any(w in metric for w in ("loss", "perplexity", "error", "bits_per"))
 
 
 @dataclass
@@ -78,12 +97,18 @@ class TrainConfig:
     eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
     save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3  # 0 = keep all
-    log_every: int = 10  # steps between train records in metrics.jsonl
+    log_every: int = -1  # steps per train record; -1 = about 100 records (at most every 10)
     seed: int = 0  # model init, data order, dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True  # tqdm progress bar
-    tensorboard: bool = True  # TensorBoard events (the track extra)
+    tensorboard: bool = True  # false drops TensorBoard even where report_to has it
     plot: bool = True  # loss.png at the end
+    # trackers besides metrics.jsonl: tensorboard, mlflow, wandb; auto = TensorBoard where
+    # it is installed; none = metrics.jsonl only
+    report_to: list[str] = field(default_factory=lambda: ["auto"])
+    patience: int = 0  # stop after this many evaluations without a better best_metric; 0 = off
+    best_metric: str | None = None  # keep the best model by this dev metric (loss, accuracy,
+    # macro_f1, ...; lower is better for losses) as the final one; patience alone: loss
     carbon_intensity: str = "world"  # g CO2eq/kWh, or a country code (FRA, FR): train/energy.py
 
     def validate(self) -> None:
@@ -91,11 +116,14 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.log_every < 1 and self.log_every != -1:
+            raise ValueError(f"log_every must be at least 1 (or -1: about 100 records per "
+                             f"run), got {self.log_every}")
         for name in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints",
-                     "grad_clip", "weight_decay"):
+                     "grad_clip", "weight_decay", "patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:
@@ -115,6 +143,13 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of "
                              f"{SCHEDULES}")
+        check_report_to(self.report_to)
+
+    def check_keep_best(self, has_dev: bool) -> None:
+        """patience and best_metric need dev evaluations (checked when a run starts)."""
+        if (self.patience or self.best_metric) and not (has_dev and self.eval_every):
+            raise ConfigError("patience and best_metric compare dev evaluations: give dev "
+                              "data and the steps between evaluations (--eval-every N)")
 
 
 @dataclass
@@ -124,9 +159,21 @@ class TrainResult:
     start_step: int  # 0, or the step this call resumed from
     losses: list[float] = field(default_factory=list)  # train loss of each step of this call
     evals: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss", "perplexity"}
-    stopped: str = "completed"  # completed | max_steps | data_exhausted
+    stopped: str = "completed"  # completed | max_steps | data_exhausted | early_stopped
     checkpoint: Path | None = None  # the last checkpoint written
     compute: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] | None = None  # keep-best: {"metric", "value", "step"} of the final
+    # model (the best evaluation, not the last step)
+
+    def final_metrics(self) -> dict[str, Any]:
+        """What a tracker records at the end: compute totals and the final model's
+        evaluation (the best one when the best was kept, else the last)."""
+        step = self.best["step"] if self.best else None
+        ev = next((e for e in reversed(self.evals) if step is None or e["step"] == step), {})
+        return {"step": self.step, "tokens": self.compute.get("tokens"),
+                "flops": self.compute.get("flops"),
+                "wall_time_s": self.compute.get("wall_time_s"),
+                "valid": {k: v for k, v in ev.items() if k not in ("split", "step")}}
 
 
 # ---- pieces ---------------------------------------------------------------------------------
@@ -240,7 +287,9 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
           eval_batches: Iterable[Batch] | None = None, *, resume: bool | str | Path = False,
           max_steps: int | None = None,
           on_step: Callable[[int, dict[str, Any]], None] | None = None,
-          resume_hint: str | None = None) -> TrainResult:
+          resume_hint: str | None = None, scorer: Callable[[], dict[str, float]] | None = None,
+          trackers: Trackers | None = None,
+          summary: dict[str, Any] | None = None) -> TrainResult:
     """Train `model` (an lmkit.Model) on `batches` for `cfg.steps` optimizer steps.
 
     batches: an iterable of input dicts with labels (see lmkit.objectives); give a
@@ -252,31 +301,50 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
     on_step: called as on_step(step, record) after every step, on every process.
     resume_hint: how the caller's user continues this run (`lmkit pretrain --resume RUN`),
         for the Ctrl-C and "run exists" messages.
+    scorer: called at each evaluation (with `eval_batches` or alone); its metrics (e.g.
+        {"accuracy": 91.2}) join the dev loss in the record, the progress bar and the plot.
+    trackers: where records go (`Trackers`); by default metrics.jsonl and cfg.report_to,
+        finished and closed here (a caller that passes its own finishes and closes them).
+    summary: what the caller knows for the start-up summary ({"model": "tiny-decoder",
+        "data": "...", "tokens per step": 4096, "new tensors": "..."}).
 
-    Writes to `out_dir` (rank 0 only): checkpoints/step-N/, metrics.jsonl, tensorboard/,
-    compute.json, loss.png and, once cfg.steps are done, the final model (config.json,
-    model.safetensors, tokenizer.json)."""
+    `cfg.best_metric` / `cfg.patience`: the model of the best evaluation is kept (in
+    <out>/best while the run goes on) and becomes the final model; the run stops early after
+    `patience` evaluations without a better one. Both resume exactly.
+
+    Writes to `out_dir` (rank 0 only): checkpoints/step-N/, metrics.jsonl (and the trackers'
+    records), compute.json, loss.png and, once cfg.steps are done (or the run stopped
+    early), the final model (config.json, model.safetensors, tokenizer.json)."""
     cfg.validate()
+    cfg.check_keep_best(eval_batches is not None or scorer is not None)
+    setup_logging()
     hint = f"`{resume_hint}`, or train(..., resume=True)" if resume_hint else \
         "train(..., resume=True)"
-    run = _Run(model, batches, cfg, Path(out_dir), eval_batches, resume, max_steps, on_step,
-               hint)
-    try:
-        with _StopSignals() as signals:
-            if run.evals_on and run.source is None:
-                run.evaluate()
-            while run.step < run.end:
-                micro = run.next_micro_batches()
-                if micro is None:
-                    break
-                loss, stop = run.accumulate(micro, signals.signum is not None)
-                run.optimizer_step(loss, micro)
-                run.after_step(loss, stop, signals.signum)
-            if run.result.stopped == "data_exhausted" and run.step > run.start_step:
-                run.checkpoint()
-        run.finish()
-    finally:
-        run.close()
+    own = trackers is None
+    trackers = trackers or Trackers(cfg.report_to, out_dir, cfg.tensorboard)
+    with trackers if own else contextlib.nullcontext():
+        run = _Run(model, batches, cfg, Path(out_dir), eval_batches, resume, max_steps, on_step,
+                   hint, scorer, trackers, summary or {})
+        try:
+            with _StopSignals() as signals:
+                if run.evals_on and run.source is None:
+                    run.evaluate()
+                while run.step < run.end and run.result.stopped != "early_stopped":
+                    micro = run.next_micro_batches()
+                    if micro is None:
+                        break
+                    loss, stop = run.accumulate(micro, signals.signum is not None)
+                    run.optimizer_step(loss, micro)
+                    run.after_step(loss, stop, signals.signum)
+                if run.result.stopped in ("data_exhausted", "early_stopped") and \
+                        run.step > run.start_step and run.saved_step != run.step:
+                    run.checkpoint()
+            run.finish()
+        finally:
+            run.close()
+        if own:
+            trackers.finish(run.result.final_metrics(), [Path(out_dir) / CURVE,
+                                                         Path(out_dir) / COMPUTE])
     return run.result
 
 
@@ -287,9 +355,11 @@ class _Run:
     def __init__(self, model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig,
                  out_dir: Path, eval_batches: Iterable[Batch] | None,
                  resume: bool | str | Path, max_steps: int | None,
-                 on_step: Callable[[int, dict[str, Any]], None] | None, hint: str):
+                 on_step: Callable[[int, dict[str, Any]], None] | None, hint: str,
+                 scorer: Callable[[], dict[str, float]] | None, trackers: Trackers,
+                 summary: dict[str, Any]):
         self.cfg, self.out_dir, self.batches, self.hint = cfg, out_dir, batches, hint
-        self.eval_batches, self.on_step = eval_batches, on_step
+        self.eval_batches, self.on_step, self.scorer = eval_batches, on_step, scorer
         self.env = env = init_distributed(cfg.device)
         self.precision = resolve_precision(cfg.precision, env.device)
         self.model = model.to(env.device)
@@ -309,8 +379,11 @@ class _Run:
         else:
             seed_everything(cfg.seed + env.rank)
         self.step = self.start_step = int(state.get("step", 0))
+        self.saved_step = self.step if self.source is not None else None
         self.drawn = int(state.get("batches", 0))  # micro-batches taken from `batches` so far
         self.end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+        self.log_every = cfg.log_every if cfg.log_every > 0 else \
+            max(1, min(10, cfg.steps // 100))  # a short run still draws a curve
         energy = EnergyMeter(env.device, intensity=cfg.carbon_intensity,
                              world_size=env.world_size) if env.is_main else None
         self.compute = ComputeMeter(model, state.get("compute"), step=self.step, energy=energy,
@@ -318,18 +391,78 @@ class _Run:
         self.result = TrainResult(out_dir, self.step, self.start_step, checkpoint=self.source)
         model.activation_checkpointing(cfg.activation_checkpointing)
         self.net = wrap_model(model, env)
-        self.logger = MetricsLogger(out_dir, env.is_main, cfg.tensorboard,
-                                    self.start_step if self.source is not None else None)
+        self.evals_on = (eval_batches is not None or scorer is not None) and cfg.eval_every > 0
+        keep_best = self.evals_on and (cfg.best_metric is not None or cfg.patience > 0)
+        metric = cfg.best_metric or "loss"
+        saved = state.get("best")  # a resumed run goes on counting from its checkpoint
+        self.best = (saved if saved and saved["metric"] == metric else
+                     {"metric": metric, "value": None, "step": None, "bad_evals": 0}) \
+            if keep_best else None
+        if self.best and cfg.patience and self.best["bad_evals"] >= cfg.patience:
+            self.result.stopped = "early_stopped"  # it had stopped before this resume
+        self.dev: dict[str, str] = {}  # the dev metric shown in the progress bar
+        self.trackers = trackers
+        params = {**dataclasses.asdict(cfg), **self.counts()}
+        trackers.start(params, self.start_step if self.source is not None else None,
+                       env.is_main)
         if env.is_main:
-            log.info("training %s parameters on %s in %s (precision %s) from step %d to %d",
-                     f"{model.num_parameters():,}", describe_device(env.device, env.world_size),
-                     self.precision, cfg.precision, self.step, self.end)
-        self.evals_on = eval_batches is not None and cfg.eval_every > 0
+            self.warn_about_settings()
+            log.info("\n".join(self.summary(summary)))
         self.bar = tqdm(total=cfg.steps, initial=self.step, unit="step", dynamic_ncols=True,
                         disable=not (env.is_main and cfg.progress))
         self.data = iter(batches)
         self.session_start = time.perf_counter()
         self.window: list[float] = []
+
+    def counts(self) -> dict[str, int]:
+        params = list(self.model.parameters())
+        return {"parameters": sum(p.numel() for p in params),
+                "trainable_parameters": sum(p.numel() for p in params if p.requires_grad)}
+
+    def warn_about_settings(self) -> None:
+        cfg = self.cfg
+        if cfg.warmup_steps >= cfg.steps:
+            log.warning("warmup_steps=%d >= steps=%d: the whole run is warmup and the learning "
+                        "rate never reaches lr=%g; set fewer warmup steps (e.g. --set "
+                        "warmup_steps=%d)", cfg.warmup_steps, cfg.steps, cfg.lr,
+                        max(0, cfg.steps // 10))
+
+    def summary(self, given: dict[str, Any]) -> list[str]:
+        """The start-up summary: what trains on what, where, how long, and where it goes."""
+        cfg, env, counts = self.cfg, self.env, self.counts()
+        share = counts["trainable_parameters"] / max(counts["parameters"], 1)
+        rows = cfg.batch_size * cfg.grad_accum * env.world_size
+        batch = f"{cfg.batch_size} x {cfg.grad_accum} accumulation x {env.world_size} " \
+                f"process{'es' if env.world_size > 1 else ''} = {rows} rows" \
+            if not given.get("batch") else given["batch"]
+        tokens = given.get("tokens per step")
+        resumed = f", resumed at step {self.step}" if self.source is not None else ""
+        lines = {
+            "model": f"{given.get('model', type(unwrap(self.model)).__name__)}: "
+                     f"{counts['parameters']:,} parameters, {counts['trainable_parameters']:,}"
+                     f" trainable ({share:.0%})",
+            "new tensors": given.get("new tensors"),
+            "data": given.get("data"),
+            "device": f"{describe_device(env.device, env.world_size)}, precision "
+                      f"{self.precision} (asked: {cfg.precision})",
+            "steps": f"{cfg.steps}{resumed} (warmup {cfg.warmup_steps}, {cfg.schedule} "
+                     f"schedule, lr {cfg.lr:g}); batch {batch}"
+                     + (f", ~{tokens:,.0f} tokens per step" if tokens else ""),
+            "evaluation": self.describe_evaluation(),
+            "output": f"{self.out_dir} (records: "
+                      f"{', '.join(['metrics.jsonl', *self.trackers.names])})",
+        }
+        return ["training run"] + [f"  {k:<12} {v}" for k, v in lines.items() if v]
+
+    def describe_evaluation(self) -> str:
+        if not self.evals_on:
+            return "none"
+        what = f"every {self.cfg.eval_every} steps"
+        if self.best is not None:
+            what += f"; the best model by dev {self.best['metric']} is kept as the final one"
+            if self.cfg.patience:
+                what += f", stopping after {self.cfg.patience} evaluations without a better one"
+        return what
 
     def next_micro_batches(self) -> list[Batch] | None:
         """The step's `grad_accum` micro-batches on the device; None when the data ran out."""
@@ -394,10 +527,10 @@ class _Run:
                   "flops": self.compute.flops, "tokens_per_s": session_tokens / elapsed,
                   "elapsed_s": self.compute.wall_time_s}
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                             refresh=False)
-        if step % cfg.log_every == 0 or step == self.end:
-            self.logger.log({**record, "loss": sum(self.window) / len(self.window)})
+        self.bar.set_postfix(loss=f"{loss:.4f}", **self.dev,
+                             tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+        if step % self.log_every == 0 or step == self.end:
+            self.trackers.log({**record, "loss": sum(self.window) / len(self.window)})
             self.window.clear()
         if stop:
             path = self.checkpoint()
@@ -409,48 +542,95 @@ class _Run:
             raise TrainingInterrupted(message, path)
         if self.evals_on and (step % cfg.eval_every == 0 or step == cfg.steps):
             self.evaluate()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == self.end:
+        if (cfg.save_every and step % cfg.save_every == 0) or step == self.end or \
+                self.result.stopped == "early_stopped":
             self.checkpoint()
         if self.on_step is not None:
             self.on_step(step, record)
 
     def evaluate(self) -> None:
-        record = {"split": "valid", "step": self.step,
-                  **evaluate(self.model, self.eval_batches, self.precision, self.env)}
-        self.logger.log(record)
+        """Dev loss (with eval_batches) and the scorer's metrics: recorded, shown, and
+        compared with the best so far."""
+        record: dict[str, Any] = {"split": "valid", "step": self.step}
+        if self.eval_batches is not None:
+            record.update(evaluate(self.model, self.eval_batches, self.precision, self.env))
+        if self.scorer is not None:
+            record.update(self.scorer())
+        record.update(tokens=self.compute.tokens, flops=self.compute.flops,
+                      elapsed_s=self.compute.wall_time_s)
+        self.trackers.log(record)
         self.result.evals.append(record)
-        if self.env.is_main and self.cfg.progress:
-            tqdm.write(f"step {self.step}: validation loss {record['loss']:.4f}, "
-                       f"perplexity {record['perplexity']:.2f}")
+        scores = {k: v for k, v in record.items() if k not in _NOT_SCORES
+                  and isinstance(v, (int, float))}
+        shown = self.best["metric"] if self.best else next(
+            (k for k in scores if k not in ("loss", "perplexity")), "loss")
+        note = self.track_best(record, scores)
+        self.dev = {f"dev_{shown}": f"{record[shown]:.4g}"}
+        if self.env.is_main and (self.cfg.progress or "early stop" in note):
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
+            log.info(f"step {self.step}: dev {shown}{note}")
+
+    def track_best(self, record: dict[str, Any], scores: dict[str, float]) -> str:
+        """Keep-best and early stopping: save the model when `record` beats the best so far,
+        count the evaluations without a better one. Returns a note for the progress line."""
+        best = self.best
+        if best is None:
+            return ""
+        name = best["metric"]
+        if name not in scores:
+            raise ConfigError(f"best_metric={name!r} is not a dev metric of this run; choose "
+                              f"one of {sorted(scores)}")
+        value = record[name]
+        if best["value"] is None or (value > best["value"] if greater_is_better(name)
+                                     else value < best["value"]):
+            best.update(value=value, step=self.step, bad_evals=0)
+            if self.env.is_main:
+                save(unwrap(self.model), self.out_dir / BEST)
+            return " (best so far)"
+        best["bad_evals"] += 1
+        if self.cfg.patience and best["bad_evals"] >= self.cfg.patience:
+            self.result.stopped = "early_stopped"
+            return (f" (best: {best['value']:.4g} at step {best['step']}); early stop: "
+                    f"{best['bad_evals']} evaluations without a better dev {name}")
+        return f" (best: {best['value']:.4g} at step {best['step']})"
 
     def checkpoint(self) -> Path:
-        extra = {"compute": self.compute.state_dict(), "batches": self.drawn}
+        extra = {"compute": self.compute.state_dict(), "batches": self.drawn,
+                 "best": dict(self.best) if self.best else None}
         path = save_checkpoint(self.out_dir, self.step, self.model, self.optimizer,
                                self.scheduler, self.batches, self.env,
                                self.cfg.keep_checkpoints, extra)
-        self.result.checkpoint = path
+        self.result.checkpoint, self.saved_step = path, self.step
         if self.env.is_main:
             self.compute.write(self.out_dir, self.compute.summary(**self.compute_extra()))
         return path
 
     def finish(self) -> None:
-        """Save the final model once all steps are done (or the data ran out)."""
-        if self.step >= self.cfg.steps or self.result.stopped == "data_exhausted":
+        """Save the final model once all steps are done (or the data ran out, or the run
+        stopped early): the best evaluation's model when the best is kept."""
+        if self.step >= self.cfg.steps or self.result.stopped in ("data_exhausted",
+                                                                  "early_stopped"):
+            best = self.best
+            if best is not None and best["step"] is not None:
+                barrier(self.env)  # rank 0 wrote it
+                load_weights(unwrap(self.model), self.out_dir / BEST)
+                self.result.best = {k: best[k] for k in ("metric", "value", "step")}
             if self.env.is_main:
                 save(unwrap(self.model), self.out_dir)
+                if best is not None:
+                    shutil.rmtree(self.out_dir / BEST, ignore_errors=True)
         elif self.step == self.end:
             self.result.stopped = "max_steps"
 
     def close(self) -> None:
         self.bar.close()
-        self.logger.close()
         self.compute.stop()
         self.result.compute = self.compute.summary(**self.compute_extra())  # = compute.json
         if self.env.is_main:
             self.compute.write(self.out_dir, self.result.compute)
             if self.cfg.plot:
                 try:
-                    plot_curves(self.out_dir)
+                    plot_curves(self.out_dir, metric=self.cfg.best_metric)
                 except Exception as e:  # a plot must never hide the real outcome
                     log.warning("could not draw the loss curve: %s", e)
 

@@ -1,5 +1,5 @@
-"""Run records: metrics.jsonl + TensorBoard, the loss-curve PNG, compute accounting (task
-scores such as accuracy or BLEU are `lmkit.tasks.scores`)."""
+"""Run records: metrics.jsonl (read here, written by `trackers.py`), the loss-curve PNG,
+compute accounting (task scores such as accuracy or BLEU are `lmkit.tasks.scores`)."""
 
 from __future__ import annotations
 
@@ -43,76 +43,51 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-class MetricsLogger:
-    """Appends one JSON record per line to `out_dir/metrics.jsonl` and mirrors the numbers
-    to TensorBoard under `split/name`. When resuming from `resume_step`, records of later
-    steps (written after that checkpoint by the interrupted run) are dropped first.
-    Disabled (writes nothing) on ranks other than 0."""
-
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
-        self.enabled, self.tb = enabled, None
-        if not enabled:
-            return
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.file = out_dir / METRICS
-        kept = [r for r in read_metrics(self.file) if r.get("step", 0) <= resume_step] \
-            if resume_step is not None else []
-        tmp = self.file.with_name(f".{METRICS}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.file)
-        self.fh = open(self.file, "a")  # noqa: SIM115 (open for the logger's lifetime)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                log.warning("tensorboard is not installed (pip install 'lmkit[track]'): "
-                            "metrics go to %s only", self.file)
-            else:
-                purge = resume_step + 1 if resume_step is not None else None
-                self.tb = SummaryWriter(str(out_dir / TENSORBOARD), purge_step=purge)
-
-    def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-        if self.tb is not None:
-            split, step = record.get("split", "train"), record["step"]
-            for k, v in record.items():
-                if k not in ("step", "split") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(f"{split}/{k}", v, step)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self.fh.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_curves(out_dir: str | Path, file: str | Path | None = None) -> Path | None:
-    """Draw train and validation loss against step from metrics.jsonl into loss.png."""
+def plot_curves(out_dir: str | Path, file: str | Path | None = None,
+                metric: str | None = None) -> Path | None:
+    """Draw loss.png from metrics.jsonl: train and validation loss (nats per target token)
+    against optimizer steps (training tokens on the top axis), and a dev metric (`metric`,
+    else the first the validation records hold besides loss and perplexity) on a second y
+    axis. Few points are drawn as markers, so a short run does not look like a smooth curve."""
     out_dir = Path(out_dir)
     records = read_metrics(out_dir)
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
-    valid = [(r["step"], r["loss"]) for r in records if r.get("split") == "valid"]
+    train = [r for r in records if r.get("split") == "train" and "loss" in r]
+    valid = [r for r in records if r.get("split") == "valid"]
     if not train and not valid:
         return None
-    require("matplotlib", "plots", "the loss plot (loss.png)").use("Agg")
+    matplotlib = require("matplotlib", "plots", "the loss plot (loss.png)")
+    matplotlib.use("Agg")
     plt = require("matplotlib.pyplot", "plots", "the loss plot (loss.png)")
+    require("matplotlib.ticker", "plots", "the loss plot (loss.png)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
-        ax.plot(*zip(*train), label="train", linewidth=1, alpha=0.8)
-    if valid:
-        ax.plot(*zip(*valid), "o-", label="validation", linewidth=1.5, markersize=3)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+        few = len(train) <= 30
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], "o-" if few else "-",
+                label="train loss", linewidth=1, alpha=0.8, markersize=4)
+    if any("loss" in r for r in valid):
+        points = [(r["step"], r["loss"]) for r in valid if "loss" in r]
+        ax.plot(*zip(*points), "s--", label="validation loss", linewidth=1.2, markersize=4)
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_ylabel("loss (nats / target token)")
+    _tokens_axis(ax, train)
+    metric = metric if metric not in (None, "loss", "perplexity") else next(
+        (k for r in valid for k, v in r.items() if k not in ("split", "step", "loss",
+         "perplexity", "tokens", "flops", "elapsed_s") and isinstance(v, (int, float))), None)
+    handles, labels = ax.get_legend_handles_labels()
+    points = [(r["step"], r[metric]) for r in valid if metric and isinstance(r.get(metric),
+                                                                          (int, float))]
+    if points:
+        right = ax.twinx()
+        right.plot(*zip(*points), "^-", color="tab:green", label=f"dev {metric}",
+                   linewidth=1.2, markersize=5)
+        right.set_ylabel(f"dev {metric}")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
     ax.set_title(out_dir.resolve().name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(handles, labels, loc="best")
     fig.tight_layout()
     path = Path(file) if file is not None else out_dir / CURVE
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -120,6 +95,15 @@ def plot_curves(out_dir: str | Path, file: str | Path | None = None) -> Path | N
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _tokens_axis(ax: Any, train: list[dict[str, Any]]) -> None:
+    """Training tokens seen on the top axis (the run's mean tokens per step)."""
+    last = next((r for r in reversed(train) if r.get("tokens") and r["step"] > 0), None)
+    if last is not None:
+        rate = last["tokens"] / last["step"]
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * rate, lambda t: t / rate))
+        top.set_xlabel("training tokens (at the run's mean tokens per step)")
 
 
 def describe_device(device: torch.device, world_size: int = 1) -> str:

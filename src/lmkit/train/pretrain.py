@@ -18,6 +18,7 @@ the others wait; each rank then trains on its own share of the rows.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from lmkit.data.batches import BatchStream, fixed_batches
 from lmkit.data.corpus import TokenCache, tokenize_corpus
 from lmkit.data.packing import PackedDataset
 from lmkit.lineage import PIPELINE_TAGS, card_metadata, data_record, make_record, write_card
+from lmkit.logs import setup_logging
 from lmkit.model import Model
 from lmkit.objectives import CausalLM, MaskedLM, Objective, SpanCorruption, TextInfilling
 from lmkit.textfiles import check_files
@@ -40,11 +42,15 @@ from lmkit.tokenizer import Tokenizer, min_vocab_size
 from lmkit.train import options
 from lmkit.train.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
 from lmkit.train.loop import TrainConfig, TrainResult, train
+from lmkit.train.metrics import COMPUTE, CURVE
 from lmkit.train.state import list_checkpoints, seed_everything
+from lmkit.train.trackers import Trackers
 
 CONFIG_FILE, TOKENIZER_DIR = "pretrain_config.yaml", "tokenizer"
+SMALL_VALID = 10_000  # validation tokens below which the validation loss is noisy
 TOKENIZER_SPEC = re.compile(r"(bpe|wordpiece|unigram):(\d+)|(char)(?::(\d+))?")
 T = TypeVar("T")
+log = logging.getLogger("lmkit")
 
 
 @dataclass
@@ -272,6 +278,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     `lmkit.load`), the tokenizer, checkpoints/, metrics.jsonl, tensorboard/, loss.png,
     compute.json and pretrain_config.yaml (what `resume` reads)."""
     cfg.validate()
+    setup_logging()
     if not cfg.data:
         raise ValueError("no training data: pass one or more text or JSONL files (--data)")
     data = [str(p.resolve()) for p in check_files(cfg.data)]
@@ -289,6 +296,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         raise ValueError(f"the {objective_name} objective is for "
                          f"{OBJECTIVES[objective_name].family} models but {cfg.preset} is a "
                          f"{base.family} model; objectives and their families: {fits}")
+    trackers = Trackers(cfg.report_to, out, cfg.tensorboard)  # a missing package: said now
     owns_group = not dist.is_initialized()
     env = init_distributed(cfg.device)
     try:
@@ -325,12 +333,24 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
         seed_everything(cfg.seed)
         model = Model(config)
         model.tokenizer = tok
-        _say(env, cfg, f"{cfg.preset} ({config.family}, {model.num_parameters():,} "
-                       f"parameters), {objective_name} objective, {cfg.steps} steps of "
-                       f"{cfg.batch_size * cfg.grad_accum * env.world_size} x {cfg.seq_len} "
-                       "tokens")
-        result = train(model, stream, cfg, out, eval_batches, resume=resume,
-                       resume_hint=f"lmkit pretrain --resume {out}")
+        if env.is_main and valid_cache is not None and valid_cache.num_tokens < SMALL_VALID:
+            log.warning("the validation data has only %s tokens: its loss is noisy; hold out "
+                        "more (--set valid_fraction=... or valid_data=...)",
+                        f"{valid_cache.num_tokens:,}")
+        valid_size = f", validation {valid_cache.num_tokens:,} tokens in " \
+            f"{valid_cache.num_docs:,} documents" if valid_cache is not None else \
+            ", no validation data"
+        summary = {"model": f"{cfg.preset} ({config.family}, {objective_name} objective)",
+                   "data": f"train {cache.num_tokens:,} tokens in {cache.num_docs:,} "
+                           f"documents{valid_size}; vocabulary {tok.vocab_size:,}",
+                   "tokens per step": cfg.batch_size * cfg.grad_accum * env.world_size
+                   * cfg.seq_len}
+        with trackers:
+            result = train(model, stream, cfg, out, eval_batches, resume=resume,
+                           resume_hint=f"lmkit pretrain --resume {out}", trackers=trackers,
+                           summary=summary)
+            trackers.finish(result.final_metrics(),
+                            [out / CURVE, out / COMPUTE, out / CONFIG_FILE])
         if env.is_main and result.stopped != "max_steps":  # the final model is saved
             write_model_card(out, cfg, config, objective_name, result)
         barrier(env)
