@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
         "eval_every": 2, "save_every": 0, "log_every": 1, "valid_fraction": 0.1,
         "carbon_intensity": "FRA", **QUIET}))
     common = dict(task="classification", train=str(d / "train.tsv"), dev=str(d / "dev.tsv"),
-                  steps=3, batch_size=8, metric_every=1, carbon_intensity="120", **QUIET)
+                  steps=3, batch_size=8, eval_every=1, carbon_intensity="120", **QUIET)
     ft = finetune(pre, FinetuneConfig(out=str(d / "ft"), **common)).out_dir
     scratch = finetune(pre, FinetuneConfig(out=str(d / "scratch"), from_scratch=True,
                                            **common)).out_dir

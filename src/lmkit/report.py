@@ -71,10 +71,11 @@ def read_run(folder: str | Path) -> _Run:
     metric = None
     if (folder / EVAL_FILE).is_file():
         curve = json.loads((folder / EVAL_FILE).read_text()).get("curve") or []
-        names = [k for k in (curve[0] if curve else {}) if k not in CURVE_KEYS]
+        names = [k for k in (curve[-1] if curve else {}) if k not in CURVE_KEYS]
+        names = [k for k in names if k not in ("loss", "perplexity")] or names  # the task's
         if names:
             metric = (names[0], [(p["flops"], p[names[0]]) for p in curve
-                                 if p.get("flops") is not None])
+                                 if p.get("flops") is not None and names[0] in p])
     return _Run(folder.resolve().name, folder, record, compute, costs, loss, metric)
 
 
