@@ -185,10 +185,9 @@ def test_greedy_generation_matches_transformers(case, hf_dir):
         ids[0], ids[1] = torch.tensor(prompts[0]), torch.tensor(prompts[1] + [pad] * 3)
         mask[1, 2:] = 0
         gen["decoder_start_token_id"] = cfg.decoder_start_id
-    # Replace (not merge with) the model's generation defaults: BART's forced_eos_token_id
-    # would otherwise end every output with EOS.
-    ref.generation_config = tf.GenerationConfig(**gen)
-    out = ref.generate(input_ids=ids, attention_mask=mask)
+    # On top of the checkpoint's own generation settings (BART's forced_eos_token_id), which
+    # lmkit applies too.
+    out = ref.generate(input_ids=ids, attention_mask=mask, **gen)
     start = ids.shape[1] if cfg.family == "decoder" else 1
     expected = [_until(row[start:].tolist(), eos) for row in out]
     assert got == expected
