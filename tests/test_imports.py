@@ -113,7 +113,7 @@ def test_lmkit_has_no_import_cycle():
 LAYERS = [
     ["lmkit.errors"],
     ["lmkit.textfiles"],
-    ["lmkit.config", "lmkit.checkpoint", "lmkit.device"],
+    ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.generation_config"],
     ["lmkit.model", "lmkit.tokenizer"],
     ["lmkit.flops", "lmkit.generate", "lmkit.convert", "lmkit.data"],
     ["lmkit.loading", "lmkit.objectives"],
