@@ -312,7 +312,7 @@ def test_convert_dtype_writes_that_format(dtype, hf_dir, tmp_path, capsys):
         out = tmp_path / to
         assert main(["convert", str(path), str(out), "--to", to, "--dtype", dtype]) == 0
         with safe_open(out / "model.safetensors", "pt") as f:
-            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {f"torch.{name}"}
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {f"torch.{name}"}  # noqa: SIM118
         assert json.loads((out / "config.json").read_text())["dtype"] == name
     # the export computes what the original does with its weights rounded to that format
     again = tf.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()

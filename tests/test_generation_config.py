@@ -51,7 +51,7 @@ def _seq2seq(kind: str, tmp_path, **generation):
 
 
 def _hf_generate(model, **kwargs) -> list[list[int]]:
-    mask = (SOURCES != model.config.pad_token_id).long()
+    mask = SOURCES.ne(model.config.pad_token_id).long()
     with torch.no_grad():
         out = model.generate(input_ids=SOURCES, attention_mask=mask, **kwargs)
     return out.tolist()
