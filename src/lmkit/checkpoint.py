@@ -43,6 +43,9 @@ log = logging.getLogger("lmkit")
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
+# Tensors of a Hugging Face checkpoint that lmkit keeps without computing with them (BERT's
+# pooler): their name prefix in model.safetensors, and the metadata key of their HF type.
+CARRIED, CARRIED_FROM = "hf_carried:", "lmkit.hf_carried_from"
 # Layer-indexed tensor names of lmkit models, per stack (converters pass their own).
 LAYER_NAMES = {"encoder": ("encoder.layers.{i}.",), "decoder": ("decoder.layers.{i}.",)}
 
@@ -71,18 +74,28 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     """Write `model` as a checkpoint folder at `path` (created or replaced atomically).
 
     Tied weights are stored once. `tokenizer` (or the model's attached one) is saved as
-    tokenizer.json. `extra_files` maps file names to text (a model card, say). The weights'
-    metadata holds the checksums of everything else `load` reads."""
+    tokenizer.json, the model's generation_config as generation_config.json. Tensors carried
+    from a Hugging Face checkpoint (`model.hf_carried`) are stored under `CARRIED` + their HF
+    name, with the type they were read from in the metadata. `extra_files` maps file names
+    to text (a model card, say). The weights' metadata holds the checksums of everything
+    else `load` reads."""
     path = Path(path)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     tied = model.tied_names()
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    carried = getattr(model, "hf_carried", None) or {}
+    dtype = model.tokens.weight.dtype
+    tensors.update({CARRIED + k: v.to(dtype).contiguous() for k, v in carried.items()})
     with atomic_folder(path) as staging:
         model.config.to_json(staging / CONFIG)
         if tokenizer is not None:
             tokenizer.save(staging)
+        if model.generation_config is not None:
+            model.generation_config.save(staging)
         files = {f.name: file_crc(f) for f in sorted(staging.iterdir())}
         meta = {"format": "pt", "lmkit.crc32": _crc(tensors), "lmkit.files": json.dumps(files)}
+        if carried:
+            meta[CARRIED_FROM] = json.dumps([model.hf_model_type, model.hf_architecture])
         save_file(tensors, staging / WEIGHTS, metadata=meta)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)

@@ -400,25 +400,31 @@ def list_models(args: argparse.Namespace) -> None:
         print(f"no model matching {args.pattern!r} in {args.registry or default_registry()}")
 
 
-def _generate_args(p: argparse.ArgumentParser) -> None:
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    """The decoding flags of `generate` and `chat`; unset ones take the checkpoint's
+    generation_config value, else lmkit.generate's default."""
     p.add_argument("model", help="checkpoint folder (lmkit or Hugging Face) or .gguf file")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="text to continue (or translate); repeat for a batch")
     p.add_argument("--max-new-tokens", type=_value(int, _generate_option, "max_new_tokens"),
-                   default=40)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+                   help="(default: the checkpoint's generation settings, else 32)")
+    p.add_argument("--sample", action="store_true", default=None,
+                   help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=_value(float, _generate_option, "temperature"),
-                   default=1.0, help="sampling temperature; 0 = greedy")
+                   help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=_value(int, _generate_option, "top_k"))
     p.add_argument("--top-p", type=_value(float, _generate_option, "top_p"))
     p.add_argument("--seed", type=int)
-    p.add_argument("--beams", type=_value(int, _generate_option, "num_beams"), default=1,
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _sampling_args(p)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="text to continue (or translate); repeat for a batch")
+    p.add_argument("--beams", type=_value(int, _generate_option, "num_beams"),
                    help="beam width (1 = no beam search)")
-    p.add_argument("--length-penalty", type=_value(float, _generate_option, "length_penalty"),
-                   default=1.0)
+    p.add_argument("--length-penalty", type=_value(float, _generate_option, "length_penalty"))
     p.add_argument("--n-best", type=_value(int, _generate_option, "num_return_sequences"),
-                   default=1, help="answers per prompt: the n best beams (at most --beams), "
-                   "or n samples with --sample")
+                   help="answers per prompt: the n best beams (at most --beams), or n samples "
+                   "with --sample")
     p.add_argument("--adapter", help="a LoRA adapter folder to put on the model (PEFT's "
                    "layout or lmkit's)")
     _device_args(p)
@@ -435,11 +441,74 @@ def generate(args: argparse.Namespace) -> None:
                          top_p=args.top_p, seed=args.seed, num_beams=args.beams,
                          length_penalty=args.length_penalty,
                          num_return_sequences=args.n_best)
-    per_prompt = args.n_best
+    per_prompt = len(out.texts) // len(args.prompt)
     for i, (text, score) in enumerate(zip(out.texts, out.scores)):
         prompt = args.prompt[i // per_prompt]
         sep = "" if model.config.family == "decoder" else " => "
         print(f"{prompt}{sep}{text}" + (f"   [score {score:.3f}]" if per_prompt > 1 else ""))
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _sampling_args(p)
+    p.add_argument("--system", help="a system message that starts the conversation")
+    _device_args(p)
+
+
+@command("chat", "talk to a chat model in the terminal (its chat template; streams the reply; "
+         "/reset, /exit or Ctrl-D)", _chat_args)
+def chat(args: argparse.Namespace) -> None:
+    import lmkit
+
+    model = lmkit.load(args.model, dtype=args.dtype, device=args.device)
+    if model.tokenizer is None or model.tokenizer.chat_template is None:
+        raise ValueError(f"{args.model} has no chat template (tokenizer_config.json "
+                         "chat_template): use lmkit generate --prompt instead")
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":  # end of input (Ctrl-D) or /exit
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            messages = list(start)
+            print("(conversation cleared)", flush=True)
+            continue
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        stream = _Streamer(model.tokenizer)
+        out = lmkit.generate(model, messages=messages, max_new_tokens=args.max_new_tokens,
+                             do_sample=args.sample, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             stream=stream)
+        stream.finish(out.texts[0])
+        messages.append({"role": "assistant", "content": out.texts[0]})
+
+
+class _Streamer:
+    """Prints a reply as its tokens arrive: the text decoded so far, less what is already
+    printed (a partial UTF-8 character waits for its next byte)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+
+    def __call__(self, step: Any) -> None:
+        if int(step[0]) >= 0:
+            self.tokens.append(int(step[0]))
+            self._show(self.tokenizer.decode(self.tokens))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and not text.endswith("\ufffd"):
+            print(text[len(self.shown):], end="", flush=True)
+            self.shown = text
+
+    def finish(self, text: str) -> None:
+        self._show(text)
+        print(flush=True)
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     pad_id: int | None = 0
     bos_id: int | None = None
-    eos_id: int | None = None
+    eos_id: int | list[int] | None = None  # a list: generation stops at any (Llama 3)
     decoder_start_id: int | None = None  # first decoder token of encoder-decoder models
     dtype: str = "float32"
     # The task head on top of the body.
@@ -201,8 +202,13 @@ class ModelConfig:
     def fill_id(self, eos_id: int | None = None) -> int:
         """The id that fills padded positions: pad_id, else the end-of-sequence id (`eos_id`
         or the config's), else 0. Padding is masked, so any id in the vocabulary works."""
-        eos = self.eos_id if eos_id is None else eos_id
+        eos = self.eos_ids[0] if eos_id is None and self.eos_ids else eos_id
         return next(i for i in (self.pad_id, eos, 0) if i is not None)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every end-of-sequence id (`eos_id` may be one id or a list)."""
+        return eos_tuple(self.eos_id)
 
     # ---- validation ----------------------------------------------------------------------
     def check_types(self) -> None:
@@ -247,7 +253,7 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
+            if value == [] or any(not 0 <= i < self.vocab_size for i in eos_tuple(value)):
                 raise ValueError(f"{name}={value} is not a token id of the vocabulary "
                                  f"(0..{self.vocab_size - 1}): fix it or set it to null")
         if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -392,14 +398,20 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def eos_tuple(value: int | list[int] | None) -> tuple[int, ...]:
+    """One end-of-sequence id, a list of them or None, as a tuple."""
+    return () if value is None else tuple(value) if isinstance(value, list) else (value,)
+
+
 def _is_a(value: Any, hint: Any) -> bool:
-    """Whether `value` has the type `hint` (int | None, float, str, bool, list[str], dict)."""
+    """Whether `value` has the type `hint` (int | None, float, str, bool, list[str],
+    int | list[int], dict)."""
     args = typing.get_args(hint)
-    if type(None) in args:
-        return value is None or _is_a(value, next(a for a in args if a is not type(None)))
     origin = typing.get_origin(hint) or hint
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
     if origin is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value)
     if hint is int:
         return _is_int(value)
     if hint is float:
@@ -409,11 +421,13 @@ def _is_a(value: Any, hint: Any) -> bool:
 
 def _describe(hint: Any) -> str:
     args = typing.get_args(hint)
-    if type(None) in args:
-        return f"{_describe(next(a for a in args if a is not type(None)))} or null"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              dict: "a mapping"}
-    return names.get(hint) or names.get(typing.get_origin(hint)) or "a list of strings"
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+    return names.get(hint) or names.get(typing.get_origin(hint)) or str(hint)
 
 
 # Named architectures. tiny-* are for tests (widths 32-64, a few layers).

@@ -5,16 +5,24 @@ Decoder-only prompts of different lengths are left-padded so every row's next to
 last column; position ids restart after the padding, so a padded prompt generates exactly what
 it would alone. Encoder-decoder sources are encoded once; their cross-attention keys and values
 are computed at the first step and reused.
+
+Defaults come from the model's `generation_config` (a checkpoint's generation_config.json),
+then from `DEFAULTS`; explicit arguments win. The logits processors lmkit applies (forced
+BOS / EOS, no-repeat n-grams, repetition penalty) run where transformers runs them: on the
+raw logits for greedy search and sampling, on the log-probabilities for beam search.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from lmkit.config import eos_tuple
 from lmkit.errors import ConfigError
+from lmkit.generation_config import GenerationConfig
 from lmkit.model import Model, eval_mode
 
 # The range of each option of `generate` (checked there and by the CLI at parse time).
@@ -26,7 +34,15 @@ OPTION_RANGES = {
     "num_beams": (lambda v: v >= 1, "at least 1 (1 = no beam search)"),
     "length_penalty": (lambda v: True, "a number"),
     "num_return_sequences": (lambda v: v >= 1, "at least 1"),
+    "no_repeat_ngram_size": (lambda v: v >= 0, ">= 0 (0 = off)"),
+    "repetition_penalty": (lambda v: v > 0, "> 0 (1 = off)"),
 }
+# What `generate` does for an option that neither the call nor the model's
+# generation_config sets.
+DEFAULTS = dict(max_new_tokens=32, do_sample=False, temperature=1.0, top_k=None, top_p=None,
+                num_beams=1, length_penalty=1.0, early_stopping=True, num_return_sequences=1,
+                no_repeat_ngram_size=0, repetition_penalty=1.0, forced_bos_token_id=None,
+                forced_eos_token_id=None)
 
 
 def check_option(name: str, value: float | None) -> None:
@@ -53,7 +69,8 @@ class Generation:
 class _Decoder:
     """Runs the decoder one step at a time over a KV cache, for both families."""
 
-    def __init__(self, model: Model, ids: torch.Tensor, mask: torch.Tensor | None):
+    def __init__(self, model: Model, ids: torch.Tensor, mask: torch.Tensor | None,
+                 start_id: int | None = None):
         cfg = model.config
         self.model = model
         self.cache = model.new_cache()
@@ -61,7 +78,8 @@ class _Decoder:
             self.context = model.encode(ids, mask)  # (B, S, d), encoded once
             self.context_mask = mask  # (B, S) or None
             self.mask = None  # the decoder's own tokens are never padded
-            self.prefix = ids.new_full((ids.shape[0], 1), cfg.decoder_start_id)  # (B, 1)
+            start = cfg.decoder_start_id if start_id is None else start_id
+            self.prefix = ids.new_full((ids.shape[0], 1), start)  # (B, 1)
         else:
             self.context = None
             self.context_mask = None
@@ -77,12 +95,49 @@ class _Decoder:
                 setattr(self, name, value.index_select(0, index))
 
     def logits(self, new_ids: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities (float32) of the token after `new_ids`, which follow the cache."""
+        """Logits (float32) of the token after `new_ids`, which follow the cache."""
         if self.mask is not None and len(self.cache):
             self.mask = torch.cat([self.mask, self.mask.new_ones(new_ids.shape)], dim=1)
         h = self.model.decode(new_ids, self.mask, context=self.context,
                               context_mask=self.context_mask, cache=self.cache)
-        return torch.log_softmax(self.model.head(h[:, -1]).float(), dim=-1)
+        return self.model.head(h[:, -1]).float()
+
+
+@dataclass
+class _Processors:
+    """The logits processors of one `generate` call (transformers' semantics). `history` is
+    every row's tokens so far (prompt or decoder start, then the new tokens); `last` says
+    whether the token being chosen is the last one the length limit allows."""
+
+    forced_bos: int | None = None
+    forced_eos: int | None = None
+    no_repeat_ngram: int = 0
+    repetition_penalty: float = 1.0
+
+    def __call__(self, scores: torch.Tensor, history: torch.Tensor, last: bool) -> torch.Tensor:
+        if self.repetition_penalty != 1.0:  # seen tokens: positive scores / p, negative * p
+            seen = scores.gather(1, history)
+            seen = torch.where(seen < 0, seen * self.repetition_penalty,
+                               seen / self.repetition_penalty)
+            scores = scores.scatter(1, history, seen)
+        if self.no_repeat_ngram and history.shape[1] + 1 >= self.no_repeat_ngram:
+            scores = scores.masked_fill(self._banned(history, scores.shape), float("-inf"))
+        forced = (self.forced_bos if history.shape[1] == 1 else None)
+        forced = self.forced_eos if last and self.forced_eos is not None else forced
+        if forced is not None:
+            only = torch.full_like(scores, float("-inf"))
+            scores = only.index_fill(1, torch.tensor([forced], device=scores.device), 0.0)
+        return scores
+
+    def _banned(self, history: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(rows, V) True for tokens that would repeat an n-gram already in the row."""
+        n, banned = self.no_repeat_ngram, torch.zeros(shape, dtype=torch.bool)
+        for row, tokens in enumerate(history.tolist()):
+            tail = tuple(tokens[len(tokens) - n + 1:]) if n > 1 else ()
+            for i in range(len(tokens) - n + 1):
+                if tuple(tokens[i:i + n - 1]) == tail:
+                    banned[row, tokens[i + n - 1]] = True
+        return banned.to(history.device)
 
 
 def _pad_prompts(prompts: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor,
@@ -112,15 +167,19 @@ def _filter(logp: torch.Tensor, temperature: float, top_k: int | None,
     return logits
 
 
-def _sample(dec: _Decoder, max_new: int, eos: int | None, pad: int, greedy: bool,
+def _sample(dec: _Decoder, max_new: int, eos: tuple[int, ...], pad: int, greedy: bool,
             temperature: float, top_k: int | None, top_p: float | None,
-            gen: torch.Generator | None) -> tuple[list[list[int]], list[float]]:
+            gen: torch.Generator | None, process: _Processors,
+            stream: Callable[[torch.Tensor], None] | None) -> tuple[list[list[int]], list[float]]:
     batch, dev = dec.prefix.shape[0], dec.prefix.device
     done = torch.zeros(batch, dtype=torch.bool, device=dev)
     scores = torch.zeros(batch, device=dev)
+    stops = torch.tensor(eos, dtype=torch.long, device=dev)
     steps: list[torch.Tensor] = []
-    logp = dec.logits(dec.prefix)
-    for _ in range(max_new):
+    history = dec.prefix
+    logits = dec.logits(dec.prefix)
+    for step in range(max_new):
+        logp = torch.log_softmax(process(logits, history, step == max_new - 1), dim=-1)
         if greedy:
             nxt = logp.argmax(-1)
         else:
@@ -129,20 +188,25 @@ def _sample(dec: _Decoder, max_new: int, eos: int | None, pad: int, greedy: bool
         scores += torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1))
         nxt = nxt.masked_fill(done, pad)
         steps.append(nxt)
-        done |= nxt == eos if eos is not None else done
+        if stream is not None:
+            stream(nxt.masked_fill(done, -1))  # -1: this row had already finished
+        done |= torch.isin(nxt, stops)
         if bool(done.all()):
             break
-        logp = dec.logits(nxt[:, None])
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        logits = dec.logits(nxt[:, None])
     tokens = torch.stack(steps, 1).tolist() if steps else [[] for _ in range(batch)]
     return [_until_eos(t, eos) for t in tokens], scores.tolist()
 
 
-def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[:tokens.index(eos)] if eos is not None and eos in tokens else tokens
+def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:
+    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))
+    return tokens[:end]
 
 
-def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penalty: float,
-          early_stopping: bool, n_best: int) -> tuple[list[list[int]], list[float]]:
+def _beam(dec: _Decoder, max_new: int, eos: tuple[int, ...], width: int,
+          length_penalty: float, early_stopping: bool, n_best: int,
+          process: _Processors) -> tuple[list[list[int]], list[float]]:
     """Beam search; finished hypotheses are scored sum(log p) / length ** length_penalty.
 
     Shapes: B prompts, W = width beams each, V = vocabulary. The decoder holds B * W rows
@@ -155,8 +219,10 @@ def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penal
     tokens = torch.zeros(batch * width, 0, dtype=torch.long, device=dev)  # (B * W, step - 1)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
     done = [False] * batch
-    logp = dec.logits(dec.prefix)  # (B * W, V)
+    logits = dec.logits(dec.prefix)  # (B * W, V)
     for step in range(1, max_new + 1):
+        history = torch.cat([dec.prefix, tokens], dim=1)  # (B * W, prefix + step - 1)
+        logp = process(torch.log_softmax(logits, dim=-1), history, step == max_new)
         vocab = logp.shape[-1]
         # Every beam's every continuation, per prompt: candidate index = beam * V + token.
         cand = (beam_scores.view(-1, 1) + logp).view(batch, width * vocab)  # (B, W * V)
@@ -173,7 +239,7 @@ def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penal
                 src, tok = divmod(top_idx[b, rank].item(), vocab)  # beam, token
                 if done[b] or score == float("-inf"):
                     break
-                if tok == eos:  # a finished hypothesis, if it ranks among the W best
+                if tok in eos:  # a finished hypothesis, if it ranks among the W best
                     if rank < width:
                         seq = tokens[b * width + src].tolist()
                         finished[b].append((score / step ** length_penalty, seq))
@@ -197,7 +263,7 @@ def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penal
         tokens = torch.cat([tokens.index_select(0, src), next_tok], dim=1)  # (B * W, step)
         beam_scores = next_scores.to(dev)
         if step < max_new:
-            logp = dec.logits(next_tok)
+            logits = dec.logits(next_tok)
     for b in range(batch):  # open beams compete with finished ones at the length limit
         if not done[b]:
             for k in range(width):
@@ -212,66 +278,116 @@ def _beam(dec: _Decoder, max_new: int, eos: int | None, width: int, length_penal
     return out_seqs, out_scores
 
 
+def _settings(model: Model, explicit: dict) -> tuple[dict, GenerationConfig]:
+    """Each option from the call, else the model's generation_config, else DEFAULTS."""
+    stored = model.generation_config or GenerationConfig()
+    out = {name: next((v for v in (explicit.get(name), getattr(stored, name)) if v is not None),
+                      default) for name, default in DEFAULTS.items()}
+    for name, value in out.items():
+        if name in OPTION_RANGES:
+            check_option(name, value)
+    return out, stored
+
+
+def _prompts_of(model: Model, prompts: object, messages: list | None) -> object:
+    """Token ids for text prompts or chat messages (through the tokenizer's chat template)."""
+    if messages is not None:
+        if prompts is not None:
+            raise ValueError("give either prompts or messages, not both")
+        if model.tokenizer is None:
+            raise ValueError("messages need a tokenizer with a chat template: load a "
+                             "checkpoint that has one")
+        chats = messages if messages and isinstance(messages[0], list) else [messages]
+        return [model.tokenizer.encode(model.tokenizer.apply_chat_template(m),
+                                       add_special_tokens=False) for m in chats]
+    texts = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                         and isinstance(prompts[0], str))
+    if not texts:
+        return prompts
+    if model.tokenizer is None:
+        raise ValueError("text prompts need a tokenizer: load the model from a checkpoint "
+                         "that has tokenizer.json, or pass token ids")
+    return model.tokenizer.encode_batch([prompts] if isinstance(prompts, str) else prompts)
+
+
 @torch.no_grad()
-def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Tensor, *,
-             attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None, num_beams: int = 1,
-             length_penalty: float = 1.0, early_stopping: bool = True,
-             num_return_sequences: int = 1, eos_id: int | None = None) -> Generation:
+def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Tensor | None = None,
+             *, messages: list[dict] | list[list[dict]] | None = None,
+             attention_mask: torch.Tensor | None = None, max_new_tokens: int | None = None,
+             do_sample: bool | None = None, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             num_beams: int | None = None, length_penalty: float | None = None,
+             early_stopping: bool | None = None, num_return_sequences: int | None = None,
+             no_repeat_ngram_size: int | None = None, repetition_penalty: float | None = None,
+             eos_id: int | list[int] | None = None,
+             stream: Callable[[torch.Tensor], None] | None = None) -> Generation:
     """Continue each prompt (decoder-only) or translate each source (encoder-decoder).
 
     prompts: text (encoded with the model's tokenizer), lists of token ids of any lengths, or
-    a padded tensor with `attention_mask`. Stops at EOS (`eos_id`, default the config's) or
-    after `max_new_tokens`. `num_beams` > 1 runs beam search and may return the n best;
-    with `do_sample`, `num_return_sequences` samples are drawn per prompt.
-    `temperature=0` means greedy decoding, also with `do_sample` (the usual convention)."""
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
-                   num_return_sequences=num_return_sequences)
-    for name, value in options.items():
-        check_option(name, value)
-    do_sample = do_sample and temperature > 0
+    a padded tensor with `attention_mask`. messages: a chat (``[{"role": "user", "content":
+    ...}]``) or a list of chats, rendered by the tokenizer's chat template with the prompt for
+    the assistant's turn. Stops at any end-of-sequence id (`eos_id`: one or a list; default
+    the generation config's, else the model config's) or after `max_new_tokens`.
+    `num_beams` > 1 runs beam search and may return the n best; with `do_sample`,
+    `num_return_sequences` samples are drawn per prompt. `temperature=0` means greedy
+    decoding, also with `do_sample` (the usual convention). Options left None take the
+    model's `generation_config` value, else `DEFAULTS`. `stream(tokens)` is called with each
+    step's new token per row (-1 for a finished row); not with beam search."""
+    explicit = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                    temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
+                    length_penalty=length_penalty, early_stopping=early_stopping,
+                    num_return_sequences=num_return_sequences,
+                    no_repeat_ngram_size=no_repeat_ngram_size,
+                    repetition_penalty=repetition_penalty)
+    o, stored = _settings(model, explicit)
+    do_sample = o["do_sample"] and o["temperature"] > 0
+    num_beams, n_best = o["num_beams"], o["num_return_sequences"]
     cfg = model.config
     if cfg.head != "lm":
         raise ValueError(f"generation needs an LM head; this model has head={cfg.head!r}")
     if do_sample and num_beams > 1:
         raise ValueError("sampling does not combine with beam search here: drop num_beams "
                          "(or do_sample)")
-    if num_return_sequences > max(num_beams, 1) and not do_sample:
+    if n_best > max(num_beams, 1) and not do_sample:
         raise ValueError("num_return_sequences must be <= num_beams (the n best beams), or "
                          "sample with do_sample=True for n samples per prompt")
-    texts = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
-                                         and isinstance(prompts[0], str))
-    if texts:
-        if model.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer: load the model from a checkpoint "
-                             "that has tokenizer.json, or pass token ids")
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        prompts = model.tokenizer.encode_batch(prompts)
-    eos = cfg.eos_id if eos_id is None else eos_id
-    pad = cfg.fill_id(eos)
+    if stream is not None and num_beams > 1:
+        raise ValueError("streaming needs greedy search or sampling, not beam search")
+    prompts = _prompts_of(model, prompts, messages)
+    eos = eos_tuple(eos_id) or tuple(stored.eos_token_id or ()) or cfg.eos_ids
+    pad = cfg.fill_id(eos[0] if eos else None)
     if isinstance(prompts, torch.Tensor):
         ids, mask = prompts, attention_mask
     else:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token (add a BOS token)")
         ids, mask = _pad_prompts(prompts, pad, left=cfg.family == "decoder")
+    max_new = o["max_new_tokens"]
+    if max_new_tokens is None and stored.max_new_tokens is None and stored.max_length:
+        # transformers' max_length counts the prompt (decoder-only) or the start token
+        used = ids.shape[1] if cfg.family == "decoder" else 1
+        max_new = stored.max_length - used
+        if max_new < 1:
+            raise ValueError(f"the prompt ({used} tokens) leaves no room under the "
+                             f"checkpoint's max_length={stored.max_length}: pass "
+                             "max_new_tokens")
+    process = _Processors(o["forced_bos_token_id"], o["forced_eos_token_id"],
+                          o["no_repeat_ngram_size"], o["repetition_penalty"])
     device = next(model.parameters()).device
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
     with eval_mode(model):
-        dec = _Decoder(model, ids, mask)
+        dec = _Decoder(model, ids, mask, stored.decoder_start_token_id)
         if num_beams > 1:
-            seqs, scores = _beam(dec, max_new_tokens, eos, num_beams, length_penalty,
-                                 early_stopping, num_return_sequences)
+            seqs, scores = _beam(dec, max_new, eos, num_beams, o["length_penalty"],
+                                 o["early_stopping"], n_best, process)
         else:
             if num_return_sequences > 1:  # n rows per prompt, sampled independently
                 dec.reorder(torch.arange(ids.shape[0], device=device)
                             .repeat_interleave(num_return_sequences))
             gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
-            seqs, scores = _sample(dec, max_new_tokens, eos, pad, not do_sample, temperature,
-                                   top_k, top_p, gen)
+            seqs, scores = _sample(dec, max_new, eos, pad, not do_sample, o["temperature"],
+                                   o["top_k"], o["top_p"], gen, process, stream)
     out = Generation(seqs, scores)
     if model.tokenizer is not None:
         out.texts = [model.tokenizer.decode(s) for s in seqs]

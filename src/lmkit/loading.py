@@ -9,12 +9,17 @@ registry name (`lmkit.hub`) or a repo id in the local Hugging Face cache.
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmkit.checkpoint import (
+    CARRIED,
+    CARRIED_FROM,
     CONFIG,
     TOKENIZER,
     WEIGHTS,
@@ -27,13 +32,17 @@ from lmkit.config import ModelConfig
 from lmkit.convert.gguf import load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
 from lmkit.convert.peft import is_peft, load_peft, peft_head
+from lmkit.device import as_dtype
 from lmkit.errors import CheckpointError, RegistryError
+from lmkit.generation_config import GENERATION_CONFIG, GenerationConfig
 from lmkit.hub import default_registry, hf_cache, lookup, parse, resolve
 from lmkit.lineage import write_conversion_card
 from lmkit.model import Model, build
 from lmkit.model.lora import ADAPTER_CONFIG, load_adapter
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
+
+log = logging.getLogger("lmkit")
 
 
 @dataclass(frozen=True)
@@ -140,16 +149,24 @@ def load_lmkit(path: str | Path, *, head: str | None = None,
                device: str | torch.device = "cpu") -> Model:
     """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`)."""
     path = Path(path)
-    verify_files(path, read_metadata(path / WEIGHTS))  # before anything else is trusted
+    meta = read_metadata(path / WEIGHTS)
+    verify_files(path, meta)  # before anything else is trusted
     source = ModelConfig.from_json(path / CONFIG)
     config = retarget(source, head, label_names)
     new = ("head.",) if config is not source else ()
     tensors, _ = read_tensors(path / WEIGHTS)
-    if new:  # the old head's tensors have no place in the new model
+    carried = {k.removeprefix(CARRIED): tensors.pop(k) for k in list(tensors)
+               if k.startswith(CARRIED)}
+    if new:  # the old head's tensors (and what was carried with it) have no place here
         tensors = {k: v for k, v in tensors.items() if not k.startswith(new)}
     model = build(config, tensors, new=new, dtype=dtype, device=device)
     if (path / TOKENIZER).exists():
         model.tokenizer = Tokenizer.from_dir(path)
+    if (path / GENERATION_CONFIG).exists():
+        model.generation_config = GenerationConfig.from_file(path / GENERATION_CONFIG)
+    if carried and not new and CARRIED_FROM in meta:
+        model.hf_model_type, model.hf_architecture = json.loads(meta[CARRIED_FROM])
+        model.hf_carried = {k: v.to(model.tokens.weight.dtype) for k, v in carried.items()}
     return model
 
 
@@ -157,25 +174,37 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
             allow_pickle: bool = False, dtype: str | torch.dtype | None = None,
             device: str = "cpu") -> Path:
     """Convert a checkpoint (lmkit folder, HF folder or .gguf file) to an HF folder
-    (`to="hf"`), an lmkit folder (`to="lmkit"`) or a GGUF file (`to="gguf"`) at `dst`, its
-    weights in `dtype` (None: as stored; see `load`; GGUF also takes "q8_0"), read onto
-    `device`. A folder gets a model card whose lineage names the source (and carries its
-    ancestors); a GGUF file has no card. Returns `dst`."""
+    (`to="hf"`), an lmkit folder (`to="lmkit"`) or a GGUF file (`to="gguf"`) at `dst`, read
+    onto `device`. `dtype`: the format the weights are saved in ("fp32" / "bf16" / "fp16", on
+    any device, and the config's dtype says so; GGUF also takes "q8_0"), "auto" (see `load`)
+    or None (as stored). A folder gets a model card whose lineage names the source (and
+    carries its ancestors); a GGUF file has no card. Returns `dst`.
+
+    What the destination cannot hold (files of the source lmkit does not read, such as a
+    sentence-transformers pooling config) is named in one warning."""
     if to not in ("hf", "lmkit", "gguf"):
         raise ValueError(f"to={to!r}: choose 'hf' (Hugging Face folder), 'lmkit' or 'gguf'")
+    located = locate(src)
+    lost = not_carried(located.path)
+    if lost:
+        log.warning("%s -> %s: not carried: %s", src, dst, "; ".join(lost))
     if to == "gguf":
         from lmkit.convert.gguf_export import save_gguf
 
         if dtype not in (None, "auto", *GGUF_DTYPES):
             raise ValueError(f"dtype={dtype!r} cannot be written to GGUF: choose fp32, fp16, "
                              "bf16 or q8_0")
-        model = load(src, allow_pickle=allow_pickle, device=device)
+        model = load(located.path, allow_pickle=allow_pickle, device=device)
         stored = {torch.float16: "f16", torch.bfloat16: "bf16"}.get(model.tokens.weight.dtype)
         return save_gguf(model, dst, dtype=GGUF_DTYPES.get(dtype, stored or "f32"))
     if dtype == "q8_0":
         raise ValueError("dtype q8_0 is a GGUF weight type: use it with --to gguf")
-    located = locate(src)
-    model = load(located.path, allow_pickle=allow_pickle, dtype=dtype, device=device)
+    saved = None if dtype in (None, "auto") else as_dtype(dtype)
+    model = load(located.path, allow_pickle=allow_pickle,
+                 dtype=dtype if saved is None else None, device=device)
+    if saved is not None and model.tokens.weight.dtype != saved:
+        model.to(saved)
+        model.config = model.config.replace(dtype=str(saved).removeprefix("torch."))
     out = save_hf(model, dst, model_type=model_type) if to == "hf" else save(model, dst)
     write_conversion_card(out, located.path, located.origin,
                           {"to": to, "model_type": model_type, "dtype": str(dtype)})
@@ -185,3 +214,21 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
 # GGUF weight types by the names --dtype takes (llama.cpp's own names too)
 GGUF_DTYPES = {"fp32": "f32", "f32": "f32", "fp16": "f16", "f16": "f16", "bf16": "bf16",
                "q8_0": "q8_0"}
+
+
+# Files of a Hugging Face folder that lmkit reads (weights, configs, tokenizer sources):
+# everything else in the folder is named by `not_carried`.
+_READ = re.compile(r"config\.json|generation_config\.json|tokenizer(_config)?\.json|"
+                   r"special_tokens_map\.json|chat_template\.jinja|vocab\.(txt|json)|"
+                   r"merges\.txt|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
+                   r"(\.index\.json)?")
+
+
+def not_carried(src: Path) -> list[str]:
+    """What a conversion of `src` leaves behind: files and folders of an HF folder that
+    lmkit does not read (README.md, modules.json, 1_Pooling/, ...)."""
+    if not (src / CONFIG).is_file() or "model_type" not in read_json(src / CONFIG):
+        return []  # an lmkit folder carries everything it holds
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in src.iterdir()
+                   if not p.name.startswith(".") and not _READ.fullmatch(p.name))
+    return [f"files {', '.join(names)}"] if names else []

@@ -24,12 +24,14 @@ Roles (which token is pad, eos, ...) are saved in ``tokenizer_config.json`` besi
 ``tokenizer.json``, with the key names Hugging Face uses. On load, roles missing from that
 file (or a missing file) are derived from the special tokens' names, which works for the
 usual GPT-2, BERT, T5 and BART files. Sentinels are the special tokens named
-``<extra_id_N>``, ordered by N.
+``<extra_id_N>``, ordered by N. The file's other settings (``model_max_length``,
+``chat_template``, ``do_lower_case``, ...) are kept in ``Tokenizer.settings`` and written back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -72,6 +74,12 @@ FAMILY_SPECIALS = {
 SENTINEL = re.compile(r"<extra_id_(\d+)>")
 CONFIG_FILE = "tokenizer_config.json"
 log = logging.getLogger("lmkit")
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers 5 saves the chat template
+# tokenizer_config.json keys that save() writes from the tokenizer itself (the roles, the
+# class) or that describe the Python class or ids of the source (tokenizer.json has them).
+_REWRITTEN = {f"{r}_token" for r in ROLES} | {"additional_special_tokens", "tokenizer_class",
+                                              "added_tokens_decoder", "auto_map",
+                                              "name_or_path", "tokenizer_file"}
 
 
 @dataclass
@@ -120,9 +128,54 @@ class Tokenizer:
             if token is not None and backend.token_to_id(token) is None:
                 raise ValueError(f"{role} token '{token}' is not in the vocabulary")
             self.roles[role] = token
-        self.chat_template: str | None = None  # Jinja text of a chat model (kept, not run here)
         self.sentinels = sorted((t for t in specials if SENTINEL.fullmatch(t)),
                                 key=lambda t: int(SENTINEL.fullmatch(t).group(1)))
+        # tokenizer_config.json settings carried through load and save (model_max_length,
+        # chat_template, normalisation flags of the source, ...)
+        self.settings: dict[str, Any] = {}
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template (tokenizer_config.json, chat_template.jinja or GGUF
+        metadata), or None."""
+        return self.settings.get("chat_template")
+
+    @chat_template.setter
+    def chat_template(self, template: str | None) -> None:
+        if template is None:
+            self.settings.pop("chat_template", None)
+        else:
+            self.settings["chat_template"] = template
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The text of a chat (``[{"role": ..., "content": ...}]``) rendered by the chat
+        template as transformers renders it (sandboxed Jinja, the special tokens as
+        variables), with the prompt for the assistant's turn when `add_generation_prompt`."""
+        if not self.chat_template:
+            raise TokenizerError("this tokenizer has no chat template (tokenizer_config.json "
+                                 "has no chat_template): pass prompts, or set "
+                                 "tokenizer.chat_template")
+        import jinja2  # a dependency of torch, so always installed with lmkit
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TokenizerError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
+                                                                   indent=indent)
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime
+                           .datetime.now().strftime(f))
+        tokens = {f"{r}_token": t for r, t in self.roles.items() if t is not None}
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                **tokens, **variables)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"the chat template failed: {e}") from None
 
     def _special_tokens(self) -> set[str]:
         return {t.content for t in self.backend.get_added_tokens_decoder().values() if t.special}
@@ -239,7 +292,22 @@ class Tokenizer:
             text = path.read_text(encoding="utf-8")
             _check_ids(path, json.loads(text))
             backend = tokenizers.Tokenizer.from_str(text)
-            return cls(backend, _read_roles(path.parent, backend))
+            return cls(backend, _read_roles(path.parent, backend))._with_settings(path.parent)
+
+    def _with_settings(self, folder: Path) -> Tokenizer:
+        """Keep `folder`'s tokenizer_config.json settings (and chat_template.jinja)."""
+        config = _read_config(folder)
+        self.settings = {k: v for k, v in config.items() if k not in _REWRITTEN}
+        template = self.settings.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if isinstance(t, dict)
+                             and t.get("name") == "default"), None)
+        if (folder / CHAT_TEMPLATE_FILE).is_file():
+            with _reading(folder / CHAT_TEMPLATE_FILE):
+                template = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        if template is not None:
+            self.settings["chat_template"] = template
+        return self
 
     @classmethod
     def from_dir(cls, path: PathLike) -> Tokenizer:
@@ -249,10 +317,14 @@ class Tokenizer:
         if (path / "tokenizer.json").is_file():
             return cls.from_file(path / "tokenizer.json")
         if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
+            return cls.from_gpt2_files(path / "vocab.json",
+                                       path / "merges.txt")._with_settings(path)
         if (path / "vocab.txt").is_file():
             config = _read_config(path)
-            return cls.from_bert_vocab(path / "vocab.txt", config.get("do_lower_case", True))
+            return cls.from_bert_vocab(
+                path / "vocab.txt", config.get("do_lower_case", True),
+                config.get("strip_accents"),
+                config.get("tokenize_chinese_chars", True))._with_settings(path)
         raise FileNotFoundError(f"no tokenizer in '{path}': expected tokenizer.json, or "
                                 "vocab.json + merges.txt, or vocab.txt")
 
@@ -274,14 +346,18 @@ class Tokenizer:
         return tok
 
     @classmethod
-    def from_bert_vocab(cls, vocab_txt: PathLike, lowercase: bool = True) -> Tokenizer:
-        """BERT WordPiece from a ``vocab.txt`` (one token a line, id = line number)."""
+    def from_bert_vocab(cls, vocab_txt: PathLike, lowercase: bool = True,
+                        strip_accents: bool | None = None,
+                        chinese_chars: bool = True) -> Tokenizer:
+        """BERT WordPiece from a ``vocab.txt`` (one token a line, id = line number), with
+        transformers' BertTokenizer options: `strip_accents` (None: as `lowercase`) and
+        `chinese_chars` (a space around every CJK character)."""
         if not Path(vocab_txt).is_file():
             raise FileNotFoundError(f"BERT vocabulary '{vocab_txt}' does not exist")
         with _reading(vocab_txt):
             backend = tokenizers.Tokenizer(models.WordPiece.from_file(str(vocab_txt),
                                                                       unk_token="[UNK]"))
-        _bert_pipeline(backend, lowercase)
+        _bert_pipeline(backend, lowercase, strip_accents, chinese_chars)
         present = [t for t in FAMILY_SPECIALS["encoder"] if backend.token_to_id(t) is not None]
         backend.add_special_tokens(present)
         missing = {"[CLS]", "[SEP]"} - set(present)
@@ -299,7 +375,8 @@ class Tokenizer:
         file = path if path.suffix == ".json" else path / "tokenizer.json"
         file.parent.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(file))
-        config = {f"{r}_token": t for r, t in self.roles.items() if t is not None}
+        config = {**self.settings, **{f"{r}_token": t for r, t in self.roles.items()
+                                      if t is not None}}
         config["additional_special_tokens"] = self.sentinels
         config["tokenizer_class"] = "PreTrainedTokenizerFast"  # loadable by transformers
         (file.parent / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
@@ -399,8 +476,11 @@ class Tokenizer:
 # ---- pipelines per kind --------------------------------------------------------------------
 
 
-def _bert_pipeline(backend: tokenizers.Tokenizer, lowercase: bool) -> None:
-    backend.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+def _bert_pipeline(backend: tokenizers.Tokenizer, lowercase: bool,
+                   strip_accents: bool | None = None, chinese_chars: bool = True) -> None:
+    backend.normalizer = normalizers.BertNormalizer(
+        lowercase=lowercase, handle_chinese_chars=chinese_chars,
+        strip_accents=lowercase if strip_accents is None else strip_accents)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     backend.decoder = decoders.WordPiece(prefix="##")
 
@@ -502,8 +582,11 @@ def _read_config(folder: Path) -> dict:
 
 
 def _read_roles(folder: Path, backend: tokenizers.Tokenizer) -> dict[str, str]:
-    """Roles named in a (Hugging Face style) tokenizer_config.json, if there is one."""
-    config, roles = _read_config(folder), {}
+    """Roles named in a (Hugging Face style) tokenizer_config.json, else in an older
+    folder's special_tokens_map.json."""
+    legacy = folder / "special_tokens_map.json"
+    config = read_json(legacy, "special tokens map", TokenizerError) if legacy.is_file() else {}
+    config, roles = {**(config if isinstance(config, dict) else {}), **_read_config(folder)}, {}
     for role in ROLES:
         value = config.get(f"{role}_token")
         if isinstance(value, dict):  # transformers writes AddedToken objects as dicts

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmkit.checkpoint import CONFIG, DTYPES, atomic_folder, check_layers, read_pickle, read_tensors
-from lmkit.config import HEADS, ModelConfig
+from lmkit.config import HEADS, ModelConfig, eos_tuple
 from lmkit.convert.tables import (
     Table,
     Tensors,
@@ -37,6 +37,7 @@ from lmkit.convert.tables import (
     to_lmkit_names,
 )
 from lmkit.errors import CheckpointError, ConfigError, reading
+from lmkit.generation_config import GENERATION_CONFIG, GenerationConfig
 from lmkit.model import Model, build
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
@@ -61,6 +62,9 @@ class Spec:
     config_to_hf: Callable[[ModelConfig], dict[str, Any]]
     table: Callable[[ModelConfig], Table]
     ignore: tuple[str, ...] = ()  # regexes: HF tensors read and dropped (buffers, unused parts)
+    # regexes: HF tensors lmkit does not compute with but keeps (`Model.hf_carried`) and
+    # writes back on export (BERT's pooler, its next-sentence head)
+    carry: tuple[str, ...] = ()
     from_hf: Callable[[Tensors, ModelConfig], Tensors] | None = None  # transforms, HF names
     to_hf: Callable[[Tensors, ModelConfig], Tensors] | None = None
     read_aliases: dict[str, str] = field(default_factory=dict)  # more HF classes -> head
@@ -114,18 +118,22 @@ def common_from_hf(hf: dict[str, Any], pad: int | None = None, bos: int | None =
     dtype = hf.get("dtype") or hf.get("torch_dtype")
     ids = {"pad_id": first_id(hf.get("pad_token_id", pad)),
            "bos_id": first_id(hf.get("bos_token_id", bos)),
-           "eos_id": first_id(hf.get("eos_token_id", eos))}
+           "eos_id": hf.get("eos_token_id", eos)}  # one id or a list (Llama 3): kept as is
     vocab = hf.get("vocab_size")
-    for role, i in ids.items():  # an id the embedding lacks can be neither read nor produced
-        if isinstance(i, int) and isinstance(vocab, int) and not 0 <= i < vocab:
-            log.info("%s %d is outside the vocabulary of %d tokens: the model has none", role,
-                     i, vocab)
-            ids[role] = None
+    for role, value in ids.items():  # an id the embedding lacks can be neither read nor produced
+        if not isinstance(vocab, int) or not all(isinstance(i, int) for i in eos_tuple(value)):
+            continue
+        outside = [i for i in eos_tuple(value) if not 0 <= i < vocab]
+        if outside:
+            log.info("%s %s is outside the vocabulary of %d tokens: the model has none",
+                     role, outside, vocab)
+            kept = [i for i in eos_tuple(value) if 0 <= i < vocab]
+            ids[role] = kept if isinstance(value, list) and kept else None
     return {**ids, "dtype": dtype if dtype in DTYPES else "float32"}
 
 
 def first_id(value: Any) -> int | None:
-    """HF allows a list of EOS ids (Llama 3); lmkit keeps the first."""
+    """The first of a list of ids (pad and bos are one id in lmkit), or the id itself."""
     if isinstance(value, list):
         return value[0] if value else None
     return value
@@ -311,9 +319,10 @@ def load_hf(path: str | Path, *, head: str | None = None,
     if spec.from_hf is not None:
         tensors = spec.from_hf(tensors, cfg)
     table = expand(spec.table(cfg), cfg)
-    ignore = spec.ignore
+    ignore = spec.ignore + spec.carry
     if cfg is not source:  # the checkpoint's own head has no place in the new model
         ignore += tuple(re.escape(m) + r"\..*|" + re.escape(m) for m in spec.head_modules)
+    carried = _carried(tensors, spec, table) if cfg is source else {}
     mapped = to_lmkit_names(tensors, table, ignore,
                             cfg.tied_output)
     del tensors
@@ -330,8 +339,32 @@ def load_hf(path: str | Path, *, head: str | None = None,
                 if hints else "")
         raise CheckpointError(f"{path} ({spec.model_type}): {e}{hint}") from None
     model.tokenizer = attach_tokenizer(path, cfg)
+    model.generation_config = read_generation_config(path, raw)
     model.hf_model_type = spec.model_type  # save_hf writes the same type back by default
+    model.hf_carried = {k: v.to(model.tokens.weight.dtype) for k, v in carried.items()}
+    model.hf_architecture = (raw.get("architectures") or [None])[0] if carried else None
     return model.eval()
+
+
+def _carried(tensors: Tensors, spec: Spec, table: dict[str, tuple[str, ...]]) -> Tensors:
+    """The tensors `spec.carry` keeps that the table does not map (BERT's pooler is its
+    classifier's dense layer, say, and mapped there)."""
+    known = {alt for alts in table.values() for alt in alts}
+    return {k: v for k, v in tensors.items() if any(re.fullmatch(p, k) for p in spec.carry)
+            and k not in known and k.rpartition(".")[0] not in known}
+
+
+def read_generation_config(path: Path, raw: dict[str, Any]) -> GenerationConfig | None:
+    """The folder's generation_config.json, else the generation keys of its config.json (as
+    transformers falls back to); one warning names the settings lmkit does not apply."""
+    file = path / GENERATION_CONFIG
+    gen = (GenerationConfig.from_file(file) if file.is_file()
+           else GenerationConfig.from_model_config(raw))
+    ignored = gen.ignored() if gen is not None else []
+    if ignored:
+        log.warning("%s: generation settings lmkit does not apply (kept for export): %s",
+                    path, ", ".join(ignored))
+    return gen
 
 
 def attach_tokenizer(path: Path, cfg: ModelConfig) -> Any:
@@ -422,15 +455,23 @@ def _differences(cfg: ModelConfig, spec: Spec, names: set[str]) -> dict[str, tup
 def _hf_tensors(model: Model, spec: Spec) -> Tensors:
     tied = model.tied_names()
     state = {k: v.detach() for k, v in model.state_dict().items() if k not in tied}
-    return {k: v.contiguous() for k, v in hf_state(state, model.config, spec).items()}
+    carried = None
+    if getattr(model, "hf_model_type", None) == spec.model_type:  # written back as read
+        dtype = model.tokens.weight.dtype
+        carried = {k: v.to(dtype) for k, v in getattr(model, "hf_carried", {}).items()}
+    return {k: v.contiguous()
+            for k, v in hf_state(state, model.config, spec, carried=carried).items()}
 
 
-def hf_state(tensors: Tensors, cfg: ModelConfig, spec: Spec, transform: bool = True) -> Tensors:
+def hf_state(tensors: Tensors, cfg: ModelConfig, spec: Spec, transform: bool = True,
+             carried: Tensors | None = None) -> Tensors:
     """lmkit tensors under their names in the transformers model of `cfg.head` (the base-model
-    prefix added for a head model); `transform`: also the family's fusing / transposing."""
+    prefix added for a head model); `transform`: also the family's fusing / transposing;
+    `carried`: HF tensors kept from the source (a Spec's `carry`), added as they are."""
     tensors = to_hf_names(tensors, expand(spec.table(cfg), cfg))
     if transform and spec.to_hf is not None:
         tensors = spec.to_hf(tensors, cfg)
+    tensors.update(carried or {})
     if cfg.head != "none" and spec.prefix:
         tensors = {(k if k.split(".")[0] in spec.head_modules else spec.prefix + k): v
                    for k, v in tensors.items()}
@@ -486,7 +527,10 @@ def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
     cfg = model.config
     spec = choose_spec(cfg, model_type, getattr(model, "hf_model_type", None))
     tensors = {k: v.cpu() for k, v in _hf_tensors(model, spec).items()}
-    hf = {"architectures": [spec.architecture(cfg)], "model_type": spec.model_type,
+    architecture = spec.architecture(cfg)
+    if getattr(model, "hf_carried", None) and model.hf_model_type == spec.model_type:
+        architecture = model.hf_architecture or architecture  # BertForPreTraining keeps NSP
+    hf = {"architectures": [architecture], "model_type": spec.model_type,
           **spec.config_to_hf(cfg)}
     stored = {v: k for k, v in DTYPES.items()}.get(model.tokens.weight.dtype)
     hf["dtype"] = stored or hf["dtype"]  # what the file holds (load(dtype=...) may differ)
@@ -496,4 +540,6 @@ def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
         (staging / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(staging)
+        if model.generation_config is not None:
+            model.generation_config.save(staging)
     return path

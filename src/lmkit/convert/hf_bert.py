@@ -153,12 +153,13 @@ SPECS = [
     Spec("bert", _architectures("Bert"), "bert.", ("cls", "classifier"),
          lambda hf, names: _bert_from_hf(hf, roberta=False), _bert_to_hf,
          _table(_BERT_BODY, _BERT_HEADS),
-         ignore=(r"embeddings\.position_ids", r"pooler\..*", r"cls\.seq_relationship\..*"),
+         ignore=(r"embeddings\.position_ids",),
+         carry=(r"pooler\..*", r"cls\.seq_relationship\..*"),
          read_aliases={"BertForPreTraining": "mlm"}),
     *[Spec(model_type, _architectures(name), "roberta.", ("lm_head", "classifier"),
            lambda hf, names: _bert_from_hf(hf, roberta=True), _bert_to_hf,
            _table(_BERT_BODY, _ROBERTA_HEADS),
-           ignore=(r"embeddings\.position_ids", r"pooler\..*"))
+           ignore=(r"embeddings\.position_ids",), carry=(r"pooler\..*",))
       for model_type, name in (("roberta", "Roberta"), ("xlm-roberta", "XLMRoberta"))],
     Spec("distilbert", _architectures("DistilBert"), "distilbert.",
          ("vocab_transform", "vocab_layer_norm", "vocab_projector", "pre_classifier",

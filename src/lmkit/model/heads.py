@@ -82,7 +82,7 @@ class TokenClassificationHead(nn.Module):
 
 
 def pool(h: torch.Tensor, how: str, segments: torch.Tensor | None,
-         input_ids: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+         input_ids: torch.Tensor, eos_ids: tuple[int, ...]) -> torch.Tensor:
     """Reduce (B, T, d) to (B, d): the first token, the last real token (works with left and
     right padding), the mean of real tokens, or the last real EOS token (BART)."""
     real = torch.ones_like(input_ids, dtype=torch.bool) if segments is None else segments > 0
@@ -93,9 +93,10 @@ def pool(h: torch.Tensor, how: str, segments: torch.Tensor | None,
     if how == "last":
         return h[rows, (idx * real).argmax(-1)]
     if how == "eos":
-        if eos_id is None:
+        if not eos_ids:
             raise ValueError("eos pooling needs config.eos_id")
-        return h[rows, (idx * ((input_ids == eos_id) & real)).argmax(-1)]
+        eos = torch.isin(input_ids, torch.tensor(eos_ids, device=input_ids.device))
+        return h[rows, (idx * (eos & real)).argmax(-1)]
     if how == "mean":
         weights = real.to(h.dtype)[..., None]
         return (h * weights).sum(1) / weights.sum(1).clamp(min=1)

@@ -204,6 +204,7 @@ class Model(nn.Module):
         module = cfg.head_spec.module
         self.head = getattr(heads, module)(cfg) if module is not None else None
         self.tokenizer: Any = None  # attached by lmkit.load / the trainers; saved with the model
+        self.generation_config: Any = None  # generation defaults, saved with the model too
         self.reset_parameters()
         if cfg.lora:
             apply_lora(self, LoRAConfig(**cfg.lora))
@@ -383,7 +384,7 @@ class Model(nn.Module):
             if cfg.pooling == "eos" and cfg.family == "encoder-decoder":
                 ids = input_ids  # BART: the decoder reads the same text; pool at its last EOS
             segs = segments_from(attention_mask, segment_ids)
-            hidden = heads.pool(hidden, cfg.pooling, segs, ids, cfg.eos_id)
+            hidden = heads.pool(hidden, cfg.pooling, segs, ids, cfg.eos_ids)
         if labels is not None and not return_logits and cfg.head_spec.tied_output:
             out.loss_sum, out.num_targets = self.vocab_loss(hidden, labels)  # a vocabulary head
         else:

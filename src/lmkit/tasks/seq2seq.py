@@ -58,10 +58,15 @@ class Seq2SeqTask(Task):
 
     @property
     def eos(self) -> int:
-        eos = self.config.eos_id if self.config.eos_id is not None else self.tok.eos_id
+        eos = self.config.eos_ids[0] if self.config.eos_ids else self.tok.eos_id
         if eos is None:
             raise ValueError(f"the {self.name} task needs an EOS token id in the config")
         return eos
+
+    @property
+    def stops(self) -> list[int]:
+        """Every id that ends a generated text: the config's EOS set, else the EOS."""
+        return list(self.config.eos_ids) or [self.eos]
 
     def prompt(self, source: str) -> list[int]:
         """What the model reads: the encoder input, or the decoder's prompt `source EOS`."""
@@ -89,7 +94,7 @@ class Seq2SeqTask(Task):
         lengths = [len(p) for p in prompts]
         for idx in length_grouped_batches(lengths, batch_size, shuffle=False):
             gen = generate(model, [prompts[i] for i in idx], num_beams=self.options.num_beams,
-                           max_new_tokens=self.options.max_new_tokens, eos_id=self.eos)
+                           max_new_tokens=self.options.max_new_tokens, eos_id=self.stops)
             for i, seq in zip(idx, gen.sequences):
                 out[i] = self.tok.decode(seq)
         return out
@@ -147,5 +152,5 @@ class GenerationTask(Seq2SeqTask):
         o = self.options
         gen = generate(model, [self.prompt(p) for p in inputs], max_new_tokens=o.max_new_tokens,
                        do_sample=o.do_sample, temperature=o.temperature, top_p=o.top_p,
-                       top_k=o.top_k, seed=o.seed, eos_id=self.eos)
+                       top_k=o.top_k, seed=o.seed, eos_id=self.stops)
         return [self.tok.decode(s) for s in gen.sequences]
