@@ -508,8 +508,9 @@ def test_convert_names_what_it_cannot_carry_in_one_line(hf_dir, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="lmkit"):
         convert(extra, tmp_path / "hf")
     lines = [r.getMessage() for r in caplog.records if "not carried" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].endswith("not carried: files 1_Pooling/, README.md, "
-                                                 "modules.json")
+    # README.md is carried: the converted folder's card keeps the source card's text
+    assert len(lines) == 1 and lines[0].endswith("not carried: files 1_Pooling/, modules.json")
+    assert "# card" in (tmp_path / "hf" / "README.md").read_text()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lmkit"):
         convert(tmp_path / "hf", tmp_path / "again")

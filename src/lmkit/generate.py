@@ -382,9 +382,9 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
             seqs, scores = _beam(dec, max_new, eos, num_beams, o["length_penalty"],
                                  o["early_stopping"], n_best, process)
         else:
-            if num_return_sequences > 1:  # n rows per prompt, sampled independently
+            if n_best > 1:  # n rows per prompt, sampled independently
                 dec.reorder(torch.arange(ids.shape[0], device=device)
-                            .repeat_interleave(num_return_sequences))
+                            .repeat_interleave(n_best))
             gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
             seqs, scores = _sample(dec, max_new, eos, pad, not do_sample, o["temperature"],
                                    o["top_k"], o["top_p"], gen, process, stream)

@@ -218,7 +218,8 @@ GGUF_DTYPES = {"fp32": "f32", "f32": "f32", "fp16": "f16", "f16": "f16", "bf16":
 
 # Files of a Hugging Face folder that lmkit reads (weights, configs, tokenizer sources):
 # everything else in the folder is named by `not_carried`.
-_READ = re.compile(r"config\.json|generation_config\.json|tokenizer(_config)?\.json|"
+# README.md is carried by the conversion's card (lineage.write_conversion_card keeps its text)
+_READ = re.compile(r"README\.md|config\.json|generation_config\.json|tokenizer(_config)?\.json|"
                    r"special_tokens_map\.json|chat_template\.jinja|vocab\.(txt|json)|"
                    r"merges\.txt|(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)"
                    r"(\.index\.json)?")
@@ -226,7 +227,7 @@ _READ = re.compile(r"config\.json|generation_config\.json|tokenizer(_config)?\.j
 
 def not_carried(src: Path) -> list[str]:
     """What a conversion of `src` leaves behind: files and folders of an HF folder that
-    lmkit does not read (README.md, modules.json, 1_Pooling/, ...)."""
+    lmkit does not read (modules.json, 1_Pooling/, ...)."""
     if not (src / CONFIG).is_file() or "model_type" not in read_json(src / CONFIG):
         return []  # an lmkit folder carries everything it holds
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in src.iterdir()
