@@ -49,8 +49,8 @@ log = logging.getLogger("lmkit")
 EVAL_FILE, CONFIG_FILE = "eval.json", "finetune_config.yaml"
 # Task options a fine-tuning run may set (None: the task's default, in its Options class);
 # they are stored in task.json so evaluate/predict reuse them.
-OPTION_FIELDS = ("text_column", "pair_column", "label_column", "source_field", "target_field",
-                 "max_length", "num_beams", "max_new_tokens")
+OPTION_FIELDS = ("text_column", "pair_column", "label_column", "label_names", "source_field",
+                 "target_field", "max_length", "num_beams", "max_new_tokens")
 
 
 @dataclass
@@ -59,8 +59,8 @@ class FinetuneConfig(TrainConfig):
     the task, data, scheme and task options. `steps` = 0 means `epochs` over the data."""
 
     task: str = "classification"
-    train: str = ""  # training file
-    dev: str | None = None  # dev file, scored with the task's metric at the end
+    train: str = ""  # training data: a file, glob, datasets folder or name (lmkit.sources)
+    dev: str | None = None  # dev data, scored with the task's metric at the end
     out: str = "runs/finetune"
     steps: int = 0
     epochs: float = 3.0
@@ -88,6 +88,7 @@ class FinetuneConfig(TrainConfig):
     text_column: str | None = None
     pair_column: str | None = None
     label_column: str | None = None
+    label_names: list[str] | None = None  # classes in id order; integer labels index it
     source_field: str | None = None
     target_field: str | None = None
     max_length: int | None = None  # truncate inputs (default: the model's max positions)
@@ -281,8 +282,9 @@ def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, tas
     info = {"task": task.name, "options": cfg.options(), "base": str(checkpoint),
             "scheme": cfg.scheme, "from_scratch": cfg.from_scratch}
     (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "curve": curve},
-                                            indent=2) + "\n")
+    labels = {"label_names": task.config.label_names} if task.config.label_names else {}
+    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, **labels,
+                                             "curve": curve}, indent=2) + "\n")
     _write_card(out, checkpoint, cfg, task, metrics, counts, n_train, compute, wall)
 
 
@@ -307,6 +309,8 @@ def _write_card(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Ta
         f"- training data: `{cfg.train}` ({n_train:,} examples, sha256 "
         f"{str(data[0]['sha256'])[:16]}...)",
         f"- dev data: `{cfg.dev}`: {scores or 'not scored'}",
+        *([f"- labels (in id order): {', '.join(task.config.label_names)}"]
+          if task.config.label_names else []),
         f"- compute: {compute.get('flops', 0):.3g} training FLOPs, "
         f"{compute.get('tokens', 0):,} tokens, {wall:.0f} s wall time on "
         f"{compute.get('device', '?')} ({compute.get('precision', '?')}); "
