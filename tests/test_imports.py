@@ -113,14 +113,15 @@ def test_lmkit_has_no_import_cycle():
 LAYERS = [
     ["lmkit.errors"],
     ["lmkit.textfiles"],
-    ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage"],
+    ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage",
+     "lmkit.sources"],
     ["lmkit.model", "lmkit.tokenizer"],
     ["lmkit.flops", "lmkit.generate", "lmkit.convert", "lmkit.data"],
     ["lmkit.loading", "lmkit.objectives"],
     ["lmkit.train"],
     ["lmkit.tasks"],
     ["lmkit.finetune"],
-    ["lmkit.report"],
+    ["lmkit.report", "lmkit.evaluation"],
     ["lmkit.cli", "lmkit"],
 ]
 
