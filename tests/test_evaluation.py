@@ -220,3 +220,19 @@ def test_cli_pretrains_from_parquet_and_evaluates(corpus, gpt2):
     assert lmkit.load(run).config.label_names == ["odd", "even"]
     task = lmkit_cli("evaluate", run, "--data", d / "docs.parquet", "--device", "cpu", cwd=d)
     assert set(task) >= {"accuracy", "macro_f1"}
+
+
+def test_evaluate_refuses_what_it_cannot_score(corpus, tmp_path):
+    tok = Tokenizer.train([corpus / "corpus.txt"], "wordpiece", 200, family="encoder")
+    body = tmp_path / "body"
+    lmkit.Model(lmkit.preset("tiny-encoder", vocab_size=tok.vocab_size, head="none",
+                             pad_id=tok.pad_id)).save(body, tokenizer=tok)
+    with pytest.raises(ValueError, match="has no head .* needs a language-model head"):
+        evaluate(body, corpus / "corpus.txt")
+    lm = tmp_path / "lm"
+    lmkit.Model(lmkit.preset("tiny-encoder", vocab_size=tok.vocab_size, head="mlm",
+                             pad_id=tok.pad_id)).save(lm, tokenizer=tok)
+    with pytest.raises(ValueError, match="target_column is for encoder-decoder models"):
+        evaluate(lm, corpus / "corpus.txt", target_column="target")
+    with pytest.raises(ValueError, match="stride must be between 1 and max_length=16"):
+        evaluate(lm, corpus / "corpus.txt", max_length=16, stride=32)

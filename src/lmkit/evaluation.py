@@ -64,7 +64,7 @@ def evaluate(checkpoint: str | Path, data: PathLike, *, limit: int | None = None
                                          text_column=text_column,
                                          target_column=target_column,
                                          max_length=max_length, stride=stride)
-        if model.config.head is None:
+        if model.head is None:
             raise ValueError(f"{checkpoint} has no head (a bare body): perplexity needs a "
                              "language-model head (lm or mlm), task scores a task head")
     if target_column or max_length is not None or stride is not None:
@@ -75,11 +75,15 @@ def evaluate(checkpoint: str | Path, data: PathLike, *, limit: int | None = None
                         **options)
 
 
+def check_stride(max_length: int, stride: int) -> None:
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must be between 1 and max_length={max_length}, got {stride}")
+
+
 def windows(n: int, max_length: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """(begin, end, new) of the sliding windows over n tokens: tokens [begin, end) are fed,
     the last `new` of them are scored (the transformers perplexity guide's loop)."""
-    if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be between 1 and max_length={max_length}, got {stride}")
+    check_stride(max_length, stride)
     previous_end = 0
     for begin in range(0, n, stride):
         end = min(begin + max_length, n)
@@ -109,6 +113,7 @@ def language_model_scores(model: Model, data: PathLike, *, limit: int | None = N
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     stride = stride or max_length
+    check_stride(max_length, stride)
     if target_column:
         pairs = _pairs(data, text_column or "text", target_column)
     else:
