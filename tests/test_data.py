@@ -101,7 +101,7 @@ def test_uint32_for_large_vocabularies(files, tok, tmp_path, monkeypatch):
 
 
 def test_tokenize_corpus_errors(files, tok, tmp_path):
-    with pytest.raises(FileNotFoundError, match="corpus file 'missing.txt' does not exist"):
+    with pytest.raises(FileNotFoundError, match="data file .missing.txt. does not exist"):
         tokenize_corpus(["missing.txt"], tok, tmp_path)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")

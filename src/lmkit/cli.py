@@ -511,13 +511,25 @@ class _Streamer:
         print(flush=True)
 
 
+def _column_args(p: argparse.ArgumentParser) -> None:
+    """The columns of a task's records (default: found among the usual names)."""
+    p.add_argument("--text-column", help="column holding the text")
+    p.add_argument("--text-pair-column", help="column holding the second text of a pair")
+    p.add_argument("--label-column", help="column holding the label")
+
+
 def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?",
                    help="pretrained checkpoint: lmkit or Hugging Face folder, .gguf")
     config_flag(p, FINETUNE_CONFIG, "task", text=_choices(names.TASKS))
-    p.add_argument("--train", help="training file (TSV / CSV / JSONL / CoNLL)")
-    p.add_argument("--dev", help="dev file, scored with the task's metric at each evaluation "
-                   "and at the end")
+    p.add_argument("--train", help="training data: a TSV / CSV / JSONL / CoNLL / Parquet / "
+                   "Arrow file, a glob, a datasets folder or a cached dataset name "
+                   "(SOURCE::SPLIT picks a split)")
+    p.add_argument("--dev", help="dev data (as --train), scored with the task's metric at "
+                   "each evaluation and at the end")
+    _column_args(p)
+    p.add_argument("--label-names", help="the classes in id order, comma-separated (e.g. "
+                   "negative,positive): integer labels name the class at that position")
     p.add_argument("--out", help=_field_help(FINETUNE_CONFIG, "out", "run folder (becomes "
                                              "the fine-tuned checkpoint)"))
     config_flag(p, FINETUNE_CONFIG, "scheme", text=f"{_choices(names.SCHEMES)} (lora also "
@@ -549,7 +561,9 @@ def finetune(args: argparse.Namespace) -> None:
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
              "batch_size": args.batch_size, "precision": args.precision,
              "device": args.device, "carbon_intensity": args.carbon_intensity,
-             **_feedback_flags(args)}
+             **_feedback_flags(args), "text_column": args.text_column,
+             "pair_column": args.text_pair_column, "label_column": args.label_column,
+             "label_names": args.label_names}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.checkpoint or args.config or args.overwrite:
@@ -571,21 +585,40 @@ def finetune(args: argparse.Namespace) -> None:
                       "flops": result.compute.get("flops")}, indent=2))
 
 
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="a fine-tuned folder (from lmkit finetune)")
-    p.add_argument("--data", required=True, help="labelled file in the task's format")
+    p.add_argument("run", metavar="checkpoint", help="a fine-tuned folder (task metric) or a "
+                   "language model (perplexity / pseudo-perplexity / per-token loss)")
+    p.add_argument("--data", required=True, help="labelled data in the task's format, or "
+                   "text for a language model (any --train source of lmkit finetune)")
     p.add_argument("--limit", type=_value(int, _FINETUNE, "dev_limit"),
-                   help="score only the first N examples")
+                   help="score only the first N examples / documents")
+    p.add_argument("--batch-size", type=_value(int, _positive, "batch_size"), default=8)
+    _column_args(p)
+    p.add_argument("--target-column", help="encoder-decoder: the target given --text-column "
+                   "(default: the text itself)")
+    p.add_argument("--max-length", type=_value(int, _positive, "max_length"),
+                   help="language model: tokens per window (default: the model's positions)")
+    p.add_argument("--stride", type=_value(int, _positive, "stride"),
+                   help="language model: tokens between window starts (default: max-length)")
     _device_args(p)
 
 
-@command("evaluate", "score a fine-tuned model on labelled data with its task's metric",
-         _evaluate_args)
+@command("evaluate", "score a checkpoint on data: a fine-tuned model with its task's metric, "
+         "a language model with perplexity", _evaluate_args)
 def evaluate(args: argparse.Namespace) -> None:
-    from lmkit.finetune.inference import evaluate_run
+    from lmkit.evaluation import evaluate as run
 
-    print(json.dumps(evaluate_run(args.run, args.data, args.limit, device=args.device,
-                                  dtype=args.dtype), indent=2))
+    options = {"pair_column": args.text_pair_column, "label_column": args.label_column}
+    print(json.dumps(run(args.run, args.data, limit=args.limit, batch_size=args.batch_size,
+                         text_column=args.text_column, target_column=args.target_column,
+                         max_length=args.max_length, stride=args.stride, device=args.device,
+                         dtype=args.dtype,
+                         **{k: v for k, v in options.items() if v is not None}), indent=2))
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -666,7 +699,10 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of PretrainConfig fields (examples/pretrain/)")
     p.add_argument("--preset", help=_field_help(PRETRAIN_CONFIG, "preset", "model preset "
                                                 "(lmkit info --list) or a config.json path"))
-    p.add_argument("--data", action="append", help="training text / JSONL file (repeatable)")
+    p.add_argument("--data", action="append", help="training text: a text / JSONL / CSV / "
+                   "Parquet / Arrow file, a glob, a datasets folder or a cached dataset name "
+                   "(repeatable)")
+    p.add_argument("--text-column", help="column holding the text in records (default: text)")
     config_flag(p, PRETRAIN_CONFIG, "tokenizer",
                 text="bpe:8000 | wordpiece:N | unigram:N (trained) | char (one token per "
                 "character) | a tokenizer path")
@@ -694,7 +730,7 @@ def pretrain(args: argparse.Namespace) -> None:
              "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
              "device": args.device, "out": args.out, "carbon_intensity": args.carbon_intensity,
-             **_feedback_flags(args)}
+             **_feedback_flags(args), "text_field": args.text_column}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.config:

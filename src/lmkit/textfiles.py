@@ -1,17 +1,17 @@
-"""Text files: corpus files -> documents (plain text in blank-line-separated blocks, or JSON
-lines), the UTF-8 / JSON-lines readers every data path uses, and `read_json`, the one reader
+"""Text files: plain-text corpus files -> documents (blank-line-separated blocks), the UTF-8 /
+JSON-lines readers every data path uses (through `lmkit.sources`), and `read_json`, the one reader
 of whole JSON files (configs, weight indexes, manifests, tokenizers); errors name file:line.
 
 The lowest layer of the file readers: shared by configs and checkpoints (`lmkit.config`,
-`lmkit.checkpoint`), tokenizer training (`lmkit.tokenizer`) and the token cache
-(`lmkit.data.corpus`), so none of them has to import another to read a file.
+`lmkit.checkpoint`) and the data sources (`lmkit.sources`), so none of them has to import
+another to read a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 from lmkit.errors import ConfigError, DataError, LmkitError, storage
@@ -21,19 +21,6 @@ PathLike = str | os.PathLike
 # passes this many characters, so a huge file without blank lines never sits whole in RAM.
 MAX_DOC_CHARS = 1 << 20
 MAX_JSON_BYTES = 16 << 20  # config, index, manifest and tokenizer files; real ones are < 1 MB
-
-
-def check_files(files: Sequence[PathLike] | PathLike) -> list[Path]:
-    """Return ``files`` as a list of Paths, raising if one of them does not exist."""
-    if isinstance(files, str | os.PathLike):
-        files = [files]
-    paths = [Path(f) for f in files]
-    if not paths:
-        raise ValueError("no corpus files given: pass at least one text or JSONL file")
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"corpus file '{p}' does not exist: check the --data path")
-    return paths
 
 
 def read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
@@ -52,26 +39,10 @@ def read_lines(path: PathLike) -> Iterator[tuple[int, str]]:
             yield number, line.removeprefix("\ufeff") if number == 1 else line
 
 
-def is_jsonl(path: Path, text_field: str | None) -> bool:
-    """A file is read as JSON lines when it ends in ``.jsonl`` or a ``text_field`` is given."""
-    return text_field is not None or path.suffix == ".jsonl"
-
-
-def iter_documents(path: PathLike, text_field: str | None = None) -> Iterator[str]:
-    """Stream the documents of one file.
-
-    Plain text: a document is a block of lines separated by blank (whitespace-only) lines;
-    the block's lines keep their newlines, minus the last. JSONL: a document is one record's
-    ``text_field`` (default ``"text"``); empty texts are skipped.
-    """
-    path = Path(path)
-    if is_jsonl(path, text_field):
-        yield from _iter_jsonl(path, text_field or "text")
-    else:
-        yield from _iter_blocks(path)
-
-
-def _iter_blocks(path: Path) -> Iterator[str]:
+def iter_blocks(path: Path) -> Iterator[str]:
+    """The documents of a plain-text file: blocks of lines separated by blank lines (the
+    lines keep their newlines, minus the last); a block is cut at a line boundary once it
+    passes MAX_DOC_CHARS."""
     block: list[str] = []
     size = 0
     for _, line in read_lines(path):
@@ -86,19 +57,6 @@ def _iter_blocks(path: Path) -> Iterator[str]:
         block, size = [], 0
     if block:
         yield "".join(block).rstrip("\n")
-
-
-def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
-    for lineno, record in read_jsonl(path):
-        if field not in record:
-            raise DataError(path, lineno, f"no field '{field}': pass text_field= naming "
-                            "the field that holds the text")
-        text = record[field]
-        if not isinstance(text, str):
-            raise DataError(path, lineno, f"field '{field}' is not a string but "
-                            f"{type(text).__name__}: point text_field at text")
-        if text.strip():
-            yield text
 
 
 def read_jsonl(path: PathLike) -> Iterator[tuple[int, dict]]:

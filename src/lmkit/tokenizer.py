@@ -45,8 +45,9 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from lmkit import sources
 from lmkit.errors import LmkitError, TokenizerError, reading
-from lmkit.textfiles import check_files, iter_documents, read_json
+from lmkit.textfiles import read_json
 
 PathLike = str | os.PathLike
 KINDS = ("bpe", "wordpiece", "unigram", "char")
@@ -194,9 +195,9 @@ class Tokenizer:
     def train(cls, files: Sequence[PathLike], kind: str, vocab_size: int | None,
               family: str = "decoder", min_frequency: int = 2, text_field: str | None = None,
               lowercase: bool = False) -> Tokenizer:
-        """Train a tokenizer of ``kind`` for a model ``family`` on text or JSONL files.
+        """Train a tokenizer of ``kind`` for a model ``family`` on corpus sources.
 
-        Documents are streamed (see ``lmkit.textfiles.iter_documents``). ``lowercase``
+        Documents are streamed (see ``lmkit.sources.iter_documents``). ``lowercase``
         applies to WordPiece only (BERT "uncased"). ``min_frequency`` is ignored by Unigram
         and "char". For "char", ``vocab_size`` is a cap (None: every character seen): the
         rarest characters beyond it are written as bytes.
@@ -205,7 +206,7 @@ class Tokenizer:
             raise ValueError(f"unknown tokenizer kind '{kind}': use one of {KINDS}")
         if family not in FAMILIES:
             raise ValueError(f"unknown model family '{family}': use one of {FAMILIES}")
-        paths = check_files(files)
+        paths = sources.check(files)
         specials, unk = _specials(kind, family)
         need = min_vocab_size(kind, family)
         if vocab_size is None and kind != "char":
@@ -222,7 +223,7 @@ class Tokenizer:
         def texts() -> Iterator[str]:
             nonlocal num_docs
             for p in paths:
-                for doc in iter_documents(p, text_field):
+                for doc in sources.iter_documents(p, text_field):
                     num_docs += 1
                     yield doc
 

@@ -1,14 +1,15 @@
 """Corpora -> a cached, memory-mapped stream of token ids.
 
-A corpus is a list of files, each plain text or JSON lines. Documents are tokenized once
-and written to ``cache_dir/<key>/``:
+A corpus is a list of sources (``lmkit.sources``: plain text, JSONL, CSV / TSV, Parquet, Arrow,
+datasets folders or cached names, globs), streamed document by document. Documents are
+tokenized once and written to ``cache_dir/<key>/``:
 
 - ``tokens.bin``: every document's token ids back to back (raw ``uint16`` or ``uint32``);
 - ``doc_offsets.npy``: ``int64`` array of ``num_docs + 1`` offsets into ``tokens.bin``;
 - ``meta.json``: dtype, counts and what the key was made from.
 
-The key hashes the files' bytes, the tokenizer's JSON and the options, so a second call
-with the same inputs reuses the cache and any change re-tokenizes.
+The key hashes the bytes of the files the sources read, the tokenizer's JSON and the options,
+so a second call with the same inputs reuses the cache and any change re-tokenizes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmkit.textfiles import PathLike, check_files, iter_documents
+from lmkit import sources
+from lmkit.textfiles import PathLike
 from lmkit.tokenizer import Tokenizer
 
 CACHE_VERSION = 1
@@ -111,11 +113,12 @@ def _separator(tokenizer: Tokenizer) -> int:
     return sep
 
 
-def cache_key(files: list[Path], tokenizer: Tokenizer, text_field: str | None,
+def cache_key(refs: list[str], tokenizer: Tokenizer, text_field: str | None,
               append_eos: bool) -> str:
     """Hash of everything the token stream depends on."""
     h = hashlib.blake2b(digest_size=12)
-    parts = [f"v{CACHE_VERSION}", *map(file_digest, files), tokenizer.backend.to_str(),
+    digests = [file_digest(f) for ref in refs for f in sources.files(ref)]
+    parts = [f"v{CACHE_VERSION}", *digests, tokenizer.backend.to_str(),
              repr(text_field), repr(append_eos), repr(tokenizer.eos_id), repr(tokenizer.sep_id)]
     for part in parts:
         h.update(part.encode())
@@ -126,14 +129,14 @@ def cache_key(files: list[Path], tokenizer: Tokenizer, text_field: str | None,
 def tokenize_corpus(files: Sequence[PathLike] | PathLike, tokenizer: Tokenizer,
                     cache_dir: PathLike, text_field: str | None = None, append_eos: bool = True,
                     batch_docs: int = 1024) -> TokenCache:
-    """Tokenize ``files`` once into ``cache_dir/<key>/`` and return the cache.
+    """Tokenize the corpus sources ``files`` once into ``cache_dir/<key>/`` and return the cache.
 
     Documents are read as a stream and encoded ``batch_docs`` at a time (without the
     tokenizer's post-processing, so no [CLS]/[SEP]); with ``append_eos`` each document is
     followed by the tokenizer's eos id (its [SEP] id when it has no eos). The folder is
     written under a temporary name and renamed, so an interrupted run leaves no cache.
     """
-    paths = check_files(files)
+    paths = sources.check(files)
     cache_dir = Path(cache_dir)
     key = cache_key(paths, tokenizer, text_field, append_eos)
     final = cache_dir / key
@@ -156,7 +159,7 @@ def tokenize_corpus(files: Sequence[PathLike] | PathLike, tokenizer: Tokenizer,
     return TokenCache(final)
 
 
-def _write_cache(out: Path, paths: list[Path], tokenizer: Tokenizer, text_field: str | None,
+def _write_cache(out: Path, paths: list[str], tokenizer: Tokenizer, text_field: str | None,
                  append_eos: bool, batch_docs: int) -> None:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     suffix = [_separator(tokenizer)] if append_eos else []
@@ -173,7 +176,7 @@ def _write_cache(out: Path, paths: list[Path], tokenizer: Tokenizer, text_field:
     with open(out / "tokens.bin", "wb") as f:
         batch: list[str] = []
         for path in paths:
-            for doc in iter_documents(path, text_field):
+            for doc in sources.iter_documents(path, text_field):
                 batch.append(doc)
                 if len(batch) >= batch_docs:
                     flush(batch, f)
@@ -188,6 +191,6 @@ def _write_cache(out: Path, paths: list[Path], tokenizer: Tokenizer, text_field:
     np.save(out / "doc_offsets.npy", offsets)
     meta = {"version": CACHE_VERSION, "dtype": np.dtype(dtype).name,
             "num_tokens": int(offsets[-1]), "num_docs": len(lengths),
-            "vocab_size": tokenizer.vocab_size, "files": [str(p) for p in paths],
+            "vocab_size": tokenizer.vocab_size, "files": paths,
             "text_field": text_field, "append_eos": append_eos}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -44,10 +44,11 @@ def _task_for(model: Model) -> str:
 
 def evaluate_run(run_dir: str | Path, data: str | Path, limit: int | None = None,
                  batch_size: int = 32, *, device: str = "auto",
-                 dtype: str | torch.dtype | None = "auto") -> dict[str, float]:
-    """Score a fine-tuned folder on a labelled file with its task's metric (`device` and
-    `dtype` as `lmkit.load` takes them)."""
-    model, task = _run_task(run_dir, device=device, dtype=dtype)
+                 dtype: str | torch.dtype | None = "auto", **options: Any) -> dict[str, float]:
+    """Score a fine-tuned folder on labelled data (any `lmkit.sources` source) with its
+    task's metric (`device` and `dtype` as `lmkit.load` takes them; `options`, e.g.
+    label_column, override the task options stored in task.json)."""
+    model, task = _run_task(run_dir, device=device, dtype=dtype, **options)
     examples = task.read(data, label_names=model.config.label_names or None, limit=limit)
     return task.evaluate(model, examples, batch_size)
 

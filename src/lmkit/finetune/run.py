@@ -55,8 +55,8 @@ EVAL_FILE, CONFIG_FILE = "eval.json", "finetune_config.yaml"
 SMALL_DEV = 50  # fewer dev examples than this: the dev metric is noisy (said once, at start)
 # Task options a fine-tuning run may set (None: the task's default, in its Options class);
 # they are stored in task.json so evaluate/predict reuse them.
-OPTION_FIELDS = ("text_column", "pair_column", "label_column", "source_field", "target_field",
-                 "max_length", "num_beams", "max_new_tokens")
+OPTION_FIELDS = ("text_column", "pair_column", "label_column", "label_names", "source_field",
+                 "target_field", "max_length", "num_beams", "max_new_tokens")
 
 
 @dataclass
@@ -65,8 +65,8 @@ class FinetuneConfig(TrainConfig):
     the task, data, scheme and task options. `steps` = 0 means `epochs` over the data."""
 
     task: str = "classification"
-    train: str = ""  # training file
-    dev: str | None = None  # dev file, scored with the task's metric at the end
+    train: str = ""  # training data: a file, glob, datasets folder or name (lmkit.sources)
+    dev: str | None = None  # dev data, scored with the task's metric at the end
     out: str = "runs/finetune"
     steps: int = 0
     epochs: float = 3.0
@@ -94,6 +94,7 @@ class FinetuneConfig(TrainConfig):
     text_column: str | None = None
     pair_column: str | None = None
     label_column: str | None = None
+    label_names: list[str] | None = None  # classes in id order; integer labels index it
     source_field: str | None = None
     target_field: str | None = None
     max_length: int | None = None  # truncate inputs (default: the model's max positions)
@@ -327,8 +328,10 @@ def _write_run_files(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, tas
     (out / TASK_FILE).write_text(json.dumps(info, indent=2) + "\n")
     kept = f"the best evaluation (step {best['step']}, dev {best['metric']} " \
         f"{best['value']:.4g}), not the last step" if best else "the last step"
-    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, "final_model": kept,
-                                             "best": best, "curve": curve}, indent=2) + "\n")
+    labels = {"label_names": task.config.label_names} if task.config.label_names else {}
+    (out / EVAL_FILE).write_text(json.dumps({"dev": cfg.dev, **metrics, **labels,
+                                             "final_model": kept, "best": best,
+                                             "curve": curve}, indent=2) + "\n")
     _write_card(out, checkpoint, cfg, task, metrics, counts, n_train, compute, wall,
                 f"The saved model is {kept}." if best else None)
 
@@ -355,6 +358,8 @@ def _write_card(out: Path, checkpoint: str | Path, cfg: FinetuneConfig, task: Ta
         f"- training data: `{cfg.train}` ({n_train:,} examples, sha256 "
         f"{str(data[0]['sha256'])[:16]}...)",
         f"- dev data: `{cfg.dev}`: {scores or 'not scored'}",
+        *([f"- labels (in id order): {', '.join(task.config.label_names)}"]
+          if task.config.label_names else []),
         f"- compute: {compute.get('flops', 0):.3g} training FLOPs, "
         f"{compute.get('tokens', 0):,} tokens, {wall:.0f} s wall time on "
         f"{compute.get('device', '?')} ({compute.get('precision', '?')}); "

@@ -18,6 +18,7 @@ class ClassificationOptions(TaskOptions):
     text_column: str | None = None  # None: found from the header (see tasks.formats)
     pair_column: str | None = None
     label_column: str | None = None
+    label_names: list[str] | None = None  # the classes in id order (None: sorted from data)
 
 
 class ClassificationTask(Task):
@@ -29,11 +30,11 @@ class ClassificationTask(Task):
              limit: int | None = None) -> list[ClassificationExample]:
         o = self.options
         return read_classification(path, text_column=o.text_column, pair_column=o.pair_column,
-                                   label_column=o.label_column, label_names=label_names,
-                                   limit=limit)
+                                   label_column=o.label_column,
+                                   label_names=label_names or o.label_names, limit=limit)
 
     def label_names(self, examples: list) -> list[str]:
-        return label_names(examples)
+        return list(self.options.label_names or label_names(examples))
 
     def encode(self, text: str, pair: str | None = None) -> Features:
         enc = self.tok.encode_with_offsets(text, pair)

@@ -1,26 +1,27 @@
-"""Task data formats: files -> lists of examples.
+"""Task data formats: sources -> lists of examples.
 
-Readers (all stream their file line by line, stop after ``limit`` examples, and raise
-:class:`DataError` naming the file and line of any bad input):
+Readers (all stream their source row by row through :func:`lmkit.sources.records`, so any
+source works where records do: TSV / CSV / JSONL, Parquet, Arrow, a datasets folder or cached
+name, a glob; they stop after ``limit`` examples, and raise :class:`DataError` naming the file
+and line (or row) of any bad input):
 
-- :func:`read_classification`: TSV / CSV with a header row, or JSONL; a text (and
+- :func:`read_classification`: a table with a header row, or records; a text (and
   optionally a second text) and a label per row;
 - :func:`read_token_classification`: CoNLL files (one ``token ... TAG`` per line, blank
-  lines between sentences) or JSONL with token and tag lists;
-- :func:`read_seq2seq`: TSV ``source<TAB>target`` (translation) or JSONL (summarization);
-- :func:`read_generation`: JSONL prompt / completion pairs.
+  lines between sentences) or records with token and tag lists;
+- :func:`read_seq2seq`: TSV ``source<TAB>target`` (translation) or records (summarization);
+- :func:`read_generation`: records of prompt / completion pairs.
 
-Labels are strings (JSON integers become their decimal strings); :func:`label_names` gives
-the sorted label list whose positions are the label ids. Passing that list as
-``label_names``
-when reading evaluation data makes a label never seen in training an error.
+Labels are strings (integers become their decimal strings; ``datasets`` class labels their
+names); :func:`label_names` gives the sorted label list whose positions are the label ids.
+Passing a list as ``label_names`` makes any other label an error, and an integer label that
+is not in it the name at that position (``--label-names negative,positive`` for 0/1 data).
 
 NER tags are aligned with subwords and character spans in :mod:`lmkit.tasks.alignment`.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmkit import sources
 from lmkit.errors import DataError
-from lmkit.textfiles import PathLike, read_jsonl, read_lines
+from lmkit.sources import Row
+from lmkit.textfiles import PathLike, read_lines
 
 TAG = re.compile(r"O|[BI]-\S+")
 
@@ -80,60 +83,7 @@ class GenerationExample:
 # ---- reading lines and rows ------------------------------------------------------------------
 
 
-def _format(path: Path, fmt: str | None, default: str | None = None) -> str:
-    if fmt is not None and fmt not in ("tsv", "csv", "jsonl"):
-        raise DataError(path, None, f"unknown format {fmt!r}: use 'tsv', 'csv' or 'jsonl'")
-    fmt = fmt or {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(
-        path.suffix.lower(), default)
-    if fmt is None:
-        raise DataError(path, None, "cannot tell the format from the file name: pass "
-                        "format='tsv', 'csv' or 'jsonl'")
-    return fmt
-
-
-def _table(path: Path, fmt: str, header: bool) -> Iterator[tuple[int, list[str] | dict]]:
-    """Rows of a TSV / CSV / JSONL file: dicts (JSONL, or a table with a header) or lists.
-
-    TSV is split on tabs with no quoting (GLUE's TSVs hold unbalanced quotes); CSV follows
-    the usual quoting rules. The header row itself is not yielded.
-    """
-    if fmt == "jsonl":
-        yield from read_jsonl(path)
-        return
-    if fmt == "csv":
-        rows = _csv_rows(path)
-    else:
-        rows = ((n, line.rstrip("\r\n").split("\t")) for n, line in read_lines(path))
-    names = width = None
-    for number, row in rows:
-        if not any(cell.strip() for cell in row):
-            continue
-        if header and names is None:
-            names = [c.strip() for c in row]
-            continue
-        if names is not None and len(row) != len(names):
-            raise DataError(path, number, f"{len(row)} columns but the header has "
-                            f"{len(names)} ({', '.join(names)})")
-        width = width or (len(row), number)
-        if names is None and len(row) != width[0]:
-            raise DataError(path, number, f"{len(row)} columns but line {width[1]} has "
-                            f"{width[0]}: every row needs the same columns")
-        yield number, dict(zip(names, row)) if names is not None else row
-
-
-def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
-    reader = csv.reader(line for _, line in read_lines(path))
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise DataError(path, reader.line_num, f"bad CSV ({e})") from None
-        yield reader.line_num, row  # the line the row ends on
-
-
-def _field(record: dict | list, key: str | int, path: Path, number: int) -> Any:
+def _field(record: Row, key: str | int, path: PathLike, number: int) -> Any:
     """``record[key]``; in JSON a dotted key walks nested objects ("translation.fr")."""
     if isinstance(record, list):
         if not isinstance(key, int):
@@ -151,7 +101,7 @@ def _field(record: dict | list, key: str | int, path: Path, number: int) -> Any:
     return value
 
 
-def _text(record: dict | list, key: str | int, path: Path, number: int) -> str:
+def _text(record: Row, key: str | int, path: PathLike, number: int) -> str:
     value = _field(record, key, path, number)
     if not isinstance(value, str):
         raise DataError(path, number, f"field {key!r} is a {type(value).__name__}, "
@@ -159,7 +109,7 @@ def _text(record: dict | list, key: str | int, path: Path, number: int) -> str:
     return value
 
 
-def _detect(names: Iterable[str], candidates: Sequence, what: str, path: Path,
+def _detect(names: Iterable[str], candidates: Sequence, what: str, path: PathLike,
             number: int, hint: str) -> Any:
     names = list(names)
     for cand in candidates:
@@ -170,15 +120,20 @@ def _detect(names: Iterable[str], candidates: Sequence, what: str, path: Path,
                     f"(columns: {', '.join(names)}): pass {hint}")
 
 
-def _check_label(label: str, known: Sequence[str] | None, path: Path, number: int) -> str:
-    if known is not None and label not in known:
-        raise DataError(path, number, f"label {label!r} was not seen in the training "
-                        f"data (known labels: {', '.join(known)}): fix the data, or "
-                        "train on data that has this label")
-    return label
+def _check_label(label: str, known: Sequence[str] | None, path: PathLike, number: int) -> str:
+    """`label` if it is known; an integer label is the name at that position when the known
+    labels are names (0/1 data read with label names negative, positive)."""
+    if known is None or label in known:
+        return label
+    if re.fullmatch(r"\d+", label) and int(label) < len(known) and not any(
+            re.fullmatch(r"-?\d+", k) for k in known):
+        return known[int(label)]
+    raise DataError(path, number, f"label {label!r} was not seen in the training data or "
+                    f"the label names (known labels: {', '.join(known)}): fix the data, or "
+                    "give label names (--label-names) that include it")
 
 
-def _label(value: Any, path: Path, number: int) -> str:
+def _label(value: Any, path: PathLike, number: int) -> str:
     """A label as a string: strings as they are (stripped), integers in decimal."""
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise DataError(path, number, f"label {value!r} is a {type(value).__name__}: "
@@ -216,12 +171,11 @@ def read_classification(path: PathLike, *, text_column: str | int | None = None,
     gold_label, labels. ``label_names`` (from :func:`label_names` on the training data) makes
     an unseen label an error.
     """
-    path = Path(path)
-    rows = _table(path, _format(path, format), header)
+    rows = sources.records(path, format, header)
 
     def examples() -> Iterator[ClassificationExample]:
         nonlocal text_column, pair_column, label_column
-        for number, row in rows:
+        for path, number, row in rows:
             if text_column is None and isinstance(row, dict):
                 text_column, pair_column = _detect(
                     row, TEXT_COLUMNS, "text", path, number, "text_column= (and "
@@ -282,18 +236,17 @@ def read_token_classification(path: PathLike, *, format: str | None = None,
     ``O``, ``B-TYPE`` or ``I-TYPE``. ``label_names`` makes a tag unseen in training an
     error.
     """
-    path = Path(path)
     if format is None:
-        format = "jsonl" if path.suffix.lower() in (".jsonl", ".json") else "conll"
+        format = "conll" if sources.kind(path) in ("text", "tsv", "csv") else "records"
     if format == "conll":
-        sentences = _conll(path)
-    elif format == "jsonl":
-        sentences = _tagged_jsonl(path, tokens_field, tags_field, tag_names)
+        sentences = ((str(path), *s) for s in _conll(Path(path)))
+    elif format in ("jsonl", "records"):
+        sentences = _tagged_records(path, tokens_field, tags_field, tag_names)
     else:
         raise DataError(path, None, f"unknown format {format!r}: use 'conll' or 'jsonl'")
 
     def examples() -> Iterator[TokenClassificationExample]:
-        for tokens, tags, numbers in sentences:
+        for path, tokens, tags, numbers in sentences:
             for tag, number in zip(tags, numbers):
                 if not TAG.fullmatch(tag):
                     raise DataError(path, number, f"tag {tag!r} is not O, B-TYPE or "
@@ -333,10 +286,11 @@ def _conll(path: Path) -> Iterator[tuple[list[str], list[str], list[int]]]:
         yield tokens, tags, numbers
 
 
-def _tagged_jsonl(path: Path, tokens_field: str | None, tags_field: str | None,
-                  tag_names: Sequence[str] | None
-                  ) -> Iterator[tuple[list[str], list[str], list[int]]]:
-    for number, record in read_jsonl(path):
+def _tagged_records(source: PathLike, tokens_field: str | None, tags_field: str | None,
+                    tag_names: Sequence[str] | None
+                    ) -> Iterator[tuple[str, list[str], list[str], list[int]]]:
+    for path, number, record in sources.records(source, "jsonl" if sources.kind(source)
+                                                 == "text" else None):
         tokens_field = tokens_field or _detect(record, TOKEN_FIELDS, "tokens", path, number,
                                                "tokens_field=")
         tags_field = tags_field or _detect(record, TAG_FIELDS, "tags", path, number,
@@ -350,10 +304,10 @@ def _tagged_jsonl(path: Path, tokens_field: str | None, tags_field: str | None,
                             f"per token ({len(tokens)} tokens)")
         tags = [_tag_name(t, tag_names, path, number) for t in tags]
         if tokens:
-            yield tokens, tags, [number] * len(tags)
+            yield path, tokens, tags, [number] * len(tags)
 
 
-def _tag_name(tag: Any, tag_names: Sequence[str] | None, path: Path, number: int) -> str:
+def _tag_name(tag: Any, tag_names: Sequence[str] | None, path: PathLike, number: int) -> str:
     if isinstance(tag, str):
         return tag
     if isinstance(tag, int) and not isinstance(tag, bool):
@@ -382,19 +336,19 @@ def read_seq2seq(path: PathLike, *, source_field: str | int | None = None,
     article/highlights, input/output, or named; a dotted name walks nested objects
     (``source_field="translation.en"``).
     """
-    path = Path(path)
-    fmt = _format(path, format, default="tsv")
-    rows = _table(path, fmt, header)
+    table = sources.kind(path) in ("tsv", "csv", "text") and format in (None, "tsv", "csv")
+    rows = sources.records(path, format or ("tsv" if sources.kind(path) == "text" else None),
+                           header)
 
     def examples() -> Iterator[Seq2SeqExample]:
         nonlocal source_field, target_field
-        for number, row in rows:
-            if fmt != "jsonl" and len(row) < 2:
+        for path, number, row in rows:
+            if table and len(row) < 2:
                 raise DataError(path, number, "one column: expected source<TAB>target")
             if source_field is None or target_field is None:
                 if isinstance(row, list):
                     source_field, target_field = 0, 1
-                elif fmt == "jsonl":
+                elif not table:
                     source_field, target_field = _detect(
                         row, SEQ2SEQ_FIELDS, "source and target", path, number,
                         "source_field= and target_field=")
@@ -410,15 +364,14 @@ def read_seq2seq(path: PathLike, *, source_field: str | int | None = None,
     return _limited(examples(), limit)
 
 
-def read_generation(path: PathLike, *, prompt_field: str = "prompt",
+def read_generation(source: PathLike, *, prompt_field: str = "prompt",
                     completion_field: str = "completion",
                     limit: int | None = None) -> list[GenerationExample]:
     """Read JSONL prompt / completion pairs for fine-tuning a causal (decoder) model.
     The prompt may be empty; the completion may not."""
-    path = Path(path)
-
     def examples() -> Iterator[GenerationExample]:
-        for number, record in read_jsonl(path):
+        for path, number, record in sources.records(source, "jsonl" if sources.kind(source)
+                                                     == "text" else None):
             prompt = _text(record, prompt_field, path, number)
             completion = _text(record, completion_field, path, number)
             if not completion.strip():

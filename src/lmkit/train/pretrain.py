@@ -1,4 +1,5 @@
-"""Pretraining from text files to a checkpoint, in one call.
+"""Pretraining from text (files, Parquet, Arrow, datasets: `lmkit.sources`) to a checkpoint, in
+one call.
 
     cfg = load_config("cfg.yaml", {"preset": "tiny-decoder", "data": ["corpus.txt"],
                                    "tokenizer": "bpe:8000", "steps": 2000, "out": "runs/x"})
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch.distributed as dist
 
+from lmkit import sources
 from lmkit.checkpoint import atomic_folder
 from lmkit.config import PRESETS, ModelConfig
 from lmkit.data.batches import BatchStream, fixed_batches
@@ -37,7 +39,6 @@ from lmkit.lineage import PIPELINE_TAGS, card_metadata, data_record, make_record
 from lmkit.logs import setup_logging
 from lmkit.model import Model
 from lmkit.objectives import CausalLM, MaskedLM, Objective, SpanCorruption, TextInfilling
-from lmkit.textfiles import check_files
 from lmkit.tokenizer import Tokenizer, min_vocab_size
 from lmkit.train import options
 from lmkit.train.distributed import DistEnv, barrier, broadcast_object, cleanup, init_distributed
@@ -59,15 +60,15 @@ class PretrainConfig(TrainConfig):
     the data, tokenizer, model and objective."""
 
     preset: str = "tiny-decoder"  # a preset name (lmkit.PRESETS) or a config.json path
-    data: list[str] = field(default_factory=list)  # training text / JSONL files
+    data: list[str] = field(default_factory=list)  # training sources (lmkit.sources)
     out: str = "runs/pretrain"  # the run folder
     tokenizer: str = "bpe:8000"  # "bpe|wordpiece|unigram:VOCAB", "char[:MAX]" (trained) or a path
     objective: str = "auto"  # auto | causal | mlm | span | infilling
     seq_len: int = 128  # tokens per packed row
-    valid_data: list[str] = field(default_factory=list)  # held-out files (else a split)
+    valid_data: list[str] = field(default_factory=list)  # held-out sources (else a split)
     valid_fraction: float = 0.05  # share of documents held out when no valid_data; 0 = none
     valid_batches: int = 20  # at most this many validation batches (per process) per eval
-    text_field: str | None = None  # JSONL field holding the text ("text" by default)
+    text_field: str | None = None  # column holding the text in records ("text" by default)
     lowercase: bool = False  # WordPiece only (BERT "uncased")
     cache_dir: str | None = None  # token cache; default <out>/cache
     mask_prob: float = 0.15  # masked LM
@@ -280,9 +281,10 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> Path:
     cfg.validate()
     setup_logging()
     if not cfg.data:
-        raise ValueError("no training data: pass one or more text or JSONL files (--data)")
-    data = [str(p.resolve()) for p in check_files(cfg.data)]
-    valid = [str(p.resolve()) for p in check_files(cfg.valid_data)] if cfg.valid_data else []
+        raise ValueError("no training data: pass one or more text, JSONL, Parquet, Arrow or "
+                         "datasets sources (--data)")
+    data = sources.check(cfg.data)
+    valid = sources.check(cfg.valid_data) if cfg.valid_data else []
     cfg = dataclasses.replace(cfg, data=data, valid_data=valid)
     out = Path(cfg.out)
     if not resume and list_checkpoints(out):
