@@ -5,6 +5,7 @@ dequantization, its own Q/K un-permutation, its own tokenizer conversion)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -174,3 +175,17 @@ def test_a_missing_gguf_package_names_the_extra(tmp_path):
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.gguf")],
                          capture_output=True, text=True)
     assert "pip install 'lmkit[gguf]'" in run.stdout, run.stdout + run.stderr
+
+
+def test_gguf_to_hf_keeps_license_name_and_chat_template(tmp_path):
+    """The real SmolLM2 GGUF converted to a Hugging Face folder: its card keeps the file's
+    license and name (general.*), its tokenizer_config the chat template."""
+    from huggingface_hub import ModelCard
+
+    out = convert(SMOL, tmp_path / "hf", to="hf")
+    meta = _metadata(SMOL)
+    card = ModelCard.load(out / "README.md").data.to_dict()
+    assert card["license"] == meta["general.license"] == "apache-2.0"
+    assert card["model_name"] == meta["general.name"]
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == meta["tokenizer.chat_template"]

@@ -233,16 +233,18 @@ def write_card(folder: str | Path, meta: dict[str, Any], summary: list[str],
 
 
 def write_conversion_card(dst: str | Path, src: Path, origin: dict[str, Any],
-                          config: dict[str, Any]) -> Path:
+                          config: dict[str, Any], file_meta: dict[str, Any] | None = None
+                          ) -> Path:
     """The card of a converted checkpoint: the source (`origin`, read at `src`) as its base,
-    zero compute, the source's ancestors; what the source's card says about the model
+    zero compute, the source's ancestors; what the source's card (or, for a single-file
+    source such as GGUF, `file_meta`: license, model_name, language) says about the model
     (license, datasets, pipeline_tag, model-index, tags) is kept, and a foreign card's text."""
-    source_meta, body = read_card(src) if src.is_dir() else ({}, "")
+    source_meta, body = read_card(src) if src.is_dir() else (dict(file_meta or {}), "")
     record = make_record("convert", dst, origin, base_path=src if src.is_dir() else None,
                          config=config)
     meta = card_metadata(record, pipeline_tag=source_meta.get("pipeline_tag"),
                          base_meta=source_meta)
-    for key in ("datasets", "model-index"):
+    for key in ("datasets", "model-index", "model_name", "language"):
         if key in source_meta:
             meta[key] = source_meta[key]
     meta["tags"] = list(dict.fromkeys([*(source_meta.get("tags") or []), *meta["tags"]]))

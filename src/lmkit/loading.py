@@ -29,7 +29,7 @@ from lmkit.checkpoint import (
     verify_files,
 )
 from lmkit.config import ModelConfig
-from lmkit.convert.gguf import load_gguf
+from lmkit.convert.gguf import card_fields, load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
 from lmkit.convert.peft import is_peft, load_peft, peft_head
 from lmkit.device import as_dtype
@@ -206,8 +206,10 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
         model.to(saved)
         model.config = model.config.replace(dtype=str(saved).removeprefix("torch."))
     out = save_hf(model, dst, model_type=model_type) if to == "hf" else save(model, dst)
+    gguf_source = located.path.suffix.lower() == ".gguf"
     write_conversion_card(out, located.path, located.origin,
-                          {"to": to, "model_type": model_type, "dtype": str(dtype)})
+                          {"to": to, "model_type": model_type, "dtype": str(dtype)},
+                          card_fields(located.path) if gguf_source else None)
     return out
 
 

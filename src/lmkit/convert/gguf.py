@@ -105,6 +105,17 @@ _PRE_SPLITS = {"default": None, "gpt2": None, "gpt-2": None, "smollm": None,
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
+def card_fields(path: str | Path) -> dict[str, Any]:
+    """What a GGUF file says about its model that a model card holds (license, name,
+    languages, from `general.*`), for the card of a conversion."""
+    gguf = require("gguf", "gguf", "reading GGUF files")
+    keys = {"general.license": "license", "general.name": "model_name",
+            "general.languages": "language"}
+    with _reading(Path(path)):
+        fields = gguf.GGUFReader(path).fields
+        return {card: fields[key].contents() for key, card in keys.items() if key in fields}
+
+
 def read_metadata(reader: Any) -> dict[str, Any]:
     """All key/value fields of an open GGUFReader as Python values."""
     return {name: f.contents() for name, f in reader.fields.items()}
