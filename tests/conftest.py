@@ -46,6 +46,25 @@ VARIANTS = {
 }
 
 
+def gguf_reference(path):
+    """transformers' Llama on transformers' own reading (dequantization, Q/K un-permutation)
+    of a GGUF file: built on the meta device and filled, to keep tests fast."""
+    import transformers as tf
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    meta = load_gguf_checkpoint(str(path))["config"]
+    config = tf.LlamaConfig(**{k: v for k, v in meta.items()
+                               if k not in ("model_type", "_model_name_or_path")})
+    with torch.device("meta"):
+        ref = tf.LlamaForCausalLM(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=ref)["tensors"]
+    ref.load_state_dict(tensors, strict=False, assign=True)
+    ref.model.rotary_emb = type(ref.model.rotary_emb)(config)  # a buffer, not in the file
+    if config.tie_word_embeddings:
+        ref.lm_head.weight = ref.model.embed_tokens.weight
+    return ref.eval()
+
+
 def variant(key: str) -> lmkit.Model:
     name, overrides = VARIANTS[key]
     return tiny(name, **overrides)

