@@ -4,7 +4,6 @@ local Hugging Face cache, and names resolved by every entry point (load, finetun
 the CLI). Every test uses its own registry, cache and HF cache under tmp_path."""
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import lmkit
 from lmkit.errors import CheckpointError, RegistryError
@@ -22,6 +22,7 @@ from lmkit.finetune import FinetuneConfig, finetune
 from lmkit.finetune.inference import predict
 from lmkit.hub import Registry, parse
 from lmkit.hub.store import canonical
+from lmkit.lineage import make_record
 from lmkit.loading import locate
 from lmkit.tokenizer import Tokenizer
 
@@ -414,7 +415,9 @@ def _lmkit(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 def test_cli_push_pull_list_info(tmp_path, places):
     one, two = checkpoint(tmp_path / "one", seed=1), checkpoint(tmp_path / "two", seed=2)
-    (two / "lineage.json").write_text(json.dumps({"base": {"name": NAME}, "steps": 3}))
+    record = make_record("pretrain", two, {"kind": "scratch"}, compute={"flops": 1234.0})
+    card = yaml.safe_dump({"license": "mit", "lineage": record})
+    (two / "README.md").write_text(f"---\n{card}---\n")
     env = {k: str(v) for k, v in places.items()}
     registry = ["--registry", str(tmp_path / "other")]  # the flag wins over LMKIT_REGISTRY
     out = _lmkit("push", str(one), NAME, "--message", "first", *registry, env=env)
@@ -428,15 +431,16 @@ def test_cli_push_pull_list_info(tmp_path, places):
     out = _lmkit("info", f"{NAME}@v2", *registry, env=env)
     assert out.returncode == 0, out.stderr
     assert f"{NAME}@{second[:12]} in the registry" in out.stdout
-    assert '"license": "mit"' in out.stdout and "5 files [v2]" in out.stdout
+    assert '"license": "mit"' in out.stdout and "4 files [v2]" in out.stdout
     assert f"{first[:12]}" in out.stdout and f"parents: {first[:12]}" in out.stdout
-    assert '"steps": 3' in out.stdout and '"family": "decoder"' in out.stdout  # lineage, config
+    assert "(pretrain; base: from scratch)" in out.stdout and "| 1.23e+03 |" in out.stdout
+    assert out.stdout.count("chain (newest first)") == 1 and '"family": "decoder"' in out.stdout
     out = _lmkit("pull", f"{NAME}@{first[:8]}", str(tmp_path / "dest"), *registry, env=env)
     assert out.returncode == 0 and files_of(tmp_path / "dest") == files_of(one)
     out = _lmkit("pull", "team/../x", *registry, env=env)
     assert out.returncode == 2 and out.stderr.startswith("lmkit: error: 'team/../x' is not a")
     out = _lmkit("pull", "team/missing", *registry, env=env)
     assert out.returncode == 2 and "has no model team/missing" in out.stderr
-    three = checkpoint(tmp_path / "three", card="---\nlineage:\n  base: from scratch\n---\n")
+    three = checkpoint(tmp_path / "three", card=(two / "README.md").read_text())
     out = _lmkit("info", str(three), env=env)  # a folder's lineage, from its card
-    assert out.returncode == 0 and 'lineage: {\n  "base": "from scratch"\n}' in out.stdout
+    assert out.returncode == 0 and "(pretrain; base: from scratch)" in out.stdout

@@ -321,7 +321,7 @@ def info(args: argparse.Namespace) -> None:
 
 def _print_origin(located: Any, ref: str, registry: str | None) -> None:
     """What `lmkit info` shows of where a checkpoint came from: a registry model's revisions
-    and parents, a Hugging Face cache commit; then the lineage record, if it has one."""
+    and parents, a Hugging Face cache commit (`lineage.describe` then prints the lineage)."""
     from lmkit import hub
 
     origin = located.origin
@@ -338,15 +338,8 @@ def _print_origin(located: Any, ref: str, registry: str | None) -> None:
                   f"{r['message']}{here}")
         chain = " <- ".join(p[:12] for p in record["parents"]) or "none (the first push)"
         print(f"parents: {chain}")
-        lineage = record["lineage"]
-    else:
-        if origin["kind"] == "hf-cache":
-            print(f"{origin['repo']}@{origin['commit']} from the Hugging Face cache "
-                  f"{hub.hf_cache()}")
-        folder = located.path
-        lineage = hub.lineage(hub.read_small(folder)) if folder.is_dir() else None
-    if lineage is not None:
-        print(f"lineage: {json.dumps(lineage, indent=2)}")
+    elif origin["kind"] == "hf-cache":
+        print(f"{origin['repo']}@{origin['commit']} from the Hugging Face cache {hub.hf_cache()}")
 
 
 def _push_args(p: argparse.ArgumentParser) -> None:

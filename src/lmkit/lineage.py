@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from lmkit.textfiles import split_card
+
 log = logging.getLogger("lmkit")
 CARD, FORMAT = "README.md", 1
 # The costs a record carries and the chain adds up.
@@ -145,19 +147,12 @@ def read_card(folder: str | Path) -> tuple[dict[str, Any], str]:
     if not file.is_file():
         return {}, ""
     text = file.read_text(errors="replace")
-    if not text.startswith("---"):
-        return {}, text
-    end = text.find("\n---", 3)
-    if end < 0:
-        return {}, text
     try:
-        meta = yaml.safe_load(text[3:end]) or {}
+        return split_card(text)
     except yaml.YAMLError as e:
         log.warning("%s: the front matter is not YAML (%s); its lineage is ignored", file,
                     str(e).splitlines()[0])
         return {}, text
-    body = text[end + 4:].lstrip("-").lstrip("\n")
-    return (meta if isinstance(meta, dict) else {}), body
 
 
 def read_lineage(folder: str | Path) -> dict[str, Any] | None:
@@ -294,9 +289,14 @@ def chain_table(record: dict[str, Any]) -> list[str]:
 
 
 def describe(folder: str | Path) -> str:
-    """The lineage of the checkpoint at `folder` as text (`lmkit info`): the chain back to
-    its first ancestor with each run's cost, the ancestors' and the total."""
+    """The lineage of the checkpoint at `folder` as text (`lmkit info`): this run's base and
+    data, then the chain back to its first ancestor with each run's cost, the ancestors' and
+    the total."""
     record = read_lineage(folder)
     if record is None:
         return f"{folder}: no lineage record (its README.md has none)"
-    return "\n".join([f"lineage of {folder} (newest first):", *chain_table(record)])
+    data = [f"  {d['role']}: {d.get('path') or d.get('name')} (sha256 "
+            f"{str(d.get('sha256'))[:16]})" for d in record.get("data", [])]
+    head = f"lineage of {folder} ({record['kind']}; base: {describe_base(record.get('base', {}))})"
+    return "\n".join([head, *(["data:", *data] if data else []), "chain (newest first):",
+                      *chain_table(record)])

@@ -1,6 +1,7 @@
 """Text files: plain-text corpus files -> documents (blank-line-separated blocks), the UTF-8 /
-JSON-lines readers every data path uses (through `lmkit.sources`), and `read_json`, the one reader
-of whole JSON files (configs, weight indexes, manifests, tokenizers); errors name file:line.
+JSON-lines readers every data path uses (through `lmkit.sources`), `read_json`, the one reader
+of whole JSON files (configs, weight indexes, manifests, tokenizers; errors name file:line), and
+`split_card`, the one parser of a model card's YAML front matter.
 
 The lowest layer of the file readers: shared by configs and checkpoints (`lmkit.config`,
 `lmkit.checkpoint`) and the data sources (`lmkit.sources`), so none of them has to import
@@ -13,6 +14,8 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+
+import yaml
 
 from lmkit.errors import ConfigError, DataError, LmkitError, storage
 
@@ -107,3 +110,17 @@ def read_json(path: PathLike, what: str = "config", error: type[LmkitError] = Co
         raise error(f"{path}: expected a JSON object ({{...}}), got {type(data).__name__}: "
                     f"it is damaged or not a {what}")
     return data
+
+
+def split_card(text: str) -> tuple[dict, str]:
+    """A model card (README.md) as (front matter, Markdown body): ({}, text) when it has no
+    front matter. Raises yaml.YAMLError when the front matter is not YAML (callers decide
+    whether that is worth a warning: a card is informative, never a reason to refuse)."""
+    if not text.startswith("---"):
+        return {}, text
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}, text
+    meta = yaml.safe_load(text[3:end]) or {}
+    body = text[end + 4:].lstrip("-").lstrip("\n")
+    return (meta if isinstance(meta, dict) else {}), body

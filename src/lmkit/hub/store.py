@@ -42,12 +42,13 @@ import yaml
 
 from lmkit.errors import CheckpointError, RegistryError, storage
 from lmkit.hub.names import DEFAULT_TAG, Ref, check_file_path, check_tag, is_revision_prefix, parse
+from lmkit.textfiles import split_card
 
 REGISTRY_ENV, CACHE_ENV = "LMKIT_REGISTRY", "LMKIT_CACHE"
 FORMAT = "lmkit-revision/1"
 CHUNK = 1 << 20
 SKIP = ("checkpoints",)  # top-level folders a push leaves out (see `scan`)
-SMALL = 1 << 20  # README.md / lineage.json / config.json read for a card: at most this
+SMALL = 1 << 20  # README.md / config.json read for a card: at most this
 # What a card summary keeps of a README's front matter and of config.json.
 CARD_KEYS = ("license", "language", "library_name", "library", "pipeline_tag", "task",
              "base_model", "tags", "datasets")
@@ -123,14 +124,10 @@ def scan(path: str | Path) -> dict[str, Path]:
 def front_matter(text: str) -> dict:
     """The YAML front matter of a model card (README.md), or {} if it has none or it does not
     parse: a card is informative, never a reason to refuse a checkpoint."""
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
     try:
-        data = yaml.safe_load(text[3:end]) if end > 0 else None
+        return split_card(text)[0]
     except yaml.YAMLError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _small(value: Any) -> Any:
@@ -496,10 +493,7 @@ class Registry:
 
 
 def lineage(read: Any) -> Any:
-    """A checkpoint's lineage record, if it has one: lineage.json, else the `lineage` key of
-    its model card's front matter; `read(name)` returns a small file's text or None."""
-    if (text := read("lineage.json")) is not None:
-        with contextlib.suppress(ValueError):
-            return json.loads(text)
+    """A checkpoint's lineage record (the `lineage` key of its model card's front matter), if
+    it has one; `read(name)` returns a small file's text or None."""
     text = read("README.md")
     return front_matter(text).get("lineage") if text is not None else None
