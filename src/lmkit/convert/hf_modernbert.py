@@ -23,9 +23,10 @@ from lmkit.convert.hf import (
     common_from_hf,
     common_to_hf,
 )
-from lmkit.convert.tables import Table, Tensors, join_fused, split_fused
+from lmkit.convert.tables import Table, join_rows, split_rows
 
-_FUSED = {"attn.Wqkv": ("q", "k", "v"), "mlp.Wi": ("act", "lin")}
+_FUSED = {"attn.Wqkv": ("attn.Wqkv.q", "attn.Wqkv.k", "attn.Wqkv.v"),
+          "mlp.Wi": ("mlp.Wi.act", "mlp.Wi.lin")}  # rows in this order
 _KINDS = {"full_attention": "global", "sliding_attention": "local"}
 _POOLING = {"cls": "first", "mean": "mean"}
 
@@ -127,15 +128,8 @@ def _to_hf(cfg: ModelConfig) -> dict[str, Any]:
                 cls_token_id=cfg.bos_id, sep_token_id=cfg.eos_id)
 
 
-def _tensors_from_hf(tensors: Tensors, cfg: ModelConfig) -> Tensors:
-    return split_fused(tensors, _FUSED)
-
-
-def _tensors_to_hf(tensors: Tensors, cfg: ModelConfig) -> Tensors:
-    return join_fused(tensors, _FUSED)
-
-
 SPECS = [Spec("modernbert", {"none": "ModernBertModel", "mlm": "ModernBertForMaskedLM",
                              "classification": "ModernBertForSequenceClassification"},
               "model.", ("head", "decoder", "classifier"), _from_hf, _to_hf, _table,
-              from_hf=_tensors_from_hf, to_hf=_tensors_to_hf)]
+              from_hf=lambda t, cfg: split_rows(t, _FUSED, cfg),
+              to_hf=lambda t, cfg: join_rows(t, _FUSED))]

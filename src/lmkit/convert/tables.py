@@ -92,40 +92,11 @@ def to_hf_names(tensors: Tensors, table: dict[str, tuple[str, ...]]) -> Tensors:
     return out
 
 
-def split_fused(tensors: Tensors, fused: dict[str, tuple[str, ...]]) -> Tensors:
-    """Split fused foreign tensors into equal parts along the output dimension: `fused` maps a
-    module name ending (`attn.Wqkv`) to its parts (`q`, `k`, `v`), named `<module>.<part>`
-    for the table to map."""
-    out: Tensors = {}
-    for name, t in tensors.items():
-        module, _, leaf = name.rpartition(".")
-        parts = next((p for end, p in fused.items() if module.endswith(end)), None)
-        if parts is None:
-            out[name] = t
-            continue
-        for part, piece in zip(parts, t.chunk(len(parts), dim=0)):
-            out[f"{module}.{part}.{leaf}"] = piece.contiguous()
-    return out
-
-
-def join_fused(tensors: Tensors, fused: dict[str, tuple[str, ...]]) -> Tensors:
-    """The inverse of `split_fused`: concatenate `<module>.<part>` tensors into `<module>`."""
-    out: Tensors = {}
-    for name, t in tensors.items():
-        module, _, leaf = name.rpartition(".")
-        base, _, part = module.rpartition(".")
-        parts = next((p for end, p in fused.items() if base.endswith(end)), None)
-        if parts is None or part not in parts:
-            out[name] = t
-        elif part == parts[0]:
-            out[f"{base}.{leaf}"] = torch.cat([tensors[f"{base}.{p}.{leaf}"] for p in parts])
-    return out
-
-
 def split_rows(tensors: Tensors, parts: dict[str, tuple[str, ...]], cfg: ModelConfig) -> Tensors:
-    """Split fused matrices by rows (Phi-3): a tensor of module `fused` (a key of `parts`, the
-    module name's end) becomes one per name in `parts[fused]`, which are q, k, v (three parts)
-    or gate, up (two). Other tensors pass through."""
+    """Split fused matrices by rows (Phi-3, ModernBERT, GGUF): a tensor of module `fused` (a key
+    of `parts`, the module name's end) becomes one per name in `parts[fused]`, which are q, k, v
+    (three parts: query and key/value sizes of `cfg`) or gate, up (two halves). Other tensors
+    pass through."""
     q, kv = cfg.num_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
     sizes = {3: [q, kv, kv], 2: [cfg.intermediate_size] * 2}
     out: Tensors = {}
