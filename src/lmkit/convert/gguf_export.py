@@ -23,7 +23,7 @@ import torch
 
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import _PRE_SPLITS, _TABLE, config_from_gguf
-from lmkit.convert.tables import expand, to_hf_names
+from lmkit.convert.tables import expand, to_foreign_names
 from lmkit.errors import CheckpointError, require, write_error
 from lmkit.model import Model
 
@@ -140,7 +140,7 @@ def _gguf_tensors(model: Model) -> dict[str, torch.Tensor]:
         elif k.endswith("attn.k.weight"):
             w = _permute(w, cfg.kv_heads)
         out[k] = w
-    return to_hf_names(out, expand(_TABLE, cfg))
+    return to_foreign_names(out, expand(_TABLE, cfg))
 
 
 def _add_tensor(writer: Any, gguf: Any, name: str, t: torch.Tensor, dtype: str) -> bool:

@@ -33,7 +33,7 @@ from lmkit.convert.tables import (
     Tensors,
     expand,
     layer_names,
-    to_hf_names,
+    to_foreign_names,
     to_lmkit_names,
 )
 from lmkit.errors import CheckpointError, ConfigError, reading
@@ -468,7 +468,7 @@ def hf_state(tensors: Tensors, cfg: ModelConfig, spec: Spec, transform: bool = T
     """lmkit tensors under their names in the transformers model of `cfg.head` (the base-model
     prefix added for a head model); `transform`: also the family's fusing / transposing;
     `carried`: HF tensors kept from the source (a Spec's `carry`), added as they are."""
-    tensors = to_hf_names(tensors, expand(spec.table(cfg), cfg))
+    tensors = to_foreign_names(tensors, expand(spec.table(cfg), cfg))
     if transform and spec.to_hf is not None:
         tensors = spec.to_hf(tensors, cfg)
     tensors.update(carried or {})

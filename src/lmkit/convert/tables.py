@@ -79,14 +79,14 @@ def to_lmkit_names(tensors: Tensors, table: dict[str, tuple[str, ...]], ignore: 
     return {**out, **unknown}
 
 
-def to_hf_names(tensors: Tensors, table: dict[str, tuple[str, ...]]) -> Tensors:
-    """Rename lmkit tensors to HF names (the first alternative of each entry)."""
+def to_foreign_names(tensors: Tensors, table: dict[str, tuple[str, ...]]) -> Tensors:
+    """Rename lmkit tensors to foreign (HF, GGUF) names: the first alternative of each entry."""
     out: Tensors = {}
     for name, t in tensors.items():
         hit = _lookup(name, table)
         if hit is None:
-            raise CheckpointError(f"lmkit tensor {name} has no Hugging Face name in this "
-                                  "family's table: the config cannot be exported to it")
+            raise CheckpointError(f"lmkit tensor {name} has no name in this format's table "
+                                  "for the family: the config cannot be exported to it")
         alts, leaf = hit
         out[alts[0] + leaf] = t
     return out
