@@ -199,7 +199,9 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     if "labels" not in batch:
         raise ValueError(f"a training batch has no labels (keys: {sorted(batch)}): turn token "
                          "rows into model inputs with an objective (lmkit.objectives)")
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    pin = device.type == "cuda"  # page-locked host memory: the copy overlaps the GPU's work
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin)
+            for k, v in batch.items()}
 
 
 @torch.no_grad()
