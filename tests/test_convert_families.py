@@ -1,5 +1,5 @@
 """Parity of Llama's relatives (Mistral, Qwen2, Qwen3, Gemma, Phi-3) and of rope scaling
-(llama3, linear, dynamic) with `transformers`, the reference.
+(llama3, linear, dynamic, yarn) with `transformers`, the reference.
 
 Each case is a tiny random transformers model (fp32) saved with save_pretrained: logits on a
 left-padded batch and on an unpadded one (SDPA's fast path), greedy generation with the KV
@@ -43,9 +43,18 @@ CASES = {
     "dynamic-rope": (tf.LlamaForCausalLM, tf.LlamaConfig(
         **BASE, max_position_embeddings=8,
         rope_parameters={"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0})),
+    "yarn-rope": (tf.Qwen2ForCausalLM, tf.Qwen2Config(  # Qwen2.5's long-context setting
+        **BASE, max_position_embeddings=32, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+            "original_max_position_embeddings": 8})),
+    "yarn-mscale": (tf.LlamaForCausalLM, tf.LlamaConfig(  # DeepSeek's mscale, no truncation
+        **BASE, max_position_embeddings=32,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 500.0, "factor": 2.0,
+                                 "original_max_position_embeddings": 16, "mscale": 0.7,
+                                 "mscale_all_dim": 1.0, "beta_fast": 16.0, "truncate": False})),
 }
 MODEL_TYPE = {"llama3-rope": "llama", "linear-rope": "llama", "dynamic-rope": "llama",
-              "qwen2-sliding": "qwen2"}
+              "qwen2-sliding": "qwen2", "yarn-rope": "qwen2", "yarn-mscale": "llama"}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +173,11 @@ def test_new_fields_round_trip_and_default_when_absent(tmp_path):
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling type 'yarn'"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling type 'longrope'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "needs exactly the keys"),
+    ({"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_positions": 8,
+                       "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 1.1,
+                       "truncate": "yes"}}, "truncate must be true or false"),
     ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "needs exactly the keys"),
     ({"rope_scaling": {"type": "linear", "factor": 0.5}}, "factor must be >= 1"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}, "position": "learned"},
@@ -187,8 +200,8 @@ def test_unsupported_variants_are_refused(hf_dir, tmp_path):
     for change, message in [
             ({"layer_types": ["full_attention", "sliding_attention"], "sliding_window": 4},
              "some layers only"),
-            ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}},
-             "rope type 'yarn'")]:
+            ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}},
+             "rope type 'longrope'")]:
         (path / "config.json").write_text(json.dumps({**raw, **change}))
         try:
             with pytest.raises(lmkit.CheckpointError, match=message):

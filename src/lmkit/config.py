@@ -30,7 +30,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Rotary scaling kinds and the keys each needs besides `type` and `factor` (Hugging Face's
 # rope_type linear, dynamic NTK, Llama 3 frequency bands).
 ROPE_SCALINGS = {"linear": (), "dynamic": ("original_max_positions",),
-                 "llama3": ("original_max_positions", "low_freq_factor", "high_freq_factor")}
+                 "llama3": ("original_max_positions", "low_freq_factor", "high_freq_factor"),
+                 "yarn": ("original_max_positions", "beta_fast", "beta_slow", "attention_factor",
+                          "truncate")}
 IGNORE_INDEX = -100  # the label id the loss skips (padding, prompts, unpicked tokens)
 
 
@@ -380,12 +382,15 @@ def check_rope_scaling(scaling: dict[str, Any]) -> None:
     if set(scaling) != wanted:
         raise ValueError(f"rope_scaling of type {kind} needs exactly the keys {sorted(wanted)}, "
                          f"got {sorted(scaling)}")
-    for key in wanted - {"type"}:
+    for key in wanted - {"type", "truncate"}:
         value = scaling[key]
         if not (_is_a(value, float) and math.isfinite(value) and value > 0):
             raise ValueError(f"rope_scaling {key} must be a positive number, got {value!r}")
     if scaling["factor"] < 1:
         raise ValueError(f"rope_scaling factor must be >= 1, got {scaling['factor']}")
+    if kind == "yarn" and not isinstance(scaling["truncate"], bool):
+        raise ValueError(f"rope_scaling truncate must be true or false, "
+                         f"got {scaling['truncate']!r}")
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError("rope_scaling high_freq_factor must be larger than low_freq_factor")
 

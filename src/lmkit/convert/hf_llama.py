@@ -4,6 +4,7 @@ tied or not (tie_word_embeddings). Its relatives (hf_decoders) start from this t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lmkit.config import ROPE_SCALINGS, ModelConfig
@@ -46,19 +47,27 @@ _HEADS: dict[str, Table] = {"lm": [("head.proj.weight", "lm_head.weight")],
 # lmkit rope_scaling keys <-> Hugging Face rope_parameters keys (besides type / rope_type)
 _ROPE_KEYS = {"factor": "factor", "low_freq_factor": "low_freq_factor",
               "high_freq_factor": "high_freq_factor",
-              "original_max_positions": "original_max_position_embeddings"}
+              "original_max_positions": "original_max_position_embeddings",
+              "beta_fast": "beta_fast", "beta_slow": "beta_slow",
+              "attention_factor": "attention_factor", "truncate": "truncate"}
 
 
 def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     """rope_theta and rope_scaling from a v5 `rope_parameters` dict or the v4 top-level keys
-    (`rope_theta`, `rope_scaling`). Scaled kinds lmkit lacks (yarn, longrope, ...) are
-    refused."""
+    (`rope_theta`, `rope_scaling`), with transformers' defaults filled in. Scaled kinds lmkit
+    lacks (longrope, ...) are refused."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = params.get("rope_type", params.get("type", "default"))
     scaling = None
     if kind == "dynamic":  # transformers scales past max_position_embeddings
         params = {**params, "original_max_position_embeddings":
                   hf.get("max_position_embeddings", 2048)}
+    elif kind in ("llama3", "yarn"):  # the pretraining length: a top-level key wins (Phi-3)
+        original = hf.get("original_max_position_embeddings") or \
+            params.get("original_max_position_embeddings") or hf.get("max_position_embeddings")
+        params = {**params, "original_max_position_embeddings": original}
+    if kind == "yarn":
+        params = _yarn_defaults(params, hf)
     if kind in ROPE_SCALINGS:
         scaling = {"type": kind, **{lm: params[h] for lm, h in _ROPE_KEYS.items()
                                     if lm in ("factor", *ROPE_SCALINGS[kind])}}
@@ -67,6 +76,25 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                          f"and {', '.join(ROPE_SCALINGS)})")
     return dict(rope_theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))),
                 rope_scaling=scaling)
+
+
+def _yarn_defaults(params: dict[str, Any], hf: dict[str, Any]) -> dict[str, Any]:
+    """YaRN's optional keys as transformers computes them when absent: the factor from the
+    lengths, the attention factor from the factor (and mscale / mscale_all_dim)."""
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or hf.get("max_position_embeddings", original) / original
+
+    def mscale(m: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    attention = params.get("attention_factor")
+    if attention is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    return {**params, "factor": float(factor), "attention_factor": float(attention),
+            "beta_fast": float(params.get("beta_fast") or 32),
+            "beta_slow": float(params.get("beta_slow") or 1),
+            "truncate": bool(params.get("truncate", True))}
 
 
 def rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -92,7 +92,8 @@ def rotary(positions: torch.Tensor, cfg: ModelConfig,
     inv_freq = inverse_frequencies(cfg, rot, positions, theta)
     angles = positions[..., None].float() * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
-    return angles.cos(), angles.sin()
+    scale = (cfg.rope_scaling or {}).get("attention_factor", 1.0)  # YaRN's, else 1
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def inverse_frequencies(cfg: ModelConfig, rot: int, positions: torch.Tensor,
@@ -100,7 +101,10 @@ def inverse_frequencies(cfg: ModelConfig, rot: int, positions: torch.Tensor,
     """The rotary frequencies, scaled as `cfg.rope_scaling` says (as transformers computes
     them): linear divides them by the factor; dynamic NTK raises the base once the sequence
     (the largest position + 1 in this call) outgrows the original length; llama3 divides the
-    low frequencies by the factor, keeps the high ones and blends the band between."""
+    low frequencies by the factor, keeps the high ones and blends the band between; YaRN
+    blends interpolated (divided) and original frequencies along a linear ramp over the
+    dimensions between the beta_fast and beta_slow rotation counts (its attention factor
+    scales cos and sin in `rotary`)."""
     scaling = cfg.rope_scaling or {"type": "none"}
     exponents = torch.arange(0, rot, 2, dtype=torch.int64, device=positions.device).float() / rot
     base = torch.tensor(theta or cfg.rope_theta, device=positions.device)
@@ -120,7 +124,28 @@ def inverse_frequencies(cfg: ModelConfig, rot: int, positions: torch.Tensor,
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= original / high) & (wavelen <= original / low)
         inv_freq = torch.where(medium, blended, scaled)
+    elif scaling["type"] == "yarn":
+        inv_freq = _yarn(inv_freq, scaling, rot, float(base))
     return inv_freq
+
+
+def _yarn(inv_freq: torch.Tensor, scaling: dict, rot: int, base: float) -> torch.Tensor:
+    """YaRN's frequencies: dimensions that turn fewer than beta_slow times over the original
+    length are interpolated (divided by the factor), those turning more than beta_fast times
+    kept, a linear ramp between."""
+    original = scaling["original_max_positions"]
+
+    def dim_of(turns: float) -> float:  # the dimension that turns `turns` times over `original`
+        return rot * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(scaling["beta_fast"]), dim_of(scaling["beta_slow"])
+    if scaling["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot - 1)
+    high = high + 0.001 if low == high else high  # no division by zero
+    ramp = ((torch.arange(rot // 2, device=inv_freq.device).float() - low) / (high - low))
+    keep = 1 - ramp.clamp(0, 1)  # 1: original frequency, 0: interpolated
+    return inv_freq / scaling["factor"] * (1 - keep) + inv_freq * keep
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
