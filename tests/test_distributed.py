@@ -1,13 +1,19 @@
 """Data parallel: `torchrun --nproc_per_node 2` gives the losses of one process with the same
-global batch (same data and seed), and only rank 0 writes."""
+global batch (same data and seed), and only rank 0 writes. Under FSDP (`parallelism: fsdp`)
+too, with sharded checkpoints that resume exactly and load whole into one process."""
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
+import lmkit
+from lmkit.checkpoint import MANIFEST, SHARDED_INDEX, WEIGHTS
 from lmkit.train import load_config, pretrain, read_metrics
 from lmkit.train.distributed import DistEnv, init_distributed
 
@@ -48,6 +54,78 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert two == pytest.approx(one, rel=1e-5, abs=1e-5)
     assert (tmp_path / "two" / "model.safetensors").exists()
     assert [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()] == ["step-5"]
+
+
+def train_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
+
+
+# Under torchrun: the FSDP run of the test, then the same run stopped at step 3 (a copy of it
+# holding only the step-3 checkpoint) resumed to the end. One process group for both.
+FSDP_SCRIPT = """
+    import shutil, sys
+    from pathlib import Path
+    from lmkit.cli import main
+    from lmkit.train.distributed import barrier, cleanup, init_distributed
+
+    tmp, sets = Path(sys.argv[1]), sys.argv[2:]
+    env = init_distributed("cpu")
+    assert main(["pretrain", *sets]) == 0
+    if env.is_main:
+        stopped = shutil.copytree(tmp / "fsdp", tmp / "resumed")
+        shutil.rmtree(stopped / "checkpoints" / "step-6")
+        (stopped / "model.safetensors").unlink()
+    barrier(env)
+    assert main(["pretrain", "--resume", str(tmp / "resumed")]) == 0
+    cleanup()
+"""
+
+
+def test_fsdp_matches_one_process_resumes_exactly_and_loads_whole(tmp_path):
+    write_corpus(tmp_path / "corpus.txt")
+    fsdp = {**settings(tmp_path, "fsdp", batch_size=2), "steps": 6, "save_every": 3,
+            "eval_every": 6, "keep_checkpoints": 0, "parallelism": "fsdp"}
+    sets = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in fsdp.items()]
+    script = tmp_path / "fsdp_run.py"
+    script.write_text(textwrap.dedent(FSDP_SCRIPT))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script),
+                           str(tmp_path), *(a for s in sets for a in ("--set", s))],
+                          capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = pretrain(load_config(None, {**fsdp, "out": str(tmp_path / "one"), "batch_size": 4,
+                                      "parallelism": "ddp"}))
+
+    # the same losses (and clipped gradient norms) as one process with the same global batch
+    records = [r for r in read_metrics(tmp_path / "fsdp") if r["split"] == "train"]
+    single = [r for r in read_metrics(one) if r["split"] == "train"]
+    assert len(records) == len(single) == 6
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in records] == pytest.approx([r[key] for r in single],
+                                                          rel=1e-5, abs=1e-5)
+    assert max(r["grad_norm"] for r in records) > 1.0  # so clipping (at 1.0) took part
+
+    # a sharded checkpoint: every rank's shards and DCP's index, listed in the manifest
+    step3 = tmp_path / "fsdp" / "checkpoints" / "step-3"
+    files = set(json.loads((step3 / MANIFEST).read_text())["files"])
+    assert {SHARDED_INDEX, "__0_0.distcp", "__1_0.distcp", "trainer_state.pt",
+            "config.json"} <= files and WEIGHTS not in files
+    assert sorted(p.name for p in step3.parent.iterdir()) == ["step-3", "step-6"]  # no staging
+
+    # resumed at step 3, the run goes on exactly as the one never stopped
+    assert train_losses(tmp_path / "resumed") == train_losses(tmp_path / "fsdp")
+
+    # lmkit.load reads a sharded checkpoint whole into this process (no process group):
+    # the last one equals the final model, gathered and saved whole, and one process's
+    final = lmkit.load(tmp_path / "fsdp").state_dict()
+    whole = lmkit.load(tmp_path / "fsdp" / "checkpoints" / "step-6")
+    assert whole.tokenizer is not None
+    resumed, single = (lmkit.load(run).state_dict() for run in (tmp_path / "resumed", one))
+    for name, tensor in final.items():
+        assert torch.equal(whole.state_dict()[name], tensor), name
+        assert torch.equal(resumed[name], tensor), name
+        assert torch.allclose(single[name], tensor, atol=1e-5), name
 
 
 def test_single_process_environment_is_not_distributed(monkeypatch):

@@ -115,7 +115,7 @@ LAYERS = [
     ["lmkit.textfiles"],
     ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage",
      "lmkit.generation_config", "lmkit.sources"],
-    ["lmkit.model", "lmkit.tokenizer"],
+    ["lmkit.model", "lmkit.tokenizer", "lmkit.sharded"],
     ["lmkit.flops", "lmkit.generate", "lmkit.convert", "lmkit.data"],
     ["lmkit.loading", "lmkit.objectives"],
     ["lmkit.train"],

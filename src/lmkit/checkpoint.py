@@ -43,6 +43,7 @@ log = logging.getLogger("lmkit")
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
+SHARDED_INDEX = ".metadata"  # torch.distributed.checkpoint's index (lmkit.sharded)
 # Tensors of a Hugging Face checkpoint that lmkit keeps without computing with them (BERT's
 # pooler): their name prefix in model.safetensors, and the metadata key of their HF type.
 CARRIED, CARRIED_FROM = "hf_carried:", "lmkit.hf_carried_from"
@@ -70,7 +71,8 @@ def file_crc(file: Path) -> str:
 
 
 def save(model: Model, path: str | Path, tokenizer: Any = None,
-         extra_files: dict[str, str] | None = None) -> Path:
+         extra_files: dict[str, str] | None = None,
+         state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a checkpoint folder at `path` (created or replaced atomically).
 
     Tied weights are stored once. `tokenizer` (or the model's attached one) is saved as
@@ -78,20 +80,17 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     from a Hugging Face checkpoint (`model.hf_carried`) are stored under `CARRIED` + their HF
     name, with the type they were read from in the metadata. `extra_files` maps file names
     to text (a model card, say). The weights' metadata holds the checksums of everything
-    else `load` reads."""
+    else `load` reads. `state_dict`: the model's tensors whole, where `model` holds only its
+    shard of them (FSDP: gathered by lmkit.train.distributed.full_state_dict)."""
     path = Path(path)
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     tied = model.tied_names()
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items() if k not in tied}
     carried = getattr(model, "hf_carried", None) or {}
     dtype = model.tokens.weight.dtype
     tensors.update({CARRIED + k: v.to(dtype).contiguous() for k, v in carried.items()})
     with atomic_folder(path) as staging:
-        model.config.to_json(staging / CONFIG)
-        if tokenizer is not None:
-            tokenizer.save(staging)
-        if model.generation_config is not None:
-            model.generation_config.save(staging)
+        write_model_files(model, staging, tokenizer)
         files = {f.name: file_crc(f) for f in sorted(staging.iterdir())}
         meta = {"format": "pt", "lmkit.crc32": _crc(tensors), "lmkit.files": json.dumps(files)}
         if carried:
@@ -102,9 +101,21 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     return path
 
 
+def write_model_files(model: Model, folder: Path, tokenizer: Any = None) -> None:
+    """A checkpoint folder's files besides the weights: config.json, the tokenizer
+    (`tokenizer` or the model's own) and generation_config.json."""
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    model.config.to_json(folder / CONFIG)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    if model.generation_config is not None:
+        model.generation_config.save(folder)
+
+
 def _plain_name(name: str) -> bool:
-    """A file directly in the checkpoint folder: no sub-path, no hidden or staging name."""
-    return "/" not in name and not name.startswith(".")
+    """A file directly in the checkpoint folder: no sub-path, no hidden or staging name
+    (but the index of a sharded checkpoint)."""
+    return "/" not in name and (not name.startswith(".") or name == SHARDED_INDEX)
 
 
 def verify_files(folder: Path, meta: dict[str, str]) -> None:

@@ -718,6 +718,7 @@ def _pretrain_args(p: argparse.ArgumentParser) -> None:
 def pretrain(args: argparse.Namespace) -> None:
     from lmkit.train import load_config, parse_set, resume
     from lmkit.train import pretrain as run
+    from lmkit.train.distributed import launch_ranks
 
     flags = {"preset": args.preset, "data": args.data, "tokenizer": args.tokenizer,
              "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
@@ -732,7 +733,8 @@ def pretrain(args: argparse.Namespace) -> None:
         out = resume(args.resume, overrides)
     else:
         out = run(load_config(args.config, overrides))
-    print(f"model saved in {out} (lmkit generate {out} --prompt ...)")
+    if launch_ranks()[0] == 0:  # under torchrun, once
+        print(f"model saved in {out} (lmkit generate {out} --prompt ...)")
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,7 @@ from lmkit.checkpoint import (
     read_tensors,
     save,
     verify_files,
+    verify_manifest,
 )
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import card_fields, load_gguf
@@ -39,6 +40,7 @@ from lmkit.hub import default_registry, hf_cache, lookup, parse, resolve
 from lmkit.lineage import write_conversion_card
 from lmkit.model import Model, build
 from lmkit.model.lora import ADAPTER_CONFIG, load_adapter
+from lmkit.sharded import is_sharded, read_whole
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
 
@@ -147,14 +149,20 @@ def load_lmkit(path: str | Path, *, head: str | None = None,
                label_names: list[str] | None = None,
                dtype: torch.dtype | str | None = None,
                device: str | torch.device = "cpu") -> Model:
-    """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`)."""
+    """Load an lmkit checkpoint folder (`head` / `label_names` as in `load`); a sharded
+    training checkpoint (written under FSDP) is read whole."""
     path = Path(path)
-    meta = read_metadata(path / WEIGHTS)
-    verify_files(path, meta)  # before anything else is trusted
+    shards = is_sharded(path) and not (path / WEIGHTS).exists()
+    if shards:
+        meta: dict[str, str] = {}
+        verify_manifest(path)  # before anything else is trusted
+    else:
+        meta = read_metadata(path / WEIGHTS)
+        verify_files(path, meta)
     source = ModelConfig.from_json(path / CONFIG)
     config = retarget(source, head, label_names)
     new = ("head.",) if config is not source else ()
-    tensors, _ = read_tensors(path / WEIGHTS)
+    tensors = read_whole(path) if shards else read_tensors(path / WEIGHTS)[0]
     carried = {k.removeprefix(CARRIED): tensors.pop(k) for k in list(tensors)
                if k.startswith(CARRIED)}
     if new:  # the old head's tensors (and what was carried with it) have no place here

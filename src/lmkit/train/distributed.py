@@ -3,10 +3,17 @@
 `torchrun --nproc_per_node N ...` sets RANK, WORLD_SIZE and LOCAL_RANK; `init_distributed`
 reads them and joins the process group (gloo on CPU, nccl on GPU). Without them everything
 here is a no-op for one process. Only rank 0 writes files and prints.
+
+`parallelism` picks how the processes share the model: "ddp" (DistributedDataParallel:
+each holds it whole, gradients are all-reduced) or "fsdp" (FSDP2's `fully_shard`, per block
+and at the root: each holds a 1/N shard of the parameters, gradients and optimizer state,
+gathering a block's parameters only while it computes), for models that do not fit one
+device. Under FSDP the parameters are DTensors: `is_sharded` tells the rest of lmkit so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -54,10 +61,22 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(rank, world, local_rank, dev)
 
 
-def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
-    """The model wrapped in DistributedDataParallel when there are several processes."""
+PARALLELISM = ("ddp", "fsdp")
+
+
+def wrap_model(model: nn.Module, env: DistEnv, parallelism: str = "ddp") -> nn.Module:
+    """With several processes: the model wrapped in DistributedDataParallel ("ddp"), or
+    sharded in place by FSDP2 ("fsdp": each block, then the root, which keeps the embeddings,
+    the head and a tied weight in one unit). Build the optimizer after this: sharding
+    replaces the parameters."""
     if not env.distributed:
         return model
+    if parallelism == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for _, block in model.blocks():
+            fully_shard(block)
+        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [env.device.index] if env.device.type == "cuda" else None
@@ -66,6 +85,42 @@ def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether the model's parameters are FSDP shards (DTensors), not whole tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap(model).parameters())
+
+
+def grad_sync(net: nn.Module, env: DistEnv, last: bool) -> contextlib.AbstractContextManager:
+    """The context of a micro-batch's backward: DDP all-reduces the gradients only in the
+    last one. FSDP reduce-scatters every one, so that gradients stay sharded between
+    micro-batches (skipping it would hold the whole model's gradients on each process)."""
+    if env.distributed and not last and hasattr(net, "no_sync"):
+        return net.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """A sharded model's tensors gathered whole onto rank 0's CPU (an empty dict on the
+    other ranks); None for a model that holds them whole. Collective under FSDP."""
+    if not is_sharded(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors (every rank holds them) into a sharded model: each rank keeps its
+    shard. A tied weight may be left out (it is loaded through the tensor it shares)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(unwrap(model), tensors, options=StateDictOptions(
+        full_state_dict=True, strict=False))
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

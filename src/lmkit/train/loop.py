@@ -35,15 +35,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmkit.checkpoint import clean_staging, save
+from lmkit.checkpoint import clean_staging
 from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lmkit.logs import setup_logging
 from lmkit.model import eval_mode
 from lmkit.train.distributed import (
+    PARALLELISM,
     DistEnv,
     all_reduce_sum,
     barrier,
+    grad_sync,
     init_distributed,
     unwrap,
     wrap_model,
@@ -58,6 +60,7 @@ from lmkit.train.state import (
     load_weights,
     resume_checkpoint,
     save_checkpoint,
+    save_model,
     seed_everything,
 )
 from lmkit.train.trackers import Trackers, check_report_to
@@ -100,6 +103,7 @@ class TrainConfig:
     log_every: int = -1  # steps per train record; -1 = about 100 records (at most every 10)
     seed: int = 0  # model init, data order, dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    parallelism: str = "ddp"  # ddp | fsdp (torchrun: shard parameters, gradients, optimizer)
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = True  # false drops TensorBoard even where report_to has it
     plot: bool = True  # loss.png at the end
@@ -139,6 +143,9 @@ class TrainConfig:
             raise ValueError(f"layer_decay must be in [0, 1] (0 = off), got {self.layer_decay}")
         check_precision(self.precision)
         check_device(self.device)
+        if self.parallelism not in PARALLELISM:
+            raise ConfigError(f"parallelism={self.parallelism!r}: choose ddp (each process "
+                              "holds the model) or fsdp (each holds a shard of it)")
         carbon_intensity(self.carbon_intensity)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of "
@@ -366,6 +373,8 @@ class _Run:
         self.precision = resolve_precision(cfg.precision, env.device)
         self.model = model.to(env.device)
         model.train()
+        model.activation_checkpointing(cfg.activation_checkpointing)
+        self.net = wrap_model(model, env, cfg.parallelism)  # FSDP: before the optimizer
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay,
                                          (cfg.beta1, cfg.beta2), cfg.eps, cfg.layer_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps,
@@ -391,8 +400,6 @@ class _Run:
         self.compute = ComputeMeter(model, state.get("compute"), step=self.step, energy=energy,
                                     **self.compute_extra(with_steps=False))
         self.result = TrainResult(out_dir, self.step, self.start_step, checkpoint=self.source)
-        model.activation_checkpointing(cfg.activation_checkpointing)
-        self.net = wrap_model(model, env)
         self.evals_on = (eval_batches is not None or scorer is not None) and cfg.eval_every > 0
         keep_best = self.evals_on and (cfg.best_metric is not None or cfg.patience > 0)
         metric = cfg.best_metric or "loss"
@@ -445,8 +452,9 @@ class _Run:
                      f" trainable ({share:.0%})",
             "new tensors": given.get("new tensors"),
             "data": given.get("data"),
-            "device": f"{describe_device(env.device, env.world_size)}, precision "
-                      f"{self.precision} (asked: {cfg.precision})",
+            "device": f"{describe_device(env.device, env.world_size)}"
+                      + (f" ({cfg.parallelism})" if env.distributed else "")
+                      + f", precision {self.precision} (asked: {cfg.precision})",
             "steps": f"{cfg.steps}{resumed} (warmup {cfg.warmup_steps}, {cfg.schedule} "
                      f"schedule, lr {cfg.lr:g}); batch {batch}"
                      + (f", ~{tokens:,.0f} tokens per step" if tokens else ""),
@@ -492,9 +500,7 @@ class _Run:
         total = torch.zeros((), device=env.device)
         for i, batch in enumerate(micro):
             last = i == len(micro) - 1
-            sync = self.net.no_sync() if env.distributed and not last else \
-                contextlib.nullcontext()
-            with sync:
+            with grad_sync(self.net, env, last):
                 with autocast(self.precision, env.device):  # no logits kept (model/loss.py)
                     out = self.net(**batch, return_logits=False)
                 (out.loss_sum * scale).backward()
@@ -586,8 +592,7 @@ class _Run:
         if best["value"] is None or (value > best["value"] if greater_is_better(name)
                                      else value < best["value"]):
             best.update(value=value, step=self.step, bad_evals=0)
-            if self.env.is_main:
-                save(unwrap(self.model), self.out_dir / BEST)
+            save_model(self.model, self.out_dir / BEST, self.env)
             return " (best so far)"
         best["bad_evals"] += 1
         if self.cfg.patience and best["bad_evals"] >= self.cfg.patience:
@@ -617,10 +622,9 @@ class _Run:
                 barrier(self.env)  # rank 0 wrote it
                 load_weights(unwrap(self.model), self.out_dir / BEST)
                 self.result.best = {k: best[k] for k in ("metric", "value", "step")}
-            if self.env.is_main:
-                save(unwrap(self.model), self.out_dir)
-                if best is not None:
-                    shutil.rmtree(self.out_dir / BEST, ignore_errors=True)
+            save_model(self.model, self.out_dir, self.env)
+            if self.env.is_main and best is not None:
+                shutil.rmtree(self.out_dir / BEST, ignore_errors=True)
         elif self.step == self.end:
             self.result.stopped = "max_steps"
 

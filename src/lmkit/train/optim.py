@@ -94,4 +94,6 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+    # FSDP: the norm of sharded gradients is a DTensor, reduced over the ranks' shards
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

@@ -4,21 +4,29 @@
 process, the random states (torch, CUDA, numpy, python) and the data position (with the
 objective's generator), and `manifest.json`: the size and CRC32 of every other file.
 
+Under FSDP (`parallelism: fsdp`) the checkpoint is sharded: instead of model.safetensors,
+every rank writes its shards of the weights and of the optimizer tensors with
+torch.distributed.checkpoint (`lmkit.sharded`), and trainer_state.pt keeps the rest (the
+optimizer's parameter groups, ...). `lmkit.load` reads such a folder whole into one process.
+
 A checkpoint is written under a temporary name and renamed into place, so `step-N` folders
-are always complete; only the last `keep` are kept. Before a resume uses one, its manifest is
-checked, `trainer_state.pt` is read with `torch.load(weights_only=True)` and its structure is
-checked against the live objects (every optimizer tensor has its parameter's shape and dtype,
-step and data position are in range and agree with the folder name): nothing reaches the
-optimizer unchecked. A damaged latest checkpoint makes the resume fall back, with a warning,
-to the newest intact one."""
+are always complete (a sharded one too: all ranks write into rank 0's staging folder, which
+it renames once they are done); only the last `keep` are kept. Before a resume uses one,
+its manifest is checked, `trainer_state.pt` is read with `torch.load(weights_only=True)` and
+its structure is checked against the live objects (every optimizer tensor has its
+parameter's shape and dtype, step and data position are in range and agree with the folder
+name): nothing reaches the optimizer unchecked. A damaged latest checkpoint makes the resume
+fall back, with a warning, to the newest intact one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmkit import sharded
 from lmkit.checkpoint import (
     CONFIG,
     TOKENIZER,
@@ -37,11 +46,21 @@ from lmkit.checkpoint import (
     save,
     verify_manifest,
     write_manifest,
+    write_model_files,
 )
 from lmkit.config import ModelConfig
 from lmkit.errors import CheckpointError, TokenizerError
 from lmkit.textfiles import read_json
-from lmkit.train.distributed import DistEnv, barrier, gather_objects
+from lmkit.train.distributed import (
+    DistEnv,
+    barrier,
+    broadcast_object,
+    full_state_dict,
+    gather_objects,
+    is_sharded,
+    load_full_state_dict,
+    unwrap,
+)
 
 log = logging.getLogger("lmkit")
 
@@ -93,34 +112,95 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
                     env: DistEnv, keep: int = 3, extra: dict[str, Any] | None = None
                     ) -> Path:
-    """Write `out_dir/checkpoints/step-{step}` atomically (rank 0; every rank must call it,
-    since each contributes its random and data state). Keeps the last `keep` checkpoints
-    (0 = all)."""
+    """Write `out_dir/checkpoints/step-{step}` atomically. Every rank must call it: each
+    contributes its random and data state and, when the model is sharded (FSDP), its
+    shards. Keeps the last `keep` checkpoints (0 = all)."""
     mine = {"rng": rng_state(),
             "data": data.state_dict() if hasattr(data, "state_dict") else None}
     ranks = gather_objects(mine, env)
-    folder = Path(out_dir) / CHECKPOINTS
-    final = folder / f"step-{step}"
-    if env.is_main:
-        with atomic_folder(final, swap=True) as staging:  # the same step again: swapped
-            save(model, staging)
-            state = {"step": step, "optimizer": optimizer.state_dict(),
+    final = Path(out_dir) / CHECKPOINTS / f"step-{step}"
+    shards = is_sharded(model)
+    with _staging(final, env) as staging:  # the same step again: swapped
+        if shards:
+            sharded.write(_shard_templates(model, optimizer)[0], staging)
+        if env.is_main:
+            if shards:
+                write_model_files(unwrap(model), staging)
+            else:
+                save(model, staging)
+            optim = optimizer.state_dict()
+            state = {"step": step, "optimizer": {"param_groups": optim["param_groups"]}
+                     if shards else optim, "sharded": shards,
                      "scheduler": scheduler.state_dict(), "world_size": env.world_size,
                      "ranks": ranks, **(extra or {})}
             torch.save(state, staging / STATE)
             write_manifest(staging)
-        if keep > 0:
-            for stale in list_checkpoints(out_dir)[:-keep]:
-                remove_folder(stale)
+    if env.is_main and keep > 0:
+        for stale in list_checkpoints(out_dir)[:-keep]:
+            remove_folder(stale)
     barrier(env)
     return final
 
 
+@contextlib.contextmanager
+def _staging(final: Path, env: DistEnv) -> Iterator[Path]:
+    """Rank 0's atomic staging folder for `final`, on every rank (the ranks of a sharded
+    save write into it); renamed into place once every rank is done."""
+    with atomic_folder(final, swap=True) if env.is_main else contextlib.nullcontext() as mine:
+        yield broadcast_object(mine, env)
+        barrier(env)
+
+
+def _shard_templates(model: nn.Module, optimizer: torch.optim.Optimizer
+                     ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """A sharded model's tensors as a sharded checkpoint holds them, {"model": weights
+    (a tied weight once), "optim": {parameter name: its AdamW tensors}}, this rank's shards
+    of the live tensors; and the parameter names in the optimizer's index order. (The
+    optimizer's state is created first if no step has made it yet.)"""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    model = unwrap(model)
+    tied = model.tied_names()
+    weights = {k: v for k, v in get_model_state_dict(model).items() if k not in tied}
+    optim = get_optimizer_state_dict(model, optimizer)
+    names = [name for group in optim["param_groups"] for name in group["params"]]
+    return {"model": weights, "optim": optim["state"]}, names
+
+
+def _read_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
+                 ) -> dict[int, dict[str, torch.Tensor]]:
+    """Load a sharded checkpoint's weights into `model` (each rank its shards) and return
+    its optimizer tensors by parameter index, as `optimizer.state_dict()` holds them, to be
+    checked and loaded like those of a whole checkpoint. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    tensors, names = _shard_templates(model, optimizer)
+    sharded.read_into(tensors, folder)
+    set_model_state_dict(unwrap(model), tensors["model"],
+                         options=StateDictOptions(strict=False))  # a tied weight: left out
+    return {i: tensors["optim"][name] for i, name in enumerate(names)
+            if name in tensors["optim"]}
+
+
+def save_model(model: nn.Module, path: str | Path, env: DistEnv) -> None:
+    """Write the model as a checkpoint folder at `path` (on rank 0). Every rank must call
+    it: a sharded model's weights are gathered whole onto rank 0's CPU first."""
+    whole = full_state_dict(model)
+    if env.is_main:
+        save(unwrap(model), path, state_dict=whole)
+
+
 def load_weights(model: nn.Module, folder: str | Path) -> None:
     """Copy a checkpoint folder's weights into `model` in place (its parameters stay the
-    same objects)."""
+    same objects; a sharded model's ranks each keep their shards)."""
     tensors, _ = read_tensors(Path(folder) / "model.safetensors")
-    check_tensors(model, tensors)
+    check_tensors(unwrap(model), tensors)
+    if is_sharded(model):
+        load_full_state_dict(model, tensors)
+        return
     with torch.no_grad():
         model.load_state_dict(tensors, strict=False)
 
@@ -136,12 +216,33 @@ def read_state(folder: str | Path, model: nn.Module, optimizer: torch.optim.Opti
                               "checkpoints/step-N folder or the run folder")
     verify_manifest(folder)
     state = read_pickle(folder / STATE, allow_pickle=True)  # lmkit's own, checksummed file
+    shards = isinstance(state, dict) and state.get("sharded") is True
+    if shards:  # the optimizer tensors are in the shards, checked below with the rest
+        _check_setup(state, folder, model, env)
+        groups = state["optimizer"].get("param_groups") \
+            if isinstance(state.get("optimizer"), dict) else None
+        state["optimizer"] = {"state": _read_shards(folder, model, optimizer),
+                              "param_groups": groups}
     check_state(state, folder, optimizer, scheduler)
-    if state["world_size"] != env.world_size:
+    if not shards:
+        _check_setup(state, folder, model, env)
+    return state
+
+
+def _check_setup(state: dict[str, Any], folder: Path, model: nn.Module, env: DistEnv
+                 ) -> None:
+    """Raise ValueError (with the fix) unless the checkpoint was written by a run like this
+    one: as many processes, the same parallelism, architecture and tokenizer."""
+    world = state.get("world_size")
+    if isinstance(world, int) and world != env.world_size:
         raise ValueError(
-            f"{folder} was written by {state['world_size']} process(es) but this run has "
+            f"{folder} was written by {world} process(es) but this run has "
             f"{env.world_size}: resume with the same number of processes (torchrun "
-            f"--nproc_per_node {state['world_size']}) so every data shard continues exactly")
+            f"--nproc_per_node {world}) so every data shard continues exactly")
+    if (state.get("sharded") is True) != is_sharded(model):
+        kind = ("fsdp", "ddp") if state.get("sharded") is True else ("ddp", "fsdp")
+        raise ValueError(f"{folder} was written with parallelism {kind[0]} but this run uses "
+                         f"{kind[1]}: resume with the run's own (--set parallelism={kind[0]})")
     saved = ModelConfig.from_json(folder / CONFIG).to_dict()
     live = model.config.to_dict()
     changed = [f"{k} (checkpoint {saved[k]!r}, model {live[k]!r})" for k in saved
@@ -156,7 +257,6 @@ def read_state(folder: str | Path, model: nn.Module, optimizer: torch.optim.Opti
         raise ValueError(f"the tokenizer of the model being trained differs from the one saved "
                          f"in {folder}: resume with the run's own tokenizer "
                          f"({folder / TOKENIZER})")
-    return state
 
 
 def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -165,7 +265,8 @@ def load_checkpoint(folder: str | Path, model: nn.Module, optimizer: torch.optim
     has checked it; returns the raw trainer state (step, compute totals, ...)."""
     folder = Path(folder)
     state = read_state(folder, model, optimizer, scheduler, env)
-    load_weights(model, folder)
+    if not state.get("sharded"):  # a sharded one's weights came with its optimizer state
+        load_weights(model, folder)
     return _restore(state, folder, optimizer, scheduler, data, env)
 
 
@@ -327,6 +428,7 @@ def _check_optimizer(saved: Any, optimizer: torch.optim.Optimizer, step: int) ->
             _need(t.shape == p.shape and t.dtype == p.dtype,
                   f"optimizer state {index}.{key}: {tuple(t.shape)} {t.dtype} for a parameter "
                   f"of {tuple(p.shape)} {p.dtype}")
+            t = t.to_local() if hasattr(t, "to_local") else t  # FSDP: this rank's shard
             _need(bool(torch.isfinite(t).all()), f"optimizer state {index}.{key} is not finite")
             if key != "exp_avg":
                 _need(bool((t >= 0).all()), f"optimizer state {index}.{key} is negative")
