@@ -4,6 +4,7 @@ too, with sharded checkpoints that resume exactly and load whole into one proces
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -13,9 +14,13 @@ import pytest
 import torch
 
 import lmkit
+from lmkit import sharded
 from lmkit.checkpoint import MANIFEST, SHARDED_INDEX, WEIGHTS
-from lmkit.train import load_config, pretrain, read_metrics
+from lmkit.errors import CheckpointError, ConfigError
+from lmkit.finetune.run import FinetuneConfig
+from lmkit.train import TrainConfig, load_config, pretrain, read_metrics
 from lmkit.train.distributed import DistEnv, init_distributed
+from lmkit.train.options import read_config
 
 
 def write_corpus(path: Path) -> None:
@@ -83,8 +88,11 @@ FSDP_SCRIPT = """
 
 def test_fsdp_matches_one_process_resumes_exactly_and_loads_whole(tmp_path):
     write_corpus(tmp_path / "corpus.txt")
-    fsdp = {**settings(tmp_path, "fsdp", batch_size=2), "steps": 6, "save_every": 3,
-            "eval_every": 6, "keep_checkpoints": 0, "parallelism": "fsdp"}
+    # 2 micro-batches of 1 row per process and step (gradients reduce-scattered after each),
+    # keep-best (the best model gathered whole, then loaded back into the shards)
+    fsdp = {**settings(tmp_path, "fsdp", batch_size=1), "steps": 6, "save_every": 3,
+            "grad_accum": 2, "eval_every": 6, "best_metric": "loss", "keep_checkpoints": 0,
+            "parallelism": "fsdp"}
     sets = [f"{k}={','.join(v) if isinstance(v, list) else v}" for k, v in fsdp.items()]
     script = tmp_path / "fsdp_run.py"
     script.write_text(textwrap.dedent(FSDP_SCRIPT))
@@ -95,9 +103,10 @@ def test_fsdp_matches_one_process_resumes_exactly_and_loads_whole(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = pretrain(load_config(None, {**fsdp, "out": str(tmp_path / "one"), "batch_size": 4,
-                                      "parallelism": "ddp"}))
+                                      "grad_accum": 1, "parallelism": "ddp"}))
 
     # the same losses (and clipped gradient norms) as one process with the same global batch
+    assert json.loads((tmp_path / "fsdp" / "compute.json").read_text())["world_size"] == 2
     records = [r for r in read_metrics(tmp_path / "fsdp") if r["split"] == "train"]
     single = [r for r in read_metrics(one) if r["split"] == "train"]
     assert len(records) == len(single) == 6
@@ -126,6 +135,32 @@ def test_fsdp_matches_one_process_resumes_exactly_and_loads_whole(tmp_path):
         assert torch.equal(whole.state_dict()[name], tensor), name
         assert torch.equal(resumed[name], tensor), name
         assert torch.allclose(single[name], tensor, atol=1e-5), name
+
+
+def test_sharded_folder_reads_whole_in_one_process_and_runs_no_pickled_code(tmp_path):
+    weights = {"tokens.weight": torch.randn(6, 4), "norm.weight": torch.arange(4.0)}
+    sharded.write({"model": weights, "optim": {"norm.weight": {"exp_avg": torch.ones(4)}}},
+                  tmp_path / "ckpt")  # one process: every tensor whole
+    assert sharded.is_sharded(tmp_path / "ckpt") and not sharded.is_sharded(tmp_path)
+    read = sharded.read_whole(tmp_path / "ckpt")
+    assert read.keys() == weights.keys()
+    assert all(torch.equal(read[k], v) for k, v in weights.items())
+
+    class Exploit:  # an index that would run a command when unpickled
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    (tmp_path / "ckpt" / SHARDED_INDEX).write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(CheckpointError, match="system is not part of a checkpoint index"):
+        sharded.read_whole(tmp_path / "ckpt")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_parallelism_is_checked():
+    with pytest.raises(ConfigError, match="parallelism='zero3': choose ddp"):
+        TrainConfig(parallelism="zero3").validate()
+    with pytest.raises(ConfigError, match="fine-tuning runs with parallelism ddp"):
+        read_config(FinetuneConfig, None, {"parallelism": "fsdp", "train": "x"})
 
 
 def test_single_process_environment_is_not_distributed(monkeypatch):

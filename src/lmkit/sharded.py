@@ -15,8 +15,10 @@ torch.distributed.checkpoint is imported when used: it takes seconds to import.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +77,21 @@ def _reader(folder: Path) -> Any:
     return SafeReader(folder)
 
 
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """Without a process group DCP warns that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        yield
+
+
 def write(tensors: dict[str, dict[str, torch.Tensor]], folder: str | Path) -> None:
     """Write `{group: {name: tensor}}` (DTensor shards or whole tensors) into `folder`.
     Collective: every process of the group calls it with its own shards."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
+    with _one_process_is_fine():
+        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(folder))
 
 
 def read_into(tensors: dict[str, dict[str, torch.Tensor]], folder: str | Path,
@@ -90,8 +101,7 @@ def read_into(tensors: dict[str, dict[str, torch.Tensor]], folder: str | Path,
     import torch.distributed.checkpoint as dcp
 
     try:
-        with warnings.catch_warnings():  # DCP warns that one process reads it all
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        with _one_process_is_fine():
             dcp.load(tensors, storage_reader=_reader(Path(folder)), no_dist=alone)
     except CheckpointError:
         raise

@@ -27,7 +27,7 @@ import torch
 from lmkit.config import DEFAULT_POOLING, HEADS, POOLINGS
 from lmkit.convert.peft import save_peft
 from lmkit.data.batches import TaskBatches, collate, length_grouped_batches
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, ConfigError
 from lmkit.finetune.inference import TASK_FILE
 from lmkit.finetune.schemes import SCHEMES, apply_scheme
 from lmkit.lineage import (
@@ -130,6 +130,9 @@ class FinetuneConfig(TrainConfig):
                              f"{POOLINGS}")
         if self.pooling is not None and not HEADS[TASKS[self.task].head].pooled:
             raise ValueError(f"pooling is a classification option, not one of {self.task}")
+        if self.parallelism == "fsdp":  # its scoring, LoRA and saving read whole weights
+            raise ConfigError("parallelism fsdp shards pretraining (lmkit pretrain); "
+                              "fine-tuning runs with parallelism ddp")
         TASKS[self.task].parse_options(self.options(known_only=False))
 
     def options(self, known_only: bool = True) -> dict[str, Any]:
