@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from lmkit.checkpoint import SHARDED_INDEX
-from lmkit.errors import CheckpointError
+from lmkit.errors import CheckpointError, storage_error
 
 # (module, name) of every class DCP's index may name (torch 2.x); torch dtypes are allowed too
 _INDEX_CLASSES = {
@@ -53,13 +53,21 @@ def is_sharded(folder: str | Path) -> bool:
 
 def read_index(folder: str | Path) -> Any:
     """The DCP index of a sharded folder (a `Metadata`), read without running code."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
     file = Path(folder) / SHARDED_INDEX
     try:
         with open(file, "rb") as f:
-            return _IndexUnpickler(f).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{file} is not a readable checkpoint index ({e}): the sharded "
-                              "checkpoint is damaged; resume or load another one") from None
+            index = _IndexUnpickler(f).load()
+    except Exception as e:  # bad bytes raise many kinds; only allowlisted classes ran
+        if isinstance(e, OSError) and e.errno is not None:
+            raise storage_error(e, "read", file) from e
+        index = e
+    if not isinstance(index, Metadata):
+        raise CheckpointError(f"{file} is not a readable checkpoint index "
+                              f"({str(index)[:200]}): the sharded checkpoint is damaged; "
+                              "resume or load another one")
+    return index
 
 
 def _reader(folder: Path) -> Any:
