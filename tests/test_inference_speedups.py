@@ -14,8 +14,8 @@ import lmkit
 from lmkit.tasks.task import inference_batches
 from lmkit.tokenizer import Tokenizer
 
-WORDS = ("the film was good bad long short fun dull and very quite not a story plot actor "
-         "scene music ending").split()
+WORDS = ["the", "film", "was", "good", "bad", "long", "short", "fun", "dull", "and", "very",
+         "quite", "not", "a", "story", "plot", "actor", "scene", "music", "ending"]
 
 
 def _texts(n: int) -> list[str]:
