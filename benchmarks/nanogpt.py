@@ -63,7 +63,7 @@ beta2: 0.99
 grad_clip: 1.0
 precision: fp32
 device: cpu
-eval_every: 250
+eval_every: {eval_every}
 valid_batches: 20
 save_every: 0
 log_every: 1
@@ -73,6 +73,12 @@ plot: false
 report_to: [none]
 out: {out}
 """
+
+
+def eval_every(iters: int) -> int:
+    """The recipe's 250, or `iters` for a shorter run, so that the last iteration is
+    evaluated (both evaluate at multiples of it, and at the end)."""
+    return min(250, iters)
 
 
 def missing(nanogpt: Path) -> list[str]:
@@ -91,7 +97,8 @@ def prepare(nanogpt: Path, text: Path, work: Path) -> Path:
 
 def run_nanogpt(copy: Path, iters: int) -> dict:
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *RECIPE,
-           f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--out_dir=out-bench"]
+           f"--max_iters={iters}", f"--lr_decay_iters={iters}", "--out_dir=out-bench",
+           f"--eval_interval={eval_every(iters)}"]
     start = time.perf_counter()
     out = subprocess.run(cmd, cwd=copy, check=True, capture_output=True, text=True).stdout
     wall = time.perf_counter() - start
@@ -111,7 +118,7 @@ def run_lmkit(text: Path, work: Path, iters: int) -> dict:
     out = work / "lmkit-run"
     config = work / "lmkit.yaml"
     config.write_text(LMKIT_CONFIG.format(block=BLOCK, batch=BATCH, iters=iters, train=train,
-                                          valid=valid, out=out))
+                                          valid=valid, out=out, eval_every=eval_every(iters)))
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lmkit.cli", "pretrain", "--config", str(config)],
                    check=True, capture_output=True, text=True)
