@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data
 
-.PHONY: setup seed run test lint fuzz clean
+.PHONY: setup seed run test lint fuzz bench clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,13 @@ test: setup
 
 fuzz: setup  # the full fuzz corpus (3000 mutated inputs): outcomes per input kind
 	$(PY) tests/fuzzing.py
+
+# Every benchmark side by side with its reference, one table (runs/bench-<time>.md/.json);
+# about 20 minutes on a quiet 2-core CPU. BENCH="--quick" for a smoke check, or
+# BENCH="--only pipeline --only nanogpt"; nanoGPT (the reference of item 6) is a clone at NANOGPT.
+NANOGPT ?= ../ext/nanoGPT
+bench: setup
+	$(PY) benchmarks/run.py --data $(DATA) --nanogpt $(NANOGPT) $(BENCH)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -24,6 +24,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table import emit, row  # noqa: E402
+
 CHILD = """
 import json, resource, sys
 import torch, lmkit
@@ -65,7 +68,9 @@ def smollm2() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def report(label: str, path: str, baseline: float) -> None:
+def report(label: str, path: str, baseline: float) -> dict:
+    """Print the peaks of loading `path`; returns its table row (the cost of loading, in
+    copies of the float32 weights)."""
     r = measure(path)
     weights = r["params"] * 4 / 2**20  # float32, tied matrices counted once
     print(f"{label:<30} {r['params'] / 1e6:.1f} M params = {weights:.1f} MiB float32")
@@ -74,6 +79,9 @@ def report(label: str, path: str, baseline: float) -> None:
         extra = r[key] - baseline
         print(f"  {what:<28} {r[key]:7.1f} MiB: {extra:7.1f} MiB over the baseline "
               f"= {extra / weights:.2f} x the weights")
+    return row(f"load {label}: peak RSS over the baseline", r["load_peak_mb"] - baseline,
+               weights, "MiB", None, "reference: the float32 weights; ratio = weights / "
+               "loading cost, so >= 1 means less than one copy", higher_is_better=False)
 
 
 def main() -> None:
@@ -81,11 +89,13 @@ def main() -> None:
     parser.add_argument("path", nargs="?", help="checkpoint (default: SmolLM2-135M GGUF)")
     parser.add_argument("--also-hf", action="store_true",
                         help="also convert the checkpoint to an HF folder and measure that")
+    parser.add_argument("--quick", action="store_true", help="(the same: it is quick)")
+    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     path = args.path or str(smollm2())
     baseline = measure("-")["peak_mb"]
     print(f"baseline (import torch, lmkit): peak RSS {baseline:.1f} MiB")
-    report(Path(path).name, path, baseline)
+    rows = [report(Path(path).name, path, baseline)]
     if args.also_hf:
         with tempfile.TemporaryDirectory() as tmp:
             hf = Path(tmp) / "hf"  # converted in a child too, to keep this process small
@@ -95,7 +105,8 @@ def main() -> None:
             size = sum(f.stat().st_size for f in hf.iterdir()) / 2**20
             print(f"(HF folder written: {size:.1f} MiB; config "
                   f"{json.loads((hf / 'config.json').read_text())['architectures']})")
-            report("same model as HF safetensors", str(hf), baseline)
+            rows.append(report("same model as HF safetensors", str(hf), baseline))
+    emit(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,10 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,9 @@ import lmkit
 from lmkit.flops import flops_per_token, num_parameters
 from lmkit.objectives import CausalLM
 from lmkit.train import TrainConfig, load_config, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table import emit, row  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -89,7 +94,10 @@ def main() -> None:
     p.add_argument("--matmul-repeats", type=int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--quick", action="store_true", help="3 steps, 1 warm-up: a smoke check")
     args = p.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.matmul_repeats = 3, 1, 3
 
     os.environ.setdefault("LMKIT_DATA", "../shared/data")
     ex = load_config(args.config)
@@ -120,6 +128,10 @@ def main() -> None:
         print(f"| {r['precision']} | {r['tokens_per_s']:,.0f} | "
               f"{r['achieved_flops_per_s'] / 1e9:.1f} | {r['matmul_peak_flops_per_s'] / 1e9:.1f}"
               f" | {100 * r['mfu']:.1f}% |")
+    emit([row(f"training MFU, {ex.preset} example decoder, {r['precision']}",
+              r["achieved_flops_per_s"] / 1e9, r["matmul_peak_flops_per_s"] / 1e9, "GFLOP/s",
+              None, f"reference: this machine's best {args.matmul_size}^2 matmul; ratio = MFU; "
+              f"{r['tokens_per_s']:,.0f} tokens/s") for r in results])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "parameters": num_parameters(config),

@@ -2,19 +2,27 @@
 architecture, same machine, same run. Runs are interleaved and the median of several repeats
 is reported, because this machine is noisy.
 
-    python benchmarks/speed_vs_hf.py [--repeats 7] [--threads 2]
+    python benchmarks/speed_vs_hf.py [--repeats 7] [--threads 2] [--quick] [--json rows.json]
+
+Ends with the rows for `make bench` (table.py): milliseconds per call, informative (the
+issue's targets are on GPT-2-124M: pretrain_step.py and generate.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 
 import lmkit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from table import emit, row  # noqa: E402
 
 # (name, lmkit preset + overrides, HF config class + kwargs, HF model class)
 CASES = {
@@ -65,7 +73,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="1 repeat: a smoke check")
+    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats = 1
+    rows = []
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -92,6 +105,10 @@ def main() -> None:
                 hf_t.append(timed(f_hf))
             a, b = statistics.median(ours_t), statistics.median(hf_t)
             print(f"{name:28} {kind:10} {a * 1e3:9.1f} {b * 1e3:9.1f} {b / a:9.2f}x")
+            rows.append(row(f"{name} {kind} step, {args.batch} x {args.seq}, fp32", a * 1e3,
+                            b * 1e3, "ms", None, f"random weights, median of {args.repeats} "
+                            "interleaved repeats", higher_is_better=False))
+    emit(rows, args.json)
 
 
 if __name__ == "__main__":

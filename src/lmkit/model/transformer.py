@@ -62,10 +62,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Any, is_causal: bool, rope: Any = None,
                 context: torch.Tensor | None = None, context_mask: Any = None,
-                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, layer: int = 0,
+                first_only: bool = False) -> torch.Tensor:
+        """first_only: the output of the first position only (keys and values still from
+        every position): all that a head pooling the first token reads of the last block."""
         self_slot = cache.self_attn[layer] if cache is not None else None
-        x = self._residual(x, self.attn_norm,
-                           lambda h: self.attn(h, mask, is_causal, rope=rope, slot=self_slot))
+        if first_only:
+            keys = self.attn_norm(x) if self.pre_norm else x
+            x, mask = x[:, :1], mask[:, :, :1] if mask is not None else None
+            x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, context=keys))
+        else:
+            x = self._residual(x, self.attn_norm, lambda h: self.attn(
+                h, mask, is_causal, rope=rope, slot=self_slot))
         if self.cross_attn is not None:
             cross_slot = cache.cross_attn[layer] if cache is not None else None
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
@@ -95,10 +103,11 @@ class Stack(nn.Module):
     def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None,
                 token_types: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_segments: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, first_only: bool = False) -> torch.Tensor:
         """x: token embeddings (B, T, d) of the new positions. segments: (B, past + T) for all
         keys, 0 = padding (None = no padding, no packing). context: the encoder output
-        (B, S, d) for cross-attention, context_segments its (B, S) segments."""
+        (B, S, d) for cross-attention, context_segments its (B, S) segments. first_only: the
+        last block computes the first position only (see Block.forward): (B, 1, d)."""
         cfg = self.cfg
         b, t, _ = x.shape
         past = len(cache) if cache is not None else 0  # positions already in the KV cache
@@ -154,7 +163,8 @@ class Stack(nn.Module):
                 x = checkpoint(layer, x, *attend, context, context_mask, None, i,
                                use_reentrant=False)
             else:
-                x = layer(x, *attend, context, context_mask, cache, i)
+                x = layer(x, *attend, context, context_mask, cache, i,
+                          first_only and i == len(self.layers) - 1)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -323,10 +333,13 @@ class Model(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                segment_ids: torch.Tensor | None = None,
-               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Encoder hidden states (B, T, d)."""
+               token_type_ids: torch.Tensor | None = None,
+               first_only: bool = False) -> torch.Tensor:
+        """Encoder hidden states (B, T, d); (B, 1, d) of the first position with
+        `first_only` (whose last block computes nothing else)."""
         segments = segments_from(attention_mask, segment_ids)
-        return self.encoder(self.embed(input_ids), segments, token_type_ids)
+        return self.encoder(self.embed(input_ids), segments, token_type_ids,
+                            first_only=first_only)
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                segment_ids: torch.Tensor | None = None, context: torch.Tensor | None = None,
@@ -350,7 +363,7 @@ class Model(nn.Module):
                 decoder_input_ids: torch.Tensor | None = None,
                 decoder_attention_mask: torch.Tensor | None = None,
                 decoder_segment_ids: torch.Tensor | None = None,
-                return_logits: bool = True) -> ModelOutput:
+                return_logits: bool = True, pooled_only: bool = False) -> ModelOutput:
         """Run the model; with `labels`, also the loss (label -100 = ignored). With
         `return_logits=False` a head over the vocabulary computes the loss without the
         logits (the training loop's way: `lmkit.model.loss`); `logits` is then None.
@@ -358,11 +371,16 @@ class Model(nn.Module):
         Labels by head: `lm` on a decoder-only model takes the input ids themselves (the
         model shifts them); `lm` on an encoder-decoder takes the target ids (decoder inputs
         are the targets shifted right unless given); `mlm` and `token-classification` one
-        label per input token; `classification` one label per row."""
+        label per input token; `classification` one label per row.
+
+        `pooled_only`: where the head pools the first token of an encoder (BERT), the last
+        block computes that position alone (about 1/6 less work for a 6-layer model, the same
+        logits); `hidden_states` then holds only it."""
         cfg = self.config
         enc = dec = None
         if cfg.has_encoder:
-            enc = self.encode(input_ids, attention_mask, segment_ids, token_type_ids)
+            enc = self.encode(input_ids, attention_mask, segment_ids, token_type_ids,
+                              pooled_only and self.first_only_pools)
         if cfg.family == "decoder":
             dec = self.decode(input_ids, attention_mask, segment_ids)
         elif cfg.family == "encoder-decoder":
@@ -394,6 +412,14 @@ class Model(nn.Module):
         if labels is not None:
             out.loss = out.loss_sum / out.num_targets
         return out
+
+    @property
+    def first_only_pools(self) -> bool:
+        """The head reads only the encoder's first position and the last block can compute
+        it alone (no rotary or local blocks, whose queries and keys must line up)."""
+        cfg = self.config
+        return (cfg.family == "encoder" and cfg.head_spec.pooled and cfg.pooling == "first"
+                and cfg.position != "rotary" and cfg.window is None)
 
     def targets(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels aligned with the logits: a decoder-only LM's are shifted left (position

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 
 from lmkit.config import HEADS
-from lmkit.data.batches import collate, length_grouped_batches
+from lmkit.data.batches import collate
 from lmkit.model import Model, eval_mode
 
 Features = dict[str, Any]
@@ -95,18 +95,37 @@ class Task:
         return ids[:self.max_length - 1] + ids[-1:] if keep_last else ids[:self.max_length]
 
 
-@torch.no_grad()
+def inference_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices in length-sorted batches of at most `batch_size`, cut where the length
+    changes once a batch is half full: most batches hold texts of one length (no padding,
+    so no attention mask), and the rest pad little."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        current = batches[-1] if batches else None
+        if current is None or len(current) >= batch_size or (
+                lengths[i] != lengths[current[-1]] and 2 * len(current) >= batch_size):
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
+
+
+@torch.inference_mode()
 def forward_batches(model: Model, features: Sequence[Features], batch_size: int = 32
                     ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index, logits of that example without padding) for every feature, computed in
-    length-sorted batches so that inference wastes almost nothing on padding."""
+    length-sorted batches (`inference_batches`) so that inference wastes almost nothing on
+    padding; a batch without padding runs without an attention mask."""
     pad = model.config.fill_id()
     device = next(model.parameters()).device
     with eval_mode(model):
         lengths = [len(f["input_ids"]) for f in features]
-        for idx in length_grouped_batches(lengths, batch_size, shuffle=False):
+        for idx in inference_batches(lengths, batch_size):
             batch = collate([{k: v for k, v in features[i].items() if k != "labels"}
                              for i in idx], pad)
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits.float()
+            if len({lengths[i] for i in idx}) == 1:
+                del batch["attention_mask"]  # all real tokens: SDPA's unmasked kernel
+            logits = model(**{k: v.to(device) for k, v in batch.items()},
+                           pooled_only=True).logits.float()
             for row, i in enumerate(idx):
                 yield i, logits[row, :lengths[i]] if logits.dim() == 3 else logits[row]
