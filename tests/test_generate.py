@@ -5,7 +5,7 @@ import torch
 from conftest import VARIANTS, family_of, tiny, variant
 
 import lmkit
-from lmkit.generate import _beam, _Decoder, _filter, _pad_prompts, _Processors
+from lmkit.generate import _beam, _Decoder, _filter, _pad_prompts, _Processors, _sample
 
 DECODING = [k for k in VARIANTS if family_of(k) != "encoder"]
 
@@ -148,3 +148,76 @@ def test_generate_rejects_bad_input():
         lmkit.generate(tiny("tiny-decoder"), "hello")
     with pytest.raises(ValueError, match="at least one token"):
         lmkit.generate(tiny("tiny-decoder"), [[]])
+
+
+class Uncached:
+    """The reference decoder: every step runs the model over the whole sequence so far (no
+    KV cache), behind `_Decoder`'s interface (prefix, reorder, logits)."""
+
+    def __init__(self, model, ids, mask):
+        self.model, self.ids, self.mask = model, ids, mask
+        self.encdec = model.config.family == "encoder-decoder"
+        self.prefix = ids.new_full((len(ids), 1), model.config.decoder_start_id) \
+            if self.encdec else ids
+        self.seq = None  # the decoder's tokens so far
+
+    def reorder(self, index, within_prompts=False):
+        self.prefix, self.ids = self.prefix.index_select(0, index), self.ids.index_select(0, index)
+        self.mask = self.mask.index_select(0, index) if self.mask is not None else None
+        if self.seq is not None:
+            self.seq = self.seq.index_select(0, index)
+
+    def logits(self, new_ids):
+        self.seq = new_ids if self.seq is None else torch.cat([self.seq, new_ids], 1)
+        if self.encdec:
+            out = self.model(self.ids, attention_mask=self.mask, decoder_input_ids=self.seq)
+        else:
+            mask = None if self.mask is None else torch.cat(
+                [self.mask, self.mask.new_ones(len(self.seq), self.seq.shape[1] -
+                                               self.mask.shape[1])], 1)
+            out = self.model(self.seq, attention_mask=mask)
+        return out.logits[:, -1].float()
+
+
+# Every decoding family: GPT-2 and Llama-like (GQA, MQA with partial rotary), a sliding window
+# shorter than the generation, LoRA (q/k/v not fused), BART, T5 and 2017-Transformer-like.
+STATIC_CACHE = {key: VARIANTS[key] for key in DECODING} | {
+    "decoder-sliding-window": ("tiny-decoder", dict(sliding_window=3)),
+    "decoder-lora": ("tiny-decoder", dict(lora={"rank": 2, "targets": ["q", "k", "v"]})),
+}
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "beam"])
+@pytest.mark.parametrize("key", list(STATIC_CACHE))
+def test_static_cache_decodes_like_the_uncached_forward(key, mode):
+    """Static-cache decoding gives exactly the tokens (and scores) of recomputing the whole
+    sequence each step: greedy, seeded sampling and beam search, on a padded batch and on
+    one prompt, with the cache allocated for the whole generation or grown as it goes."""
+    name, overrides = STATIC_CACHE[key]
+    model = tiny(name, **overrides)
+    left = model.config.family == "decoder"
+    for name, p in model.named_parameters():  # LoRA's B starts at zero: make it count
+        if name.endswith("lora_b"):
+            torch.nn.init.normal_(p, std=0.2)
+    for prompts in ([[5, 9, 14, 3, 8, 4, 4], [7, 22], [11, 6, 30]], [[5, 9, 14]]):
+        ids, mask = _pad_prompts(prompts, 0, left=left)
+        results = []
+        for dec in (_Decoder(model, ids, mask, max_new=10), _Decoder(model, ids, mask),
+                    Uncached(model, ids, mask)):
+            with torch.inference_mode():
+                if mode == "beam":
+                    out = _beam(dec, 10, eos=(), width=3, length_penalty=1.0,
+                                early_stopping=True, n_best=2, process=_Processors())
+                else:
+                    gen = torch.Generator().manual_seed(7)
+                    out = _sample(dec, 10, eos=(), pad=0, greedy=mode == "greedy",
+                                  temperature=1.5, top_k=None, top_p=0.95, gen=gen,
+                                  process=_Processors(), stream=None)
+            results.append(out)
+        (cached, scores), (grown, grown_scores), (full, full_scores) = results
+        assert cached == grown == full
+        assert all(len(s) == 10 for s in cached)
+        torch.testing.assert_close(torch.tensor(scores), torch.tensor(full_scores),
+                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(grown_scores), torch.tensor(scores),
+                                   atol=1e-6, rtol=0)

@@ -70,11 +70,13 @@ class _Decoder:
     """Runs the decoder one step at a time over a KV cache, for both families."""
 
     def __init__(self, model: Model, ids: torch.Tensor, mask: torch.Tensor | None,
-                 start_id: int | None = None):
+                 start_id: int | None = None, max_new: int = 0):
         cfg = model.config
         self.model = model
-        self.cache = model.new_cache()
-        if cfg.family == "encoder-decoder":
+        encdec = cfg.family == "encoder-decoder"
+        # Every position the generation will hold, so the cache is allocated once.
+        self.cache = model.new_cache((1 if encdec else ids.shape[1]) + max_new)
+        if encdec:
             self.context = model.encode(ids, mask)  # (B, S, d), encoded once
             self.context_mask = mask  # (B, S) or None
             self.mask = None  # the decoder's own tokens are never padded
@@ -86,8 +88,13 @@ class _Decoder:
             self.mask = mask  # (B, T) left padding of the prompts, or None
             self.prefix = ids  # (B, T) the prompts
 
-    def reorder(self, index: torch.Tensor) -> None:
-        self.cache.reorder(index)
+    def reorder(self, index: torch.Tensor, within_prompts: bool = False) -> None:
+        """Keep the rows named by `index`. `within_prompts`: each row moves only among the
+        rows of its own prompt (beam search's steps), which share the prompt, its padding,
+        the source and its cross-attention keys: only the self-attention cache moves."""
+        self.cache.reorder(index, cross=not within_prompts)
+        if within_prompts:
+            return
         self.prefix = self.prefix.index_select(0, index)
         for name in ("mask", "context", "context_mask"):
             value = getattr(self, name)
@@ -259,7 +266,7 @@ def _beam(dec: _Decoder, max_new: int, eos: tuple[int, ...], width: int,
             break
         src = next_src.view(-1).to(dev)  # (B * W,)
         next_tok = next_tok.view(-1, 1).to(dev)  # (B * W, 1)
-        dec.reorder(src)
+        dec.reorder(src, within_prompts=True)
         tokens = torch.cat([tokens.index_select(0, src), next_tok], dim=1)  # (B * W, step)
         beam_scores = next_scores.to(dev)
         if step < max_new:
@@ -310,7 +317,7 @@ def _prompts_of(model: Model, prompts: object, messages: list | None) -> object:
     return model.tokenizer.encode_batch([prompts] if isinstance(prompts, str) else prompts)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Tensor | None = None,
              *, messages: list[dict] | list[list[dict]] | None = None,
              attention_mask: torch.Tensor | None = None, max_new_tokens: int | None = None,
@@ -377,7 +384,7 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
     with eval_mode(model):
-        dec = _Decoder(model, ids, mask, stored.decoder_start_token_id)
+        dec = _Decoder(model, ids, mask, stored.decoder_start_token_id, max_new)
         if num_beams > 1:
             seqs, scores = _beam(dec, max_new, eos, num_beams, o["length_penalty"],
                                  o["early_stopping"], n_best, process)

@@ -150,6 +150,10 @@ def _yarn(inv_freq: torch.Tensor, scaling: dict, rot: int, base: float) -> torch
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     rot = cos.shape[-1]
+    if rot == x.shape[-1]:  # every dim rotated: fewer ops (each step of decoding runs this)
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return rotated if rotated.dtype == x.dtype else rotated.to(x.dtype)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     rotated = x_rot * cos + torch.cat([-x2, x1], dim=-1) * sin
@@ -187,36 +191,77 @@ class RelativeBias(nn.Module):
 
 # ---- the cache -----------------------------------------------------------------------------
 class KVSlot:
-    """Keys and values of one attention layer, kept across generation steps."""
+    """Keys and values of one attention layer, kept across generation steps.
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    Each lives in a buffer (B, K, capacity, D) allocated once for the whole generation
+    (grown by doubling if a call outruns `capacity`) and written in place: a step copies only
+    its own keys and values, and attention reads the filled prefix as a view. `qkv` holds the
+    layer's query/key/value projections fused for this generation (Attention.fused_qkv)."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self.keys is None else self.keys.narrow(2, 0, self.length)
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self.values is None else self.values.narrow(2, 0, self.length)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+        """Append (B, K, T, D) keys and values; return all of them so far (views)."""
+        start, t = self.length, k.shape[2]
+        if self.keys is None or start + t > self.keys.shape[2]:
+            held = 0 if self.keys is None else self.keys.shape[2]
+            size = max(start + t, self.capacity, 2 * held)
+            self.keys, self.values = (self._grown(old, new, size)
+                                      for old, new in ((self.keys, k), (self.values, v)))
+        self.keys.narrow(2, start, t).copy_(k)
+        self.values.narrow(2, start, t).copy_(v)
+        self.length = start + t
+        return self.keys.narrow(2, 0, self.length), self.values.narrow(2, 0, self.length)
+
+    def _grown(self, old: torch.Tensor | None, new: torch.Tensor, size: int) -> torch.Tensor:
+        buf = new.new_empty(new.shape[0], new.shape[1], size, new.shape[3])
+        if self.length:
+            buf.narrow(2, 0, self.length).copy_(old.narrow(2, 0, self.length))
+        return buf
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows named by `index`, in place when the number of rows stays."""
+        if self.keys is None:
+            return
+        for name in ("keys", "values"):
+            buf = getattr(self, name)
+            kept = buf.narrow(2, 0, self.length).index_select(0, index)
+            if len(index) != buf.shape[0]:  # a new number of rows: a new buffer
+                buf = buf.new_empty(len(index), *buf.shape[1:])
+                setattr(self, name, buf)
+            buf.narrow(2, 0, self.length).copy_(kept)
 
 
 class KVCache:
     """Self-attention slots grow by one step at a time; cross-attention slots are filled once
-    per source sentence and reused at every step."""
+    per source sentence and reused at every step. `capacity`: the most positions a
+    generation will hold (prompt + new tokens), so the buffers are allocated once."""
 
-    def __init__(self, num_layers: int):
-        self.self_attn = [KVSlot() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.self_attn = [KVSlot(capacity) for _ in range(num_layers)]
         self.cross_attn = [KVSlot() for _ in range(num_layers)]
 
     def __len__(self) -> int:
-        k = self.self_attn[0].k
-        return 0 if k is None else k.shape[2]
+        return self.self_attn[0].length
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep the rows named by `index` (beam search picks which hypotheses continue)."""
-        for slot in self.self_attn + self.cross_attn:
-            if slot.k is not None:
-                slot.k, slot.v = slot.k.index_select(0, index), slot.v.index_select(0, index)
+    def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
+        """Keep the rows named by `index` (beam search picks which hypotheses continue);
+        `cross=False` leaves the cross-attention slots (rows of the same source)."""
+        for slot in self.self_attn + (self.cross_attn if cross else []):
+            slot.reorder(index)
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -236,6 +281,21 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, hd) if cfg.qk_norm else None
         self.scale = 1 / math.sqrt(hd) if cfg.scale_attention else 1.0
         self.dropout = cfg.attention_dropout
+        self.widths = (cfg.num_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd)
+
+    def fused_qkv(self, slot: KVSlot) -> bool:
+        """Put the q, k and v projections, concatenated, in `slot.qkv` (once per generation:
+        the weights do not change while it runs); False when they cannot be fused (LoRA)."""
+        if slot.qkv is None:
+            parts = (self.q, self.k, self.v)
+            if any(type(m) is not nn.Linear for m in parts):
+                return False
+            bias = None
+            if any(m.bias is not None for m in parts):
+                bias = torch.cat([m.bias if m.bias is not None else
+                                  m.weight.new_zeros(m.out_features) for m in parts])
+            slot.qkv = (torch.cat([m.weight for m in parts]), bias)
+        return True
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """(B, T, heads * head_dim) -> (B, heads, T, head_dim)."""
@@ -252,15 +312,22 @@ class Attention(nn.Module):
         Shapes: H = num_heads, K = kv_heads (H for MHA, fewer for GQA, 1 for MQA), D =
         head_dim, S = key positions (T for self-attention without a cache, past + T with one,
         the source length for cross-attention)."""
-        q = self._split(self.q(x), self.num_heads)  # (B, H, T, D)
+        fused = context is None and slot is not None and self.fused_qkv(slot)
+        if fused:  # generation: one matmul for the queries, keys and values
+            q, k, v = F.linear(x, *slot.qkv).split(self.widths, -1)
+            q = self._split(q, self.num_heads)
+        else:
+            q = self._split(self.q(x), self.num_heads)  # (B, H, T, D)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if context is not None and slot is not None and slot.k is not None:
             k, v = slot.k, slot.v  # cross-attention keys/values: computed once per source
         else:
-            source = x if context is None else context  # (B, S, hidden)
-            k = self._split(self.k(source), self.kv_heads)  # (B, K, S, D)
-            v = self._split(self.v(source), self.kv_heads)  # (B, K, S, D)
+            if not fused:
+                source = x if context is None else context  # (B, S, hidden)
+                k, v = self.k(source), self.v(source)
+            k = self._split(k, self.kv_heads)  # (B, K, S, D)
+            v = self._split(v, self.kv_heads)  # (B, K, S, D)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if rope is not None:  # cos, sin: (B or 1, 1, T, rotated dims)

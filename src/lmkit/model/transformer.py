@@ -353,8 +353,10 @@ class Model(nn.Module):
         return self.decoder(self.embed(input_ids), segments, context=context,
                             context_segments=context_segments, cache=cache)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.decoder_layers)
+    def new_cache(self, capacity: int = 0) -> KVCache:
+        """A KV cache for generation, its buffers sized for `capacity` positions (0: the
+        first call's, grown as needed)."""
+        return KVCache(self.config.decoder_layers, capacity)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None,
