@@ -207,11 +207,16 @@ class KVSlot:
 
     @property
     def k(self) -> torch.Tensor | None:
-        return None if self.keys is None else self.keys.narrow(2, 0, self.length)
+        return self._filled(self.keys)
 
     @property
     def v(self) -> torch.Tensor | None:
-        return None if self.values is None else self.values.narrow(2, 0, self.length)
+        return self._filled(self.values)
+
+    def _filled(self, buf: torch.Tensor | None) -> torch.Tensor | None:
+        if buf is None or buf.shape[2] == self.length:  # full (cross-attention): no view
+            return buf
+        return buf.narrow(2, 0, self.length)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, K, T, D) keys and values; return all of them so far (views)."""
@@ -281,7 +286,6 @@ class Attention(nn.Module):
         self.k_norm = make_norm(cfg, hd) if cfg.qk_norm else None
         self.scale = 1 / math.sqrt(hd) if cfg.scale_attention else 1.0
         self.dropout = cfg.attention_dropout
-        self.widths = (cfg.num_heads * hd, cfg.kv_heads * hd, cfg.kv_heads * hd)
 
     def fused_qkv(self, slot: KVSlot) -> bool:
         """Put the q, k and v projections, concatenated, in `slot.qkv` (once per generation:
@@ -312,22 +316,25 @@ class Attention(nn.Module):
         Shapes: H = num_heads, K = kv_heads (H for MHA, fewer for GQA, 1 for MQA), D =
         head_dim, S = key positions (T for self-attention without a cache, past + T with one,
         the source length for cross-attention)."""
+        h, k_heads = self.num_heads, self.kv_heads
         fused = context is None and slot is not None and self.fused_qkv(slot)
-        if fused:  # generation: one matmul for the queries, keys and values
-            q, k, v = F.linear(x, *slot.qkv).split(self.widths, -1)
-            q = self._split(q, self.num_heads)
+        if fused:  # generation: one matmul for queries, keys and values (B, H + 2K, T, D)
+            heads = self._split(F.linear(x, *slot.qkv), h + 2 * k_heads)
+            qk, v = heads.narrow(1, 0, h + k_heads), heads.narrow(1, h + k_heads, k_heads)
+            if rope is not None and self.q_norm is None:  # one rotation for both
+                qk, rope = apply_rotary(qk, *rope), None
+            q, k = qk.narrow(1, 0, h), qk.narrow(1, h, k_heads)
         else:
-            q = self._split(self.q(x), self.num_heads)  # (B, H, T, D)
+            q = self._split(self.q(x), h)  # (B, H, T, D)
         if self.q_norm is not None:
             q = self.q_norm(q)
-        if context is not None and slot is not None and slot.k is not None:
+        if context is not None and slot is not None and slot.length:
             k, v = slot.k, slot.v  # cross-attention keys/values: computed once per source
         else:
             if not fused:
                 source = x if context is None else context  # (B, S, hidden)
-                k, v = self.k(source), self.v(source)
-            k = self._split(k, self.kv_heads)  # (B, K, S, D)
-            v = self._split(v, self.kv_heads)  # (B, K, S, D)
+                k = self._split(self.k(source), k_heads)  # (B, K, S, D)
+                v = self._split(self.v(source), k_heads)  # (B, K, S, D)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             if rope is not None:  # cos, sin: (B or 1, 1, T, rotated dims)
