@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import table  # benchmarks/table.py: the row protocol and the machine line of `make bench`
 import torch
 import transformers as tf
 
@@ -43,7 +44,6 @@ import lmkit
 
 PROMPT = 32  # prompt tokens of the one-sequence cases
 SOURCE = 24  # source tokens of the encoder-decoder cases
-FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # Configs of the shapes named in the issue (transformers' own classes and field names).
@@ -57,31 +57,6 @@ MARIAN = dict(vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
               decoder_ffn_dim=2048, max_position_embeddings=512, scale_embedding=True,
               activation_function="swish", pad_token_id=58100, decoder_start_token_id=58100,
               eos_token_id=0, forced_eos_token_id=None, attn_implementation="sdpa")
-
-
-def machine() -> dict[str, Any]:
-    """CPU model and the flags that decide fp32/bf16 speed, threads, versions, load."""
-    model, flags = "?", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": model, "flags": [f for f in FLAGS if f in flags],
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": tf.__version__, "load": os.getloadavg()}
-
-
-def row(work: str, ours: float, ref: float, unit: str, target: float, note: str) -> dict:
-    ratio = ours / ref
-    return {"work": work, "lmkit": round(ours, 2), "reference": round(ref, 2), "unit": unit,
-            "ratio": round(ratio, 3), "target": target, "passed": ratio >= target,
-            "note": note}
 
 
 def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -162,9 +137,9 @@ def one_sequence(name: str, hf_cls: type, hf_cfg: tf.PretrainedConfig, new: int,
     limit = got["bw"] / (weights / 1e9)
     work = f"{name}: greedy, 1 x ({PROMPT} + {new}) tokens"
     same_note = f"same tokens as transformers: {'yes' if same else 'NO'}"
-    return [row(f"{work} vs transformers", got["lmkit"], got["hf"], "tokens/s", 2.0,
+    return [table.row(f"{work} vs transformers", got["lmkit"], got["hf"], "tokens/s", 2.0,
                 same_note),
-            row(f"{work} vs memory-bandwidth limit", got["lmkit"], limit, "tokens/s", 0.8,
+            table.row(f"{work} vs memory-bandwidth limit", got["lmkit"], limit, "tokens/s", 0.8,
                 f"{weights / 1e6:.0f} MB of weights per token at {got['bw']:.1f} GB/s "
                 "(sum of 512 MiB, same run)")]
 
@@ -200,7 +175,7 @@ def seq2seq_row(ref: Any, ours: lmkit.Model, label: str, ids: torch.Tensor, sett
     note = ("seeded; tokens differ from transformers' (other random streams)"
             if settings["do_sample"] else
             f"same tokens as transformers: {'yes' if a == b else 'NO'}")
-    return row(f"marian-shape: {label}, {len(ids)} x ({SOURCE} -> {new}) tokens",
+    return table.row(f"marian-shape: {label}, {len(ids)} x ({SOURCE} -> {new}) tokens",
                got["lmkit"], got["hf"], "tokens/s", 1.5, note)
 
 
@@ -239,10 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", help="also write the rows and the machine to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = machine()
-    print(f"CPU {info['cpu']}; flags {' '.join(info['flags'])}; {info['threads']} threads; "
-          f"torch {info['torch']}, transformers {info['transformers']}; {args.dtype}; "
-          f"load {' '.join(f'{x:.1f}' for x in info['load'])}", flush=True)
+    info = table.machine()
+    print(f"{table.machine_line(info)}; {args.dtype}", flush=True)
     out = rows(args.quick, args.threads, 1 if args.quick else args.repeats,
                16 if args.quick else args.new_tokens, tuple(args.cases.split(",")),
                args.dtype)
