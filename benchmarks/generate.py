@@ -219,10 +219,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = rows(args.quick, args.threads, 1 if args.quick else args.repeats,
                16 if args.quick else args.new_tokens, tuple(args.cases.split(",")),
                args.dtype)
-    print(f"{'work':72} {'lmkit':>8} {'ref':>8} {'ratio':>6} {'target':>6}")
+    print(f"{'work':72} {'lmkit':>8} {'ref':>8} {'ratio':>6} {'target':>7}")
     for r in out:
         print(f"{r['work']:72} {r['lmkit']:8.2f} {r['reference']:8.2f} {r['ratio']:6.2f} "
-              f"{r['target']:6.2f} {'PASS' if r['passed'] else 'FAIL'}  ({r['note']})")
+              f"{r['target']:>7} {'PASS' if r['passed'] else 'FAIL'}  ({r['note']})")
     print(f"load at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.json:
         with open(args.json, "w") as f:
