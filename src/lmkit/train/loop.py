@@ -52,7 +52,13 @@ from lmkit.train.distributed import (
 )
 from lmkit.train.energy import EnergyMeter, carbon_intensity
 from lmkit.train.metrics import COMPUTE, CURVE, ComputeMeter, describe_device, plot_curves
-from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
+from lmkit.train.optim import (
+    SCHEDULES,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    sparse_embeddings,
+)
 from lmkit.train.state import (
     CHECKPOINTS,
     latest_checkpoint,
@@ -68,7 +74,7 @@ from lmkit.train.trackers import Trackers, check_report_to
 log = logging.getLogger("lmkit")
 Batch = dict[str, torch.Tensor]
 BEST = "best"  # <out>/best: the best model so far, while a keep-best run goes on
-_NOT_SCORES = ("split", "step", "tokens", "flops", "elapsed_s")  # in a dev record
+_NOT_SCORES = ("split", "step", "tokens", "flops", "elapsed_s", "train_s")  # in a dev record
 
 
 def greater_is_better(metric: str) -> bool:
@@ -97,6 +103,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights, optimizer stay fp32)
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory
+    # update only the token-embedding rows a step uses (lazy Adam; train/optim.py
+    # sparse_embeddings): much less optimizer work for small batches; untied, one process
+    sparse_embeddings: bool = False
     eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
     save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3  # 0 = keep all
@@ -373,6 +382,11 @@ class _Run:
         self.precision = resolve_precision(cfg.precision, env.device)
         self.model = model.to(env.device)
         model.train()
+        if cfg.sparse_embeddings and env.distributed:
+            raise ConfigError("sparse_embeddings runs in one process: leave it off with "
+                              "torchrun")
+        if cfg.sparse_embeddings:
+            sparse_embeddings(model)
         model.activation_checkpointing(cfg.activation_checkpointing)
         self.net = wrap_model(model, env, cfg.parallelism)  # FSDP: before the optimizer
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay,
@@ -422,6 +436,7 @@ class _Run:
         self.data = iter(batches)
         self.session_start = time.perf_counter()
         self.window: list[float] = []
+        self.eval_s = 0.0  # seconds spent in this call's evaluations
 
     def counts(self) -> dict[str, int]:
         params = list(self.model.parameters())
@@ -559,13 +574,17 @@ class _Run:
     def evaluate(self) -> None:
         """Dev loss (with eval_batches) and the scorer's metrics: recorded, shown, and
         compared with the best so far."""
+        start = time.perf_counter()
         record: dict[str, Any] = {"split": "valid", "step": self.step}
         if self.eval_batches is not None:
             record.update(evaluate(self.model, self.eval_batches, self.precision, self.env))
         if self.scorer is not None:
             record.update(self.scorer())
+        self.eval_s += time.perf_counter() - start
+        # train_s: the wall time without this call's evaluations (time to reach a score)
         record.update(tokens=self.compute.tokens, flops=self.compute.flops,
-                      elapsed_s=self.compute.wall_time_s)
+                      elapsed_s=self.compute.wall_time_s,
+                      train_s=self.compute.wall_time_s - self.eval_s)
         self.trackers.log(record)
         self.result.evals.append(record)
         scores = {k: v for k, v in record.items() if k not in _NOT_SCORES
@@ -629,6 +648,8 @@ class _Run:
             self.result.stopped = "max_steps"
 
     def close(self) -> None:
+        if self.cfg.sparse_embeddings:  # dense again for whoever uses the model next
+            sparse_embeddings(unwrap(self.model), False)
         self.bar.close()
         self.compute.stop()
         self.result.compute = self.compute.summary(**self.compute_extra())  # = compute.json
