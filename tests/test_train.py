@@ -304,6 +304,20 @@ def test_sparse_embeddings_leave_unused_rows_alone():
         sparse_embeddings(lmkit.Model(lmkit.preset("tiny-decoder")))
 
 
+def test_stop_at_ends_the_run_when_the_dev_metric_reaches_it(tmp_path):
+    model = lmkit.Model(lmkit.preset("tiny-decoder"))
+    rows = CausalLM()({"input_ids": torch.randint(5, 100, (2, 16))})
+    scores = iter([50.0, 60.0, 90.0, 95.0])  # step 0, 1, 2, 3
+    c = cfg(steps=10, eval_every=1, best_metric="accuracy", stop_at=88.0)
+    result = train(model, itertools.repeat(rows), c, tmp_path,
+                   scorer=lambda: {"accuracy": next(scores)})
+    assert result.stopped == "early_stopped" and result.step == 2
+    assert [e["accuracy"] for e in result.evals] == [50.0, 60.0, 90.0]
+    assert all(0 < e["train_s"] < e["elapsed_s"] for e in result.evals[1:])
+    with pytest.raises(lmkit.errors.ConfigError, match="best_metric"):
+        cfg(stop_at=88.0).check_keep_best(True)
+
+
 def test_warmup_then_cosine_or_linear_decay():
     f = lr_factor("cosine", warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
     assert [f(k) for k in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -122,6 +122,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better best_metric; 0 = off
     best_metric: str | None = None  # keep the best model by this dev metric (loss, accuracy,
     # macro_f1, ...; lower is better for losses) as the final one; patience alone: loss
+    stop_at: float | None = None  # stop once the dev best_metric reaches this (accuracy 88)
     carbon_intensity: str = "world"  # g CO2eq/kWh, or a country code (FRA, FR): train/energy.py
 
     def validate(self) -> None:
@@ -166,6 +167,9 @@ class TrainConfig:
         if (self.patience or self.best_metric) and not (has_dev and self.eval_every):
             raise ConfigError("patience and best_metric compare dev evaluations: give dev "
                               "data and the steps between evaluations (--eval-every N)")
+        if self.stop_at is not None and self.best_metric is None:
+            raise ConfigError("stop_at is a value of the dev best_metric: name it too "
+                              "(--best-metric accuracy)")
 
 
 @dataclass
@@ -591,7 +595,14 @@ class _Run:
                   and isinstance(v, (int, float))}
         shown = self.best["metric"] if self.best else next(
             (k for k in scores if k not in ("loss", "perplexity")), "loss")
-        note = self.track_best(record, scores)
+        start = time.perf_counter()
+        note = self.track_best(record, scores)  # may save the model: not training time either
+        self.eval_s += time.perf_counter() - start
+        if self.best is not None and self.cfg.stop_at is not None and (
+                record[shown] >= self.cfg.stop_at if greater_is_better(shown)
+                else record[shown] <= self.cfg.stop_at):
+            self.result.stopped = "early_stopped"
+            note += f"; reached {shown} {self.cfg.stop_at:g}: early stop"
         self.dev = {f"dev_{shown}": f"{record[shown]:.4g}"}
         if self.env.is_main and (self.cfg.progress or "early stop" in note):
             shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
