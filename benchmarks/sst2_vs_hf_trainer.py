@@ -116,7 +116,7 @@ def run_hf(model_dir: Path, sst2: Path, args: argparse.Namespace, out: Path, bat
     recipe = {} if defaults else dict(
         learning_rate=LR, weight_decay=WD, warmup_steps=int(WARMUP * steps),
         lr_scheduler_type="linear", max_grad_norm=1.0, adam_beta2=0.999, bf16=bf16,
-        group_by_length=True, per_device_eval_batch_size=batch)
+        train_sampling_strategy="group_by_length", per_device_eval_batch_size=batch)
     targs = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
         use_cpu=True, save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
