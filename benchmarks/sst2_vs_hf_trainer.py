@@ -106,7 +106,8 @@ def run_hf(model_dir: Path, sst2: Path, args: argparse.Namespace, out: Path, bat
             self.eval_s += metrics["eval_runtime"]
             curve.append((state.global_step, metrics["eval_accuracy"],
                           time.perf_counter() - self.start - self.eval_s))
-            control.should_training_stop = metrics["eval_accuracy"] >= args.target
+            if metrics["eval_accuracy"] >= args.target:  # never un-stop the Trainer's max_steps
+                control.should_training_stop = True
 
     def accuracy(pred) -> dict:
         return {"accuracy": 100.0 * float((pred.predictions.argmax(-1)
