@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_rows import emit, row
+from table import emit, row
 
 from lmkit.device import resolve_precision
 from lmkit.tasks import read_classification
@@ -183,14 +183,15 @@ def main() -> None:
     trainer = {k: v for k, v in med.items() if k.startswith("trainer-b") and v["reached"]}
     best = min(trainer, key=lambda k: trainer[k]["seconds"], default=None)
     rows = []
+    note = f"training time to the target, evaluations left out; median of {args.repeats}"
     if best is not None:
         rows.append(row(f"SST-2 MiniLM to {args.target:g}% vs Trainer best ({best}, "
                         f"group_by_length, {precision})", ours, trainer[best]["seconds"], "s",
-                        trainer[best]["seconds"] / ours, 1.5))
+                        1.5, note, higher_is_better=False))
     d = med["trainer-defaults"]
     rows.append(row(f"SST-2 MiniLM to {args.target:g}% vs Trainer defaults"
                     + ("" if d["reached"] else " (not reached: a lower bound)"), ours,
-                    d["seconds"], "s", d["seconds"] / ours, 3.0))
+                    d["seconds"], "s", 3.0, note, higher_is_better=False))
     if not med["lmkit"]["reached"]:
         for r in rows:
             r.update(work=r["work"] + " (lmkit did not reach it)", passed=False)
