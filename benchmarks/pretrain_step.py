@@ -5,10 +5,15 @@ Every measurement runs in a fresh process (so its peak RSS, VmHWM, is its own), 
 transformers interleaved, and the median over the repeats is reported. lmkit trains as its
 loop does: the loss without logits (model/loss.py), and once more with activation
 checkpointing ("lmkit+ckpt"); transformers as its Trainer does by default:
-`model(input_ids, labels=...)` then the loss.
+`model(input_ids, labels=...)` then the loss. Both compute the same function: GPT-2's
+dropout of 0.1 (embeddings, attention, residual branches; GPT2Config's defaults) and AdamW
+with the fused kernel (the Trainer's default optimizer, adamw_torch_fused).
 
     .venv/bin/python benchmarks/pretrain_step.py [--repeats 3] [--steps 5] [--threads 2]
-        [--precision fp32|bf16]
+        [--precision fp32|bf16] [--quick] [--json rows.json]
+
+--quick (1 repeat, 1 timed step) only checks that it runs. Prints the ratios against the
+targets (speed >= 1.1x, peak memory <= 0.5) and the rows for `make bench` (table.py).
 
 On GPU (--device cuda) the memory is torch.cuda.max_memory_allocated.
 """
@@ -21,6 +26,8 @@ import statistics
 import subprocess
 import sys
 
+from table import emit, row
+
 CHILD = r"""
 import json, sys, time
 import torch
@@ -32,7 +39,7 @@ torch.manual_seed(0)
 device = torch.device(device)
 if which == "lmkit":
     import lmkit
-    model = lmkit.Model(lmkit.preset("gpt2")).to(device)
+    model = lmkit.Model(lmkit.preset("gpt2", dropout=0.1, attention_dropout=0.1)).to(device)
     model.activation_checkpointing(checkpointing)
     def loss_of(ids):
         return model(ids, labels=ids, return_logits=False).loss
@@ -45,7 +52,7 @@ else:
     def loss_of(ids):
         return model(input_ids=ids, labels=ids).loss
 model.train()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 ids = torch.randint(0, 50257, (4, 256), device=device)
 dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -99,7 +106,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true", help="1 repeat of 1 step: a smoke check")
+    ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.steps = 1, 1
     results: dict[str, list[dict]] = {name: [] for name in RUNS}
     for _ in range(args.repeats):  # interleaved, so drift hits both alike
         for which in results:
@@ -112,10 +123,13 @@ def main() -> None:
     print(f"{'':14}{'tokens/s':>10}{'peak MB':>10}")
     for name, m in med.items():
         print(f"{name:14}{m['tokens_per_s']:10.1f}{m['peak_mb']:10.0f}")
-    for name, m in (("lmkit", ours), ("lmkit+ckpt", small)):
-        print(f"{name}/transformers: speed {m['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
-              f"(target >= 1.1x), peak memory {m['peak_mb'] / theirs['peak_mb']:.2f} "
-              "(target <= 0.5)")
+    work = f"GPT-2-124M train step 4x256 {args.precision} {args.device}"
+    note = f"median of {args.repeats} interleaved runs, {args.steps} steps each"
+    emit([row(f"{work}: speed", ours["tokens_per_s"], theirs["tokens_per_s"], "tokens/s", 1.1,
+              note),
+          row(f"{work}: peak memory (lmkit with activation checkpointing; at most half)",
+              small["peak_mb"], theirs["peak_mb"], "MB", 2.0, note, higher_is_better=False)],
+         args.json)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 A benchmark is a script: its last line of output is ``BENCH_ROWS <json list of rows>``
 (`emit`), it takes ``--quick`` (a smoke check: fewer repeats and steps) and ``--json PATH``,
 and it may expose ``rows(quick=False, ...)`` returning the same rows to Python callers. A row
-(`row`, the format of benchmarks/bench_rows.py, plus a note):
+(`row`):
 
     work        what was measured ("GPT-2-124M train step, 4 x 256, fp32")
     lmkit       lmkit's figure (None: not measured, see the note)

@@ -32,6 +32,7 @@ def test_published_parameter_counts():
      "even, non-zero"),
     (dict(head="classification"), "needs label_names"),
     (dict(dropout=1.5), "dropout must be in"),
+    (dict(activation_dropout=-0.1), "activation_dropout must be in"),
     (dict(layer_types=["global", "nearby"]), "layer_types holds \\['nearby'\\]"),
     (dict(layer_types=["global", "local"]), "names 2 blocks but the model has 1"),
     (dict(layer_types=["local"]), "window is not set"),

@@ -515,3 +515,26 @@ def test_convert_names_what_it_cannot_carry_in_one_line(hf_dir, tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="lmkit"):
         convert(tmp_path / "hf", tmp_path / "again")
     assert not [r for r in caplog.records if "not carried" in r.getMessage()]
+
+
+@pytest.mark.parametrize("case, expected", [("bert", 0.0), ("distilbert", 0.0), ("gpt2", 0.0),
+                                            ("bart", 0.3), ("t5", 0.1)])
+def test_mlp_dropout_where_the_family_has_it(case, expected, tmp_path):
+    """The MLP's hidden activations are dropped only where transformers drops them (T5's
+    dropout_rate, BART's activation_dropout; never in BERT or GPT-2), and BART's rate goes
+    back on export; in train mode a zero rate leaves the MLP deterministic."""
+    cls, config = CASES[case]
+    config = copy.deepcopy(config)
+    if case == "bart":
+        config.activation_dropout = 0.3
+    cls(config).save_pretrained(tmp_path / "hf")
+    model = lmkit.load(tmp_path / "hf").train()
+    mlp = model.blocks()[0][1].mlp
+    assert mlp.drop.p == pytest.approx(expected)
+    if case == "bart":
+        save_hf(model, tmp_path / "back")
+        saved = json.loads((tmp_path / "back" / "config.json").read_text())
+        assert saved["activation_dropout"] == pytest.approx(0.3)
+    if expected == 0.0:
+        x = torch.randn(2, 5, model.config.hidden_size)
+        torch.testing.assert_close(mlp(x), mlp(x), rtol=0, atol=0)

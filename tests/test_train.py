@@ -26,7 +26,7 @@ from lmkit.train import (
     read_metrics,
     train,
 )
-from lmkit.train.optim import lr_factor
+from lmkit.train.optim import clip_gradients, lr_factor, sparse_embeddings
 
 QUIET = dict(progress=False, tensorboard=False, plot=False)
 
@@ -252,6 +252,70 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert "encoder.layers.0.mlp.up.weight" in decayed or any(".mlp." in n for n in decayed)
     assert not any("norm" in n or n.endswith("bias") for n in decayed)
     assert len(kept) + len(decayed) == len(list(model.parameters()))
+
+
+def _classifier(seed: int = 0) -> lmkit.Model:
+    torch.manual_seed(seed)
+    return lmkit.Model(lmkit.preset("tiny-encoder", head="classification",
+                                    label_names=["a", "b"], pooling="first"))
+
+
+def _cls_batches(rows: int, ids: torch.Tensor) -> list[dict]:
+    """Batches that use exactly the token ids `ids` (each row a slice of them)."""
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": ids[torch.randperm(len(ids), generator=g)].view(rows, -1),
+             "labels": torch.randint(2, (rows,), generator=g)} for _ in range(4)]
+
+
+def test_sparse_embeddings_are_adamw_when_every_row_is_used(tmp_path):
+    """Every step uses every embedding row: the lazy row update is AdamW to 1e-6 (with
+    clipping, weight decay and the schedule, through the loop)."""
+    batches = _cls_batches(8, torch.arange(512))
+    runs = {}
+    for sparse in (False, True):
+        model = _classifier()
+        c = cfg(steps=4, lr=1e-2, grad_clip=0.5, sparse_embeddings=sparse)
+        runs[sparse] = (train(model, batches, c, tmp_path / str(sparse)), model)
+    (dense, a), (lazy, b) = runs[False], runs[True]
+    assert lazy.losses == pytest.approx(dense.losses, abs=1e-6)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        if name.endswith("attn.k.bias"):  # its true gradient is 0 (softmax ignores it):
+            continue  # Adam scales rounding noise to ~lr, differently per summation order
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
+    assert not b.tokens.sparse  # dense again after the run
+
+
+def test_sparse_embeddings_leave_unused_rows_alone():
+    model = _classifier()
+    before = model.tokens.weight.detach().clone()
+    sparse_embeddings(model)
+    opt = build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    used = torch.arange(5, 69)
+    for batch in _cls_batches(4, used):
+        model(**batch).loss.backward()
+        assert model.tokens.weight.grad.is_sparse
+        clip_gradients(model, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    moved = (model.tokens.weight != before).any(-1)
+    assert moved[used].all() and moved.sum() == len(used)
+    assert opt.state[model.tokens.weight]["step"] == 4  # AdamW's state layout
+    with pytest.raises(ValueError, match="not tied"):
+        sparse_embeddings(lmkit.Model(lmkit.preset("tiny-decoder")))
+
+
+def test_stop_at_ends_the_run_when_the_dev_metric_reaches_it(tmp_path):
+    model = lmkit.Model(lmkit.preset("tiny-decoder"))
+    rows = CausalLM()({"input_ids": torch.randint(5, 100, (2, 16))})
+    scores = iter([50.0, 60.0, 90.0, 95.0])  # step 0, 1, 2, 3
+    c = cfg(steps=10, eval_every=1, best_metric="accuracy", stop_at=88.0)
+    result = train(model, itertools.repeat(rows), c, tmp_path,
+                   scorer=lambda: {"accuracy": next(scores)})
+    assert result.stopped == "early_stopped" and result.step == 2
+    assert [e["accuracy"] for e in result.evals] == [50.0, 60.0, 90.0]
+    assert all(0 < e["train_s"] < e["elapsed_s"] for e in result.evals[1:])
+    with pytest.raises(lmkit.errors.ConfigError, match="best_metric"):
+        cfg(stop_at=88.0).check_keep_best(True)
 
 
 def test_warmup_then_cosine_or_linear_decay():

@@ -127,6 +127,9 @@ class ModelConfig:
     lm_head_bias: bool = False  # a bias on the output projection (BART's final_logits_bias)
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    # dropout on the MLP's hidden activations (T5, BART's activation_dropout); None = dropout.
+    # BERT and GPT-2 have none there: their converters and presets say 0.
+    activation_dropout: float | None = None
     pad_id: int | None = 0
     bos_id: int | None = None
     eos_id: int | list[int] | None = None  # a list: generation stops at any (Llama 3)
@@ -302,8 +305,8 @@ class ModelConfig:
             if self.position != "rotary":
                 raise ValueError("rope_scaling needs position='rotary' (set it to null)")
             check_rope_scaling(self.rope_scaling)
-        for name in ("dropout", "attention_dropout"):
-            if not 0 <= getattr(self, name) < 1:
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if len(set(self.label_names)) != len(self.label_names):
             raise ValueError(f"label_names must be distinct, got {self.label_names}")
@@ -455,10 +458,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "bert-base": dict(family="encoder", vocab_size=30522, hidden_size=768, num_heads=12,
                       encoder_layers=12, intermediate_size=3072, norm_position="post",
                       embed_norm=True, final_norm=False, norm_eps=1e-12, max_positions=512,
-                      type_vocab_size=2, head="mlm", pad_id=0),
+                      type_vocab_size=2, head="mlm", pad_id=0, activation_dropout=0.0),
     "gpt2": dict(family="decoder", vocab_size=50257, hidden_size=768, num_heads=12,
                  decoder_layers=12, intermediate_size=3072, activation="gelu_tanh",
-                 max_positions=1024, head="lm", pad_id=None, bos_id=50256, eos_id=50256),
+                 max_positions=1024, head="lm", pad_id=None, bos_id=50256, eos_id=50256,
+                 activation_dropout=0.0),
     "llama-small": dict(family="decoder", vocab_size=32000, hidden_size=768, num_heads=12,
                         num_kv_heads=4, decoder_layers=12, intermediate_size=2048,
                         activation="silu", gated_mlp=True, norm="rmsnorm", norm_eps=1e-6,

@@ -35,7 +35,7 @@ _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5  # llama.cpp token types
 # tokenizer, dtype by --dtype), meaningless at inference (dropout) or of task heads other than
 # the LM head that GGUF holds.
 _NOT_ARCHITECTURE = {"pad_id", "bos_id", "eos_id", "dtype", "dropout", "attention_dropout",
-                     "label_names", "lora", "pooling", "classifier_hidden",
+                     "activation_dropout", "label_names", "lora", "pooling", "classifier_hidden",
                      "classifier_activation", "classifier_norm", "classifier_bias",
                      "head_dense_bias", "mlm_transform"}
 

@@ -397,7 +397,7 @@ def check_vocab(tok: Any, cfg: ModelConfig, where: Any) -> None:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-_IRRELEVANT = ("dropout", "attention_dropout")
+_IRRELEVANT = ("dropout", "attention_dropout", "activation_dropout")
 
 
 def _canonical(cfg: ModelConfig) -> dict[str, Any]:

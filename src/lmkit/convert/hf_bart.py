@@ -91,6 +91,7 @@ def _config_from_hf(hf: dict[str, Any], marian: bool) -> dict[str, Any]:
                 position_offset=0 if marian else 2,  # BART's table starts at row 2
                 scale_embeddings=bool(hf.get("scale_embedding", False)),
                 dropout=hf.get("dropout", 0.1), attention_dropout=hf.get("attention_dropout", 0.0),
+                activation_dropout=hf.get("activation_dropout", 0.0),
                 tie_embeddings=hf.get("tie_word_embeddings", True), lm_head_bias=True,
                 pooling="eos", classifier_hidden=True, classifier_activation="tanh",
                 decoder_start_id=start, **common)
@@ -104,6 +105,8 @@ def _config_to_hf(cfg: ModelConfig, marian: bool) -> dict[str, Any]:
                activation_function=ACTIVATIONS_TO_HF[cfg.activation],
                max_position_embeddings=cfg.max_positions, scale_embedding=cfg.scale_embeddings,
                dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
+               activation_dropout=(cfg.dropout if cfg.activation_dropout is None
+                                   else cfg.activation_dropout),
                tie_word_embeddings=cfg.tie_embeddings, decoder_start_token_id=cfg.decoder_start_id,
                is_encoder_decoder=True, **common_to_hf(cfg))
     if marian:

@@ -99,7 +99,8 @@ def _bert_from_hf(hf: dict[str, Any], roberta: bool) -> dict[str, Any]:
                 position_offset=offset, type_vocab_size=hf.get("type_vocab_size", 2),
                 dropout=hf.get("hidden_dropout_prob", 0.1),
                 attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-                tie_embeddings=hf.get("tie_word_embeddings", True), pooling="first",
+                activation_dropout=0.0, tie_embeddings=hf.get("tie_word_embeddings", True),
+                pooling="first",
                 classifier_hidden=True, classifier_activation="tanh", mlm_transform=True,
                 **common)
 
@@ -125,7 +126,8 @@ def _distil_from_hf(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
                 position="learned", max_positions=hf.get("max_position_embeddings", 512),
                 type_vocab_size=0, dropout=hf.get("dropout", 0.1),
                 attention_dropout=hf.get("attention_dropout", 0.1),
-                tie_embeddings=hf.get("tie_word_embeddings", True), pooling="first",
+                activation_dropout=0.0, tie_embeddings=hf.get("tie_word_embeddings", True),
+                pooling="first",
                 classifier_hidden=True, classifier_activation="relu", mlm_transform=True,
                 **common_from_hf(hf, pad=0))
 

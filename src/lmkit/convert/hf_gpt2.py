@@ -92,6 +92,7 @@ def _from_hf_config(hf: dict[str, Any], names: set[str]) -> dict[str, Any]:
                 max_positions=hf.get("n_positions", 1024),
                 scale_attention=hf.get("scale_attn_weights", True),
                 dropout=hf.get("resid_pdrop", 0.1), attention_dropout=hf.get("attn_pdrop", 0.1),
+                activation_dropout=0.0,
                 tie_embeddings=hf.get("tie_word_embeddings", True), classifier_bias=False,
                 **common_from_hf(hf, pad=None, bos=50256, eos=50256))
 

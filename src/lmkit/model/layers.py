@@ -56,7 +56,8 @@ class MLP(nn.Module):
         self.gate = nn.Linear(d, f, bias=bias) if cfg.gated_mlp else None
         self.down = nn.Linear(f, d, bias=bias)
         self.act = ACTIVATIONS[cfg.activation]
-        self.drop = nn.Dropout(cfg.dropout)
+        drop = cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout
+        self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))

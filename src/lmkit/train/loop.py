@@ -52,7 +52,13 @@ from lmkit.train.distributed import (
 )
 from lmkit.train.energy import EnergyMeter, carbon_intensity
 from lmkit.train.metrics import COMPUTE, CURVE, ComputeMeter, describe_device, plot_curves
-from lmkit.train.optim import SCHEDULES, build_optimizer, build_scheduler, clip_gradients
+from lmkit.train.optim import (
+    SCHEDULES,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    sparse_embeddings,
+)
 from lmkit.train.state import (
     CHECKPOINTS,
     latest_checkpoint,
@@ -68,7 +74,7 @@ from lmkit.train.trackers import Trackers, check_report_to
 log = logging.getLogger("lmkit")
 Batch = dict[str, torch.Tensor]
 BEST = "best"  # <out>/best: the best model so far, while a keep-best run goes on
-_NOT_SCORES = ("split", "step", "tokens", "flops", "elapsed_s")  # in a dev record
+_NOT_SCORES = ("split", "step", "tokens", "flops", "elapsed_s", "train_s")  # in a dev record
 
 
 def greater_is_better(metric: str) -> bool:
@@ -97,6 +103,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights, optimizer stay fp32)
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory
+    # update only the token-embedding rows a step uses (lazy Adam; train/optim.py
+    # sparse_embeddings): much less optimizer work for small batches; untied, one process
+    sparse_embeddings: bool = False
     eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
     save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3  # 0 = keep all
@@ -113,6 +122,7 @@ class TrainConfig:
     patience: int = 0  # stop after this many evaluations without a better best_metric; 0 = off
     best_metric: str | None = None  # keep the best model by this dev metric (loss, accuracy,
     # macro_f1, ...; lower is better for losses) as the final one; patience alone: loss
+    stop_at: float | None = None  # stop once the dev best_metric reaches this (accuracy 88)
     carbon_intensity: str = "world"  # g CO2eq/kWh, or a country code (FRA, FR): train/energy.py
 
     def validate(self) -> None:
@@ -157,6 +167,9 @@ class TrainConfig:
         if (self.patience or self.best_metric) and not (has_dev and self.eval_every):
             raise ConfigError("patience and best_metric compare dev evaluations: give dev "
                               "data and the steps between evaluations (--eval-every N)")
+        if self.stop_at is not None and self.best_metric is None:
+            raise ConfigError("stop_at is a value of the dev best_metric: name it too "
+                              "(--best-metric accuracy)")
 
 
 @dataclass
@@ -373,6 +386,11 @@ class _Run:
         self.precision = resolve_precision(cfg.precision, env.device)
         self.model = model.to(env.device)
         model.train()
+        if cfg.sparse_embeddings and env.distributed:
+            raise ConfigError("sparse_embeddings runs in one process: leave it off with "
+                              "torchrun")
+        if cfg.sparse_embeddings:
+            sparse_embeddings(model)
         model.activation_checkpointing(cfg.activation_checkpointing)
         self.net = wrap_model(model, env, cfg.parallelism)  # FSDP: before the optimizer
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay,
@@ -422,6 +440,7 @@ class _Run:
         self.data = iter(batches)
         self.session_start = time.perf_counter()
         self.window: list[float] = []
+        self.eval_s = 0.0  # seconds spent in this call's evaluations
 
     def counts(self) -> dict[str, int]:
         params = list(self.model.parameters())
@@ -559,20 +578,31 @@ class _Run:
     def evaluate(self) -> None:
         """Dev loss (with eval_batches) and the scorer's metrics: recorded, shown, and
         compared with the best so far."""
+        start = time.perf_counter()
         record: dict[str, Any] = {"split": "valid", "step": self.step}
         if self.eval_batches is not None:
             record.update(evaluate(self.model, self.eval_batches, self.precision, self.env))
         if self.scorer is not None:
             record.update(self.scorer())
+        self.eval_s += time.perf_counter() - start
+        # train_s: the wall time without this call's evaluations (time to reach a score)
         record.update(tokens=self.compute.tokens, flops=self.compute.flops,
-                      elapsed_s=self.compute.wall_time_s)
+                      elapsed_s=self.compute.wall_time_s,
+                      train_s=self.compute.wall_time_s - self.eval_s)
         self.trackers.log(record)
         self.result.evals.append(record)
         scores = {k: v for k, v in record.items() if k not in _NOT_SCORES
                   and isinstance(v, (int, float))}
         shown = self.best["metric"] if self.best else next(
             (k for k in scores if k not in ("loss", "perplexity")), "loss")
-        note = self.track_best(record, scores)
+        start = time.perf_counter()
+        note = self.track_best(record, scores)  # may save the model: not training time either
+        self.eval_s += time.perf_counter() - start
+        if self.best is not None and self.cfg.stop_at is not None and (
+                record[shown] >= self.cfg.stop_at if greater_is_better(shown)
+                else record[shown] <= self.cfg.stop_at):
+            self.result.stopped = "early_stopped"
+            note += f"; reached {shown} {self.cfg.stop_at:g}: early stop"
         self.dev = {f"dev_{shown}": f"{record[shown]:.4g}"}
         if self.env.is_main and (self.cfg.progress or "early stop" in note):
             shown = ", ".join(f"{k} {v:.4g}" for k, v in scores.items())
@@ -629,6 +659,8 @@ class _Run:
             self.result.stopped = "max_steps"
 
     def close(self) -> None:
+        if self.cfg.sparse_embeddings:  # dense again for whoever uses the model next
+            sparse_embeddings(unwrap(self.model), False)
         self.bar.close()
         self.compute.stop()
         self.result.compute = self.compute.summary(**self.compute_extra())  # = compute.json

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,6 +44,60 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float,
                                                   reverse=True)]
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that also takes sparse gradients (a token embedding with `sparse=True`,
+    see `sparse_embeddings`): only their rows in the batch are updated, lazily, as
+    torch.optim.SparseAdam does (moments and weights of the other rows stay as they are;
+    with every row in the batch this is AdamW exactly). Dense gradients go to torch's
+    kernel; the state (step, exp_avg, exp_avg_sq) has AdamW's layout, so checkpoints are
+    the same."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None) -> Any:
+        sparse = [(group, p) for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and p.grad.is_sparse]
+        for group, p in sparse:
+            self._lazy_step(group, p)
+        grads = [p.grad for _, p in sparse]
+        for _, p in sparse:  # torch's kernel skips parameters without a gradient
+            p.grad = None
+        try:
+            return super().step(closure)
+        finally:
+            for (_, p), grad in zip(sparse, grads):
+                p.grad = grad
+
+    def _lazy_step(self, group: dict, p: torch.Tensor) -> None:
+        if group["amsgrad"] or group["maximize"]:
+            raise ValueError("sparse gradients take plain AdamW (no amsgrad, no maximize)")
+        grad = p.grad.coalesce()
+        rows, values = grad.indices()[0], grad.values()
+        state = self.state[p]
+        if not state:  # AdamW's layout (its step is a float tensor)
+            state["step"] = torch.tensor(0.0, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = float(state["step"])
+        (b1, b2), lr, eps = group["betas"], float(group["lr"]), group["eps"]
+        m = state["exp_avg"][rows].mul_(b1).add_(values, alpha=1 - b1)
+        v = state["exp_avg_sq"][rows].mul_(b2).addcmul_(values, values, value=1 - b2)
+        state["exp_avg"][rows], state["exp_avg_sq"][rows] = m, v
+        denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+        weights = p[rows].mul_(1 - lr * group["weight_decay"])
+        p[rows] = weights.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+
+
+def sparse_embeddings(model: nn.Module, on: bool = True) -> None:
+    """Make the token embedding's gradient sparse (only the rows a batch uses), so that
+    `AdamW` updates those rows alone: for a large vocabulary and small batches (fine-tuning)
+    this skips most of the optimizer's work. Needs an embedding not tied to the output."""
+    if on and model.config.tied_output:
+        raise ValueError("sparse_embeddings needs token embeddings that are not tied to the "
+                         "output projection (a language-model head uses every row)")
+    model.tokens.sparse = on
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                     layer_decay: float = 0.0) -> torch.optim.AdamW:
@@ -50,11 +105,11 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     (one pass over each tensor instead of a dozen) is used on CPU and CUDA: on a 2-core CPU
     it is 4x faster than the default for-loop AdamW, which matters for small-batch
     fine-tuning, where the update of a large embedding matrix costs as much as the forward
-    and backward passes."""
+    and backward passes (or see `sparse_embeddings`)."""
     groups = param_groups(model, weight_decay, lr, layer_decay)
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
                 for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def lr_factor(schedule: str, warmup_steps: int, total_steps: int,
@@ -90,10 +145,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_step
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm to `max_norm` (0 = no clipping); returns the norm
-    before clipping (inf or nan when a gradient is)."""
+    before clipping (inf or nan when a gradient is). Sparse gradients count by their rows."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-    # FSDP: the norm of sharded gradients is a DTensor, reduced over the ranks' shards
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    max_norm = max_norm if max_norm > 0 else math.inf
+    sparse = [p for p in params if p.grad.is_sparse]
+    if not sparse:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # FSDP: the norm of sharded gradients is a DTensor, reduced over the ranks' shards
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    for p in sparse:  # repeated rows summed, so that the values are the gradient's
+        p.grad = p.grad.coalesce()
+    dense = [p.grad for p in params if not p.grad.is_sparse]
+    norms = [torch.linalg.vector_norm(g) for g in dense + [p.grad.values() for p in sparse]]
+    total = torch.linalg.vector_norm(torch.stack(norms).float())
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in dense + [p.grad for p in sparse]:
+        g.mul_(scale.to(g.dtype))
+    return total

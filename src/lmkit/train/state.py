@@ -246,7 +246,8 @@ def _check_setup(state: dict[str, Any], folder: Path, model: nn.Module, env: Dis
     saved = ModelConfig.from_json(folder / CONFIG).to_dict()
     live = model.config.to_dict()
     changed = [f"{k} (checkpoint {saved[k]!r}, model {live[k]!r})" for k in saved
-               if saved[k] != live[k] and k not in ("dropout", "attention_dropout")]
+               if saved[k] != live[k] and k not in ("dropout", "attention_dropout",
+                                                             "activation_dropout")]
     if changed:
         raise ValueError(f"{folder} holds another architecture than the model being trained: "
                          f"{'; '.join(changed)}. Resume with the run's own config")
