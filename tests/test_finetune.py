@@ -147,6 +147,33 @@ def test_classification(tmp_path, data, encoder, scheme):
     assert lmkit.load(res.out_dir).config.lora is None  # merged into a plain checkpoint
 
 
+def test_classification_reports_its_dev_loss_and_final_scores_are_reused(tmp_path, data,
+                                                                            encoder):
+    """Classification scores its dev loss from the same forward passes as its accuracy (no
+    second pass over the dev set), and the final scores are those of the evaluation that
+    scored the final model: the kept best one here, equal to scoring the saved model anew."""
+    from lmkit.data.batches import collate
+    from lmkit.tasks import TASKS
+    from lmkit.train.loop import evaluate
+
+    res = run(tmp_path, encoder, task="classification", train=str(data / "cls_train.tsv"),
+              dev=str(data / "cls_dev.tsv"), steps=12, eval_every=4, lr=2e-3, batch_size=16,
+              best_metric="loss")
+    evals = [r for r in res.curve if "accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 4, 8, 12]
+    assert res.best is not None and res.metrics["loss"] == min(r["loss"] for r in evals)
+    best = next(r for r in evals if r["step"] == res.best["step"])
+    assert res.metrics == {k: best[k] for k in ("loss", "accuracy", "macro_f1")}
+    assert evaluate_run(res.out_dir, data / "cls_dev.tsv") == pytest.approx(res.metrics)
+    model = lmkit.load(res.out_dir)  # the loss equals the loss pass over padded batches
+    task = TASKS["classification"](model.tokenizer, model.config)
+    dev = task.read(data / "cls_dev.tsv", label_names=model.config.label_names)
+    feats = [task.features(e) for e in dev]
+    batches = [collate(feats[i:i + 16], model.config.fill_id()) for i in range(0, 60, 16)]
+    assert evaluate(model, batches, "fp32")["loss"] == pytest.approx(res.metrics["loss"],
+                                                                     abs=1e-5)
+
+
 def test_ner(tmp_path, data, encoder):
     res = run(tmp_path, encoder, task="ner", train=str(data / "ner_train.txt"),
               dev=str(data / "ner_dev.txt"), epochs=6, lr=2e-3, batch_size=16)

@@ -18,6 +18,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,7 +45,7 @@ from lmkit.model import Model
 from lmkit.model.lora import LoRAConfig, merge_lora, save_adapter
 from lmkit.tasks import TASKS, Task
 from lmkit.train.distributed import launch_ranks
-from lmkit.train.loop import TrainConfig, train
+from lmkit.train.loop import TrainConfig, TrainResult, train
 from lmkit.train.metrics import COMPUTE, CURVE, read_metrics
 from lmkit.train.options import read_config, read_yaml, save_config
 from lmkit.train.state import list_checkpoints
@@ -219,13 +220,12 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
     train_cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=warmup)
     dev_batches, scorer = None, None
     if dev_examples and cfg.eval_every:
-        dev_feats = [task.features(e) for e in dev_examples]
-        order = length_grouped_batches([len(f["input_ids"]) for f in dev_feats],
-                                       cfg.batch_size, shuffle=False)
-        dev_batches = [collate([dev_feats[i] for i in idx], pad) for idx in order]
-
-        def scorer() -> dict[str, float]:
-            return task.evaluate(model, dev_examples, cfg.batch_size)
+        if not task.reports_loss:  # the dev loss needs its own pass
+            dev_feats = [task.features(e) for e in dev_examples]
+            order = length_grouped_batches([len(f["input_ids"]) for f in dev_feats],
+                                           cfg.batch_size, shuffle=False)
+            dev_batches = [collate([dev_feats[i] for i in idx], pad) for idx in order]
+        scorer = _Scorer(lambda: task.evaluate(model, dev_examples, cfg.batch_size))
 
     if rank == 0 and 0 < len(dev_examples) < SMALL_DEV:
         log.warning("the dev set has only %d examples: its score is noisy (one example is "
@@ -237,7 +237,8 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
         result = train(model, batches, train_cfg, out, dev_batches, resume=resume,
                        resume_hint=f"lmkit finetune --resume {out}", scorer=scorer,
                        trackers=trackers, summary=summary)
-        metrics = task.evaluate(model, dev_examples, cfg.batch_size) if dev_examples else {}
+        metrics = scorer.final(result) if scorer else (
+            task.evaluate(model, dev_examples, cfg.batch_size) if dev_examples else {})
         curve = [{k: v for k, v in r.items() if k != "split"} for r in read_metrics(out)
                  if r.get("split") == "valid"] if rank == 0 else []
         if dev_examples and not any(p["step"] == result.step for p in curve):
@@ -256,6 +257,27 @@ def finetune(checkpoint: str | Path, cfg: FinetuneConfig, *, resume: bool = Fals
     return FinetuneResult(out, metrics, list(model.new_tensors), counts["trainable"],
                           counts["total"], len(train_examples), result.step, wall,
                           result.compute, curve, result.best)
+
+
+class _Scorer:
+    """The task's dev scoring, remembering which metrics it gives, so that the final model's
+    scores are read back from the evaluation that already scored it."""
+
+    def __init__(self, score: Callable[[], dict[str, float]]):
+        self.score, self.names = score, ()
+
+    def __call__(self) -> dict[str, float]:
+        scores = self.score()
+        self.names = tuple(scores)
+        return scores
+
+    def final(self, result: TrainResult) -> dict[str, float]:
+        """The scores of the final model: the last step's (or the kept best's), else new."""
+        step = result.best["step"] if result.best else result.step
+        done = next((r for r in reversed(result.evals) if r["step"] == step), None)
+        if done is None or not self.names:
+            return self()
+        return {k: done[k] for k in self.names}
 
 
 def _summary(checkpoint: str | Path, cfg: FinetuneConfig, model: Model, features: list,

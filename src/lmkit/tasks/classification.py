@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmkit.model import Model
 from lmkit.tasks.formats import ClassificationExample, label_names, read_classification
 from lmkit.tasks.scores import accuracy, macro_f1
@@ -25,6 +27,7 @@ class ClassificationTask(Task):
     name, head = "classification", "classification"
     families = ("encoder", "decoder", "encoder-decoder")
     Options = ClassificationOptions
+    reports_loss = True
 
     def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[ClassificationExample]:
@@ -47,17 +50,22 @@ class ClassificationTask(Task):
         label = self.config.label_names.index(example.label)
         return {**self.encode(example.text, example.text_pair), "labels": label}
 
-    def _probs(self, model: Model, feats: list[Features], batch_size: int) -> list:
+    def _log_probs(self, model: Model, feats: list[Features], batch_size: int) -> list:
         out = [None] * len(feats)
         for i, logits in forward_batches(model, feats, batch_size):
-            out[i] = logits.softmax(-1)
+            out[i] = logits.log_softmax(-1)
         return out
 
     def evaluate(self, model: Model, examples: list, batch_size: int = 32) -> dict[str, float]:
-        probs = self._probs(model, [self.features(e) for e in examples], batch_size)
-        preds = [model.config.label_names[int(p.argmax())] for p in probs]
+        """Accuracy, macro-F1 and the mean cross-entropy loss, from one pass over `examples`."""
+        feats = [self.features(e) for e in examples]
+        log_probs = torch.stack(self._log_probs(model, feats, batch_size))
+        gold_ids = torch.tensor([f["labels"] for f in feats])
+        loss = -log_probs.gather(1, gold_ids[:, None]).mean().item()
+        names = model.config.label_names
+        preds = [names[i] for i in log_probs.argmax(-1).tolist()]
         golds = [e.label for e in examples]
-        return {**accuracy(preds, golds), **macro_f1(preds, golds, model.config.label_names)}
+        return {"loss": loss, **accuracy(preds, golds), **macro_f1(preds, golds, names)}
 
     def predict(self, model: Model, inputs: Sequence[Any], batch_size: int = 32) -> list[dict]:
         """Each input is a text or a (text, text_pair) tuple. Returns the best label, its
@@ -65,7 +73,8 @@ class ClassificationTask(Task):
         feats = [self.encode(*x) if isinstance(x, tuple) else self.encode(x) for x in inputs]
         names = model.config.label_names
         results = []
-        for p in self._probs(model, feats, batch_size):
+        for p in self._log_probs(model, feats, batch_size):
+            p = p.exp()
             best = int(p.argmax())
             results.append({"label": names[best], "score": float(p[best]),
                             "scores": {n: float(v) for n, v in zip(names, p)}})

@@ -127,6 +127,7 @@ class GenerationTask(Seq2SeqTask):
     name = "generation"
     families = ("decoder",)
     Options = GenerationOptions
+    reports_loss = True
 
     def read(self, path: str | Path, label_names: Sequence[str] | None = None,
              limit: int | None = None) -> list[GenerationExample]:

@@ -38,6 +38,9 @@ class Task:
     head = "lm"
     families: tuple[str, ...] = ()
     Options: ClassVar[type[TaskOptions]] = TaskOptions
+    # evaluate() also reports the dev loss (from the same forward passes), so fine-tuning
+    # needs no second pass over the dev set for it
+    reports_loss = False
 
     @property
     def labelled(self) -> bool:
