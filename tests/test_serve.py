@@ -7,6 +7,7 @@ from conftest import tiny
 from fastapi.testclient import TestClient
 
 import lmkit
+from lmkit.generation_config import GenerationConfig
 from lmkit.serve import create_app
 from lmkit.tokenizer import Tokenizer
 
@@ -20,6 +21,7 @@ def tokenizer(tmp_path_factory):
 
 def test_generate_endpoint(tmp_path, tokenizer):
     model = tiny("tiny-decoder", vocab_size=tokenizer.vocab_size)
+    model.generation_config = GenerationConfig(max_new_tokens=3)
     model.save(tmp_path / "dec", tokenizer=tokenizer)
     client = TestClient(create_app(tmp_path / "dec", device="cpu"))
     assert client.get("/health").json()["head"] == "lm"
@@ -29,6 +31,10 @@ def test_generate_endpoint(tmp_path, tokenizer):
     assert answer.status_code == 200, answer.text
     expected = lmkit.generate(lmkit.load(tmp_path / "dec"), body.pop("prompt"), **body)
     assert answer.json() == {"texts": expected.texts, "scores": pytest.approx(expected.scores)}
+    plain = client.post("/generate", json={"prompt": "the film"})  # the checkpoint's options
+    stored = lmkit.generate(lmkit.load(tmp_path / "dec"), "the film")
+    assert len(stored.sequences[0]) <= 3  # scores sum over the new tokens: 3, not 32
+    assert plain.json() == {"texts": stored.texts, "scores": pytest.approx(stored.scores)}
     bad = client.post("/generate", json={"prompt": "the", "top_p": 2})
     assert bad.status_code == 400 and "top_p must be in (0, 1]" in bad.json()["detail"]
 

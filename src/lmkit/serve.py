@@ -1,8 +1,9 @@
 """`lmkit serve CHECKPOINT`: a model over HTTP (FastAPI; the `serve` extra).
 
-    POST /generate  {"prompt": "Once upon" | [...], "max_new_tokens": 32, "do_sample": false,
-                     "temperature": 1.0, "top_k": null, "top_p": null, "seed": null,
-                     "num_beams": 1, "num_return_sequences": 1}
+    POST /generate  {"prompt": "Once upon" | [...], and any of `lmkit.generate`'s options:
+                     "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
+                     "num_beams", "num_return_sequences", ... (left out: the model's
+                     generation_config, then lmkit.generate.DEFAULTS)}
                     -> {"texts": [...], "scores": [...]}  (n consecutive answers per prompt)
     POST /predict   {"inputs": "text" | [...]} -> {"predictions": [...]}  (the task's, as
                      `lmkit predict` writes them)
@@ -15,12 +16,21 @@ with lmkit's one-line message.
 
 # No `from __future__ import annotations`: FastAPI reads the request classes, defined inside
 # create_app, from the endpoints' live annotations.
+import typing
 from pathlib import Path
 from typing import Any
 
 from lmkit.errors import require
 from lmkit.finetune.inference import pipeline
-from lmkit.generate import generate
+from lmkit.generate import DEFAULTS, generate
+
+
+def request_options() -> dict[str, tuple[Any, None]]:
+    """`generate`'s options as request fields, typed as `generate` types them and None when
+    left out, so that what a request leaves out comes from the model's generation_config
+    (then `DEFAULTS`), as in the Python API and the CLI."""
+    hints = typing.get_type_hints(generate)
+    return {name: (hints[name], None) for name in hints if name in DEFAULTS or name == "seed"}
 
 
 def create_app(checkpoint: str | Path, task: str | None = None, *, device: str = "auto",
@@ -29,17 +39,8 @@ def create_app(checkpoint: str | Path, task: str | None = None, *, device: str =
     fastapi = require("fastapi", "serve", "lmkit serve")
     pydantic = require("pydantic", "serve", "lmkit serve")
 
-    class GenerateRequest(pydantic.BaseModel):
-        prompt: str | list[str]
-        max_new_tokens: int = 32
-        do_sample: bool = False
-        temperature: float = 1.0
-        top_k: int | None = None
-        top_p: float | None = None
-        seed: int | None = None
-        num_beams: int = 1
-        length_penalty: float = 1.0
-        num_return_sequences: int = 1
+    GenerateRequest = pydantic.create_model(  # noqa: N806 (a class)
+        "GenerateRequest", prompt=(str | list[str], ...), **request_options())
 
     class PredictRequest(pydantic.BaseModel):
         inputs: str | list[str]
