@@ -65,7 +65,7 @@ class ClassificationTask(Task):
         names = model.config.label_names
         preds = [names[i] for i in log_probs.argmax(-1).tolist()]
         golds = [e.label for e in examples]
-        return {"loss": loss, **accuracy(preds, golds), **macro_f1(preds, golds, names)}
+        return {**accuracy(preds, golds), **macro_f1(preds, golds, names), "loss": loss}
 
     def predict(self, model: Model, inputs: Sequence[Any], batch_size: int = 32) -> list[dict]:
         """Each input is a text or a (text, text_pair) tuple. Returns the best label, its
