@@ -501,7 +501,9 @@ class _Run:
                       + (f" ({cfg.parallelism})" if env.distributed else "")
                       + f", precision {self.precision} (asked: {cfg.precision})",
             "steps": f"{cfg.steps}{resumed} (warmup {cfg.warmup_steps}, {cfg.schedule} "
-                     f"schedule, lr {cfg.lr:g}); batch {batch}"
+                     f"schedule, lr {cfg.lr:g}"
+                     + (", AdamW in backward" if cfg.optimizer_in_backward else "")
+                     + f"); batch {batch}"
                      + (f", ~{tokens:,.0f} tokens per step" if tokens else ""),
             "evaluation": self.describe_evaluation(),
             "output": f"{self.out_dir} (records: "
