@@ -142,6 +142,18 @@ def test_a_nan_loss_stops_before_anything_is_applied(tmp_path):
         assert torch.equal(p, before[name]), name  # the weights after step 2, untouched
 
 
+def test_a_nan_gradient_with_a_finite_loss_stops_and_says_the_step_was_applied(tmp_path):
+    model, batches = setup("decoder", 3)
+    calls = iter(range(10))
+    first = next(p for name, p in model.named_parameters() if ".0." in name)
+    first.register_hook(  # its gradient at step 2 is NaN
+        lambda grad: grad * float("nan") if next(calls) == 1 else grad)
+    c = TrainConfig(steps=3, optimizer_in_backward=True, **{**SAME, "save_every": 1})
+    with pytest.raises(lmkit.errors.TrainingDiverged, match="gradient norm is nan at step 2.*"
+                       "had applied that step.*last good checkpoint is .*step-1"):
+        train(model, Batches(batches), c, tmp_path)
+
+
 @pytest.mark.parametrize("change,fix", [
     ({"grad_clip": 1.0}, "set grad_clip: 0"),
     ({"grad_accum": 2}, "set grad_accum: 1"),
