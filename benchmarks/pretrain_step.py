@@ -4,7 +4,9 @@ forward + backward + AdamW, tokens/s and peak memory, side by side in one run.
 Every measurement runs in a fresh process (so its peak RSS, VmHWM, is its own), lmkit and
 transformers interleaved, and the median over the repeats is reported. lmkit trains as its
 loop does: the loss without logits (model/loss.py), and once more with activation
-checkpointing ("lmkit+ckpt"); transformers as its Trainer does by default:
+checkpointing and `optimizer_in_backward` (each parameter's AdamW step runs in backward as
+soon as its gradient is ready, which is then freed: "lmkit+ckpt+inbwd", the memory row);
+transformers as its Trainer does by default:
 `model(input_ids, labels=...)` then the loss. Both compute the same function: GPT-2's
 dropout of 0.1 (embeddings, attention, residual branches; GPT2Config's defaults) and AdamW
 with the fused kernel (the Trainer's default optimizer, adamw_torch_fused).
@@ -32,8 +34,9 @@ CHILD = r"""
 import json, sys, time
 import torch
 
-which, steps, threads, precision, device, checkpointing = sys.argv[1:7]
-steps, threads, checkpointing = int(steps), int(threads), checkpointing == "1"
+which, steps, threads, precision, device, options = sys.argv[1:7]
+steps, threads = int(steps), int(threads)
+checkpointing, in_backward = "ckpt" in options, "inbwd" in options
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 device = torch.device(device)
@@ -53,6 +56,9 @@ else:
         return model(input_ids=ids, labels=ids).loss
 model.train()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+if in_backward:
+    from lmkit.train.optim import OptimizerInBackward
+    OptimizerInBackward(opt)  # backward steps opt and frees each gradient
 ids = torch.randint(0, 50257, (4, 256), device=device)
 dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -60,8 +66,9 @@ def step():
     with torch.autocast(device.type, dtype=dtype, enabled=precision == "bf16"):
         loss = loss_of(ids)
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    if not in_backward:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     return loss
 
 def sync():
@@ -88,13 +95,14 @@ print(json.dumps({"tokens_per_s": steps * ids.numel() / seconds, "peak_mb": peak
 """
 
 
-RUNS = {"lmkit": ("lmkit", "0"), "lmkit+ckpt": ("lmkit", "1"), "transformers": ("hf", "0")}
+RUNS = {"lmkit": ("lmkit", "-"), "lmkit+ckpt+inbwd": ("lmkit", "ckpt+inbwd"),
+        "transformers": ("hf", "-")}
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
-    which, checkpointing = RUNS[name]
+    which, options = RUNS[name]
     out = subprocess.run([sys.executable, "-c", CHILD, which, str(args.steps), str(args.threads),
-                          args.precision, args.device, checkpointing],
+                          args.precision, args.device, options],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -117,17 +125,18 @@ def main() -> None:
             results[which].append(run(which, args))
     med = {w: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_mb")}
            for w, rs in results.items()}
-    ours, small, theirs = med["lmkit"], med["lmkit+ckpt"], med["transformers"]
+    ours, small, theirs = med["lmkit"], med["lmkit+ckpt+inbwd"], med["transformers"]
     print(f"GPT-2-124M, batch 4 x 256, {args.precision}, {args.device}, {args.threads} threads, "
           f"median of {args.repeats}")
-    print(f"{'':14}{'tokens/s':>10}{'peak MB':>10}")
+    print(f"{'':18}{'tokens/s':>10}{'peak MB':>10}")
     for name, m in med.items():
-        print(f"{name:14}{m['tokens_per_s']:10.1f}{m['peak_mb']:10.0f}")
+        print(f"{name:18}{m['tokens_per_s']:10.1f}{m['peak_mb']:10.0f}")
     work = f"GPT-2-124M train step 4x256 {args.precision} {args.device}"
     note = f"median of {args.repeats} interleaved runs, {args.steps} steps each"
     emit([row(f"{work}: speed", ours["tokens_per_s"], theirs["tokens_per_s"], "tokens/s", 1.1,
               note),
-          row(f"{work}: peak memory (lmkit with activation checkpointing; at most half)",
+          row(f"{work}: peak memory (lmkit with activation_checkpointing and "
+              "optimizer_in_backward; at most half)",
               small["peak_mb"], theirs["peak_mb"], "MB", 2.0, note, higher_is_better=False)],
          args.json)
 

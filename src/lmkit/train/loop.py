@@ -54,6 +54,7 @@ from lmkit.train.energy import EnergyMeter, carbon_intensity
 from lmkit.train.metrics import COMPUTE, CURVE, ComputeMeter, describe_device, plot_curves
 from lmkit.train.optim import (
     SCHEDULES,
+    OptimizerInBackward,
     build_optimizer,
     build_scheduler,
     clip_gradients,
@@ -106,6 +107,10 @@ class TrainConfig:
     # update only the token-embedding rows a step uses (lazy Adam; train/optim.py
     # sparse_embeddings): much less optimizer work for small batches; untied, one process
     sparse_embeddings: bool = False
+    # step each parameter in backward as soon as its gradient is ready, then free it: no
+    # memory for all the gradients at once (train/optim.py OptimizerInBackward); one
+    # process, grad_accum 1, grad_clip 0
+    optimizer_in_backward: bool = False
     eval_every: int = 200  # steps; 0 = never (also at step 0 and the last step)
     save_every: int = 500  # steps; 0 = only at the end (and on Ctrl-C)
     keep_checkpoints: int = 3  # 0 = keep all
@@ -161,6 +166,24 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r} is not supported; choose one of "
                              f"{SCHEDULES}")
         check_report_to(self.report_to)
+        self.check_optimizer_in_backward()
+
+    def check_optimizer_in_backward(self) -> None:
+        """What stepping each parameter in backward cannot do, refused with the fix."""
+        if not self.optimizer_in_backward:
+            return
+        fix = "or drop optimizer_in_backward"
+        if self.grad_accum > 1:
+            raise ConfigError(f"optimizer_in_backward steps after each backward, so it cannot "
+                              f"accumulate gradients: set grad_accum: 1 (a larger batch_size "
+                              f"instead) {fix}")
+        if self.grad_clip > 0:
+            raise ConfigError(f"optimizer_in_backward steps each parameter before the global "
+                              f"gradient norm exists, so it cannot clip by it: set grad_clip: 0 "
+                              f"(--set grad_clip=0) {fix}")
+        if self.sparse_embeddings:
+            raise ConfigError(f"optimizer_in_backward takes dense gradients: set "
+                              f"sparse_embeddings: false {fix}")
 
     def check_keep_best(self, has_dev: bool) -> None:
         """patience and best_metric need dev evaluations (checked when a run starts)."""
@@ -386,9 +409,9 @@ class _Run:
         self.precision = resolve_precision(cfg.precision, env.device)
         self.model = model.to(env.device)
         model.train()
-        if cfg.sparse_embeddings and env.distributed:
-            raise ConfigError("sparse_embeddings runs in one process: leave it off with "
-                              "torchrun")
+        for option in ("sparse_embeddings", "optimizer_in_backward"):
+            if getattr(cfg, option) and env.distributed:
+                raise ConfigError(f"{option} runs in one process: leave it off with torchrun")
         if cfg.sparse_embeddings:
             sparse_embeddings(model)
         model.activation_checkpointing(cfg.activation_checkpointing)
@@ -441,6 +464,9 @@ class _Run:
         self.session_start = time.perf_counter()
         self.window: list[float] = []
         self.eval_s = 0.0  # seconds spent in this call's evaluations
+        # last (close() removes the hooks) and after the resume: they step the loaded optimizer
+        self.in_backward = OptimizerInBackward(self.optimizer) \
+            if cfg.optimizer_in_backward else None
 
     def counts(self) -> dict[str, int]:
         params = list(self.model.parameters())
@@ -475,7 +501,9 @@ class _Run:
                       + (f" ({cfg.parallelism})" if env.distributed else "")
                       + f", precision {self.precision} (asked: {cfg.precision})",
             "steps": f"{cfg.steps}{resumed} (warmup {cfg.warmup_steps}, {cfg.schedule} "
-                     f"schedule, lr {cfg.lr:g}); batch {batch}"
+                     f"schedule, lr {cfg.lr:g}"
+                     + (", AdamW in backward" if cfg.optimizer_in_backward else "")
+                     + f"); batch {batch}"
                      + (f", ~{tokens:,.0f} tokens per step" if tokens else ""),
             "evaluation": self.describe_evaluation(),
             "output": f"{self.out_dir} (records: "
@@ -522,25 +550,34 @@ class _Run:
             with grad_sync(self.net, env, last):
                 with autocast(self.precision, env.device):  # no logits kept (model/loss.py)
                     out = self.net(**batch, return_logits=False)
+                if self.in_backward is not None:  # backward applies the step: check first
+                    self.check_finite("loss", (out.loss_sum / max(n_targets, 1.0)).item())
                 (out.loss_sum * scale).backward()
             total += out.loss_sum.detach().float()
         loss_sum, stop = reduce_loss_and_stop_flag(total, stop, env)
         return (loss_sum / max(n_targets, 1.0)).item(), stop
 
     def optimizer_step(self, loss: float, micro: list[Batch]) -> None:
-        """Check the loss and the gradient norm, clip, step AdamW and the schedule."""
-        if not math.isfinite(loss):
-            raise TrainingDiverged(_diverged("loss", loss, self.step + 1, self.out_dir))
-        self.grad_norm = float(clip_gradients(self.model, self.cfg.grad_clip))
-        if not math.isfinite(self.grad_norm):
-            raise TrainingDiverged(_diverged("gradient norm", self.grad_norm, self.step + 1,
-                                             self.out_dir))
+        """Check the loss and the gradient norm, clip, step AdamW and the schedule (with
+        optimizer_in_backward, backward has stepped AdamW already)."""
+        self.check_finite("loss", loss)
         self.lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        if self.in_backward is not None:
+            self.grad_norm = float(self.in_backward.grad_norm())
+            self.check_finite("gradient norm", self.grad_norm, applied=True)
+        else:
+            self.grad_norm = float(clip_gradients(self.model, self.cfg.grad_clip))
+            self.check_finite("gradient norm", self.grad_norm)
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step = self.result.step = self.step + 1
         self.compute.add(int(self.n_tokens), micro[0]["input_ids"].shape[1])
+
+    def check_finite(self, what: str, value: float, applied: bool = False) -> None:
+        """Stop the run with TrainingDiverged when `value` is NaN or infinite."""
+        if not math.isfinite(value):
+            raise TrainingDiverged(_diverged(what, value, self.step + 1, self.out_dir, applied))
 
     def after_step(self, loss: float, stop: bool, signum: int | None) -> None:
         """Record the step; on a stop signal save and raise; evaluate and save on schedule."""
@@ -659,6 +696,8 @@ class _Run:
             self.result.stopped = "max_steps"
 
     def close(self) -> None:
+        if self.in_backward is not None:  # plain backward again for whoever uses the model
+            self.in_backward.remove()
         if self.cfg.sparse_embeddings:  # dense again for whoever uses the model next
             sparse_embeddings(unwrap(self.model), False)
         self.bar.close()
@@ -681,10 +720,12 @@ class _Run:
         return {"steps": self.step, **extra} if with_steps else extra
 
 
-def _diverged(what: str, value: float, step: int, out_dir: Path) -> str:
+def _diverged(what: str, value: float, step: int, out_dir: Path, applied: bool = False) -> str:
     last = latest_checkpoint(out_dir)
     where = (f"the last good checkpoint is {last}; resume from it with a lower learning rate "
              "(e.g. --set lr=...) or a stronger grad_clip"
              if last is not None else "no checkpoint had been saved yet")
-    return (f"the training {what} is {value} at step {step}: training stopped and that step "
-            f"was not applied; {where}")
+    done = ("optimizer_in_backward had applied that step to the weights in memory (no "
+            "checkpoint or model was written after it)" if applied else
+            "that step was not applied")
+    return f"the training {what} is {value} at step {step}: training stopped and {done}; {where}"

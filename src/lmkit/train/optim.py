@@ -112,6 +112,50 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
     return AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
+class OptimizerInBackward:
+    """Step `optimizer` over each parameter as soon as backward has its gradient, then free
+    that gradient: the whole set of gradients (4 bytes a parameter in fp32) never exists at
+    once (torchtune's optimizer-in-backward). The one optimizer keeps every parameter's state
+    and group, so the update, the learning-rate schedule (stepped as usual) and checkpoints
+    are those of `optimizer.step()` after backward; but with no clipping by the global
+    gradient norm, which does not exist yet when the first parameters step.
+
+        hooks = OptimizerInBackward(optimizer)
+        loss.backward()  # every parameter with a gradient has stepped
+        norm = hooks.grad_norm()  # of the gradients it stepped with; the sum restarts
+        scheduler.step()
+        hooks.remove()  # plain backward again"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.group_of = {p: i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        self.squares: torch.Tensor | None = None  # sum of the squared gradients stepped with
+        self.handles = [p.register_post_accumulate_grad_hook(self._step) for p in self.group_of]
+
+    @torch.no_grad()
+    def _step(self, p: torch.Tensor) -> None:
+        square = torch.linalg.vector_norm(p.grad, dtype=torch.float32).square()
+        self.squares = square if self.squares is None else self.squares + square
+        opt = self.optimizer
+        groups = opt.param_groups  # looked up now: a resume's load_state_dict replaces them
+        # its group over this one parameter: the step costs the same whatever the model size
+        opt.param_groups = [{**groups[self.group_of[p]], "params": [p]}]
+        try:
+            opt.step()
+        finally:
+            opt.param_groups = groups
+        p.grad = None
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global norm of the gradients stepped with since the last call (0 if none)."""
+        squares, self.squares = self.squares, None
+        return torch.tensor(0.0) if squares is None else squares.sqrt()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def lr_factor(schedule: str, warmup_steps: int, total_steps: int,
               min_lr_ratio: float = 0.1) -> Callable[[int], float]:
     """The multiplier of the peak learning rate at optimizer step `k` (0-based): linear
