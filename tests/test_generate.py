@@ -180,10 +180,16 @@ class Uncached:
 
 
 # Every decoding family: GPT-2 and Llama-like (GQA, MQA with partial rotary), a sliding window
-# shorter than the generation, LoRA (q/k/v not fused), BART, T5 and 2017-Transformer-like.
+# shorter than the generation, LoRA (q/k/v, or gate/up, not fused), per-head query/key norms
+# with biases in the fused projections and scaled rotary tables, BART, T5 and
+# 2017-Transformer-like.
 STATIC_CACHE = {key: VARIANTS[key] for key in DECODING} | {
     "decoder-sliding-window": ("tiny-decoder", dict(sliding_window=3)),
     "decoder-lora": ("tiny-decoder", dict(lora={"rank": 2, "targets": ["q", "k", "v"]})),
+    "decoder-lora-mlp": ("tiny-decoder", dict(lora={"rank": 2, "targets": ["gate", "up", "o"]})),
+    "decoder-qk-norm-biases": ("tiny-decoder", dict(
+        qk_norm=True, attention_bias=True, mlp_bias=True,
+        rope_scaling={"type": "linear", "factor": 2.0})),
 }
 
 

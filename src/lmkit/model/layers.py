@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,19 @@ def make_norm(cfg: ModelConfig, size: int | None = None, kind: str | None = None
     return nn.LayerNorm(size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
+def fuse(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight (and bias) for linear layers that read the same input, their outputs
+    concatenated: one matmul instead of several. None when one of them is not a plain
+    nn.Linear (LoRA), which must run as it is."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in linears])
+    return torch.cat([m.weight for m in linears]), bias
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: down(act(up x)), or gated: down(act(gate x) * up x)."""
 
@@ -59,9 +74,18 @@ class MLP(nn.Module):
         drop = cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
-        return self.down(self.drop(h))
+    def forward(self, x: torch.Tensor, slot: Any = None) -> torch.Tensor:
+        """slot: a generation's KVSlot, which holds gate and up fused for the generation."""
+        gate_up = slot.fused("gate_up", (self.gate, self.up)) if (
+            slot is not None and self.gate is not None) else None
+        if gate_up is not None:  # one matmul for both halves
+            gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
+            h = self.act(gate) * up
+        elif self.gate is not None:
+            h = self.act(self.gate(x)) * self.up(x)
+        else:
+            h = self.act(self.up(x))
+        return self.down(self.drop(h) if self.training else h)
 
 
 def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
