@@ -5,7 +5,7 @@ import torch
 from conftest import VARIANTS, family_of, tiny, variant
 
 import lmkit
-from lmkit.generate import _beam, _Decoder, _filter, _pad_prompts, _Processors, _sample
+from lmkit.generate import _beam, _Decoder, _draw, _filter, _pad_prompts, _Processors, _sample
 
 DECODING = [k for k in VARIANTS if family_of(k) != "encoder"]
 
@@ -134,10 +134,18 @@ def test_n_samples_per_prompt():
 
 def test_filter_top_p_keeps_smallest_nucleus():
     logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = torch.isfinite(_filter(logp, 1.0, None, 0.7))
+    kept = torch.isfinite(_filter(logp, 1.0, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
-    kept = torch.isfinite(_filter(logp, 1.0, 3, None))
-    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_draw_keeps_top_k_then_top_p():
+    """Sampling draws among the top-k tokens only, then within top-p of their probabilities."""
+    logp = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]]).log().expand(2000, -1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(_draw(logp, 1.0, 3, None, gen).tolist()) == {1, 3, 4}
+    # the top 3 renormalised: 0.47, 0.35, 0.18; top-p 0.5 keeps the first two
+    assert set(_draw(logp, 1.0, 3, 0.5, gen).tolist()) == {1, 3}
+    assert set(_draw(logp, 1.0, None, None, gen).tolist()) == {0, 1, 2, 3, 4}
 
 
 def test_generate_rejects_bad_input():
