@@ -249,7 +249,8 @@ class KVSlot:
             self.kv = buf
         self.kv.narrow(2, start, t).copy_(kv)
         self.length = start + t
-        return self.k, self.v
+        filled, heads = self.kv.narrow(2, 0, self.length), kv.shape[1] // 2
+        return filled.narrow(1, 0, heads), filled.narrow(1, heads, heads)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows named by `index`, in place when the number of rows stays."""
