@@ -188,7 +188,7 @@ class Uncached:
 
 
 # Every decoding family: GPT-2 and Llama-like (GQA, MQA with partial rotary), a sliding window
-# shorter than the generation, LoRA (q/k/v, or gate/up, not fused), per-head query/key norms
+# shorter than the generation, LoRA (q/k/v not fused; or on the MLP), per-head query/key norms
 # with biases in the fused projections and scaled rotary tables, BART, T5 and
 # 2017-Transformer-like.
 STATIC_CACHE = {key: VARIANTS[key] for key in DECODING} | {

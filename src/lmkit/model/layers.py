@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,17 +73,8 @@ class MLP(nn.Module):
         drop = cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, slot: Any = None) -> torch.Tensor:
-        """slot: a generation's KVSlot, which holds gate and up fused for the generation."""
-        gate_up = slot.fused("gate_up", (self.gate, self.up)) if (
-            slot is not None and self.gate is not None) else None
-        if gate_up is not None:  # one matmul for both halves
-            gate, up = F.linear(x, *gate_up).chunk(2, dim=-1)
-            h = self.act(gate) * up
-        elif self.gate is not None:
-            h = self.act(self.gate(x)) * self.up(x)
-        else:
-            h = self.act(self.up(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
         return self.down(self.drop(h) if self.training else h)
 
 

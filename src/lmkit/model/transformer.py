@@ -78,7 +78,7 @@ class Block(nn.Module):
             cross_slot = cache.cross_attn[layer] if cache is not None else None
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(
                 h, context_mask, context=context, slot=cross_slot))
-        return self._residual(x, self.mlp_norm, lambda h: self.mlp(h, self_slot))
+        return self._residual(x, self.mlp_norm, self.mlp)
 
 
 class Stack(nn.Module):
