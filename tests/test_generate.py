@@ -5,7 +5,7 @@ import torch
 from conftest import VARIANTS, family_of, tiny, variant
 
 import lmkit
-from lmkit.generate import _beam, _Decoder, _filter, _pad_prompts, _Processors, _sample
+from lmkit.generate import _beam, _Decoder, _draw, _filter, _pad_prompts, _Processors, _sample
 
 DECODING = [k for k in VARIANTS if family_of(k) != "encoder"]
 
@@ -134,10 +134,18 @@ def test_n_samples_per_prompt():
 
 def test_filter_top_p_keeps_smallest_nucleus():
     logp = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    kept = torch.isfinite(_filter(logp, 1.0, None, 0.7))
+    kept = torch.isfinite(_filter(logp, 1.0, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
-    kept = torch.isfinite(_filter(logp, 1.0, 3, None))
-    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_draw_keeps_top_k_then_top_p():
+    """Sampling draws among the top-k tokens only, then within top-p of their probabilities."""
+    logp = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]]).log().expand(2000, -1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(_draw(logp, 1.0, 3, None, gen).tolist()) == {1, 3, 4}
+    # the top 3 renormalised: 0.47, 0.35, 0.18; top-p 0.5 keeps the first two
+    assert set(_draw(logp, 1.0, 3, 0.5, gen).tolist()) == {1, 3}
+    assert set(_draw(logp, 1.0, None, None, gen).tolist()) == {0, 1, 2, 3, 4}
 
 
 def test_generate_rejects_bad_input():
@@ -180,10 +188,16 @@ class Uncached:
 
 
 # Every decoding family: GPT-2 and Llama-like (GQA, MQA with partial rotary), a sliding window
-# shorter than the generation, LoRA (q/k/v not fused), BART, T5 and 2017-Transformer-like.
+# shorter than the generation, LoRA (q/k/v not fused; or on the MLP), per-head query/key norms
+# with biases in the fused projections and scaled rotary tables, BART, T5 and
+# 2017-Transformer-like.
 STATIC_CACHE = {key: VARIANTS[key] for key in DECODING} | {
     "decoder-sliding-window": ("tiny-decoder", dict(sliding_window=3)),
     "decoder-lora": ("tiny-decoder", dict(lora={"rank": 2, "targets": ["q", "k", "v"]})),
+    "decoder-lora-mlp": ("tiny-decoder", dict(lora={"rank": 2, "targets": ["gate", "up", "o"]})),
+    "decoder-qk-norm-biases": ("tiny-decoder", dict(
+        qk_norm=True, attention_bias=True, mlp_bias=True,
+        rope_scaling={"type": "linear", "factor": 2.0})),
 }
 
 

@@ -158,20 +158,29 @@ def _pad_prompts(prompts: list[list[int]], pad_id: int, left: bool) -> tuple[tor
     return ids, (mask if not bool(mask.all()) else None)
 
 
-def _filter(logp: torch.Tensor, temperature: float, top_k: int | None,
-            top_p: float | None) -> torch.Tensor:
-    """Scale by temperature and keep the top-k tokens and the smallest set whose probability
-    reaches top-p; the rest get -inf."""
+def _filter(logp: torch.Tensor, temperature: float, top_p: float | None) -> torch.Tensor:
+    """Scale by temperature and keep the smallest set of tokens whose probability reaches
+    top-p; the rest get -inf."""
     logits = logp / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep tokens until the mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def _draw(logp: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+          gen: torch.Generator | None) -> torch.Tensor:
+    """One sampled token per row of `logp` (rows, V). With top-k the draw runs over the k
+    best tokens only (one over the whole vocabulary costs a good part of a small model's
+    step); a tie at the k-th score keeps k tokens."""
+    ids = None
+    if top_k and top_k < logp.shape[-1]:
+        logp, ids = logp.topk(top_k)  # (rows, k), best first
+    probs = _filter(logp, temperature, top_p).softmax(-1)
+    pick = torch.multinomial(probs, 1, generator=gen)  # (rows, 1)
+    return (pick if ids is None else ids.gather(-1, pick)).squeeze(-1)
 
 
 def _sample(dec: _Decoder, max_new: int, eos: tuple[int, ...], pad: int, greedy: bool,
@@ -190,8 +199,7 @@ def _sample(dec: _Decoder, max_new: int, eos: tuple[int, ...], pad: int, greedy:
         if greedy:
             nxt = logp.argmax(-1)
         else:
-            probs = _filter(logp, temperature, top_k, top_p).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+            nxt = _draw(logp, temperature, top_k, top_p, gen)
         scores += torch.where(done, 0.0, logp.gather(-1, nxt[:, None]).squeeze(-1))
         nxt = nxt.masked_fill(done, pad)
         steps.append(nxt)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.config import ModelConfig
-from lmkit.model.layers import make_norm
+from lmkit.model.layers import fuse, make_norm
 
 
 # ---- masks -------------------------------------------------------------------------------
@@ -160,6 +160,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
 
 
+def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """`apply_rotary` in place, in fewer operations (each step of generation runs it): the
+    rotated half, (-x2, x1), is x rolled by half the rotated dims with its first half negated."""
+    rot = cos.shape[-1]
+    x = x if rot == x.shape[-1] else x.narrow(-1, 0, rot)
+    turned = x.roll(rot // 2, -1)
+    turned.narrow(-1, 0, rot // 2).neg_()
+    x.mul_(cos).addcmul_(turned, sin)
+
+
 class RelativeBias(nn.Module):
     """T5's learned bias per head for each bucket of relative distance (log-spaced buckets
     beyond `buckets // 2`), computed once per stack and added to every layer's scores."""
@@ -193,61 +203,63 @@ class RelativeBias(nn.Module):
 class KVSlot:
     """Keys and values of one attention layer, kept across generation steps.
 
-    Each lives in a buffer (B, K, capacity, D) allocated once for the whole generation
-    (grown by doubling if a call outruns `capacity`) and written in place: a step copies only
-    its own keys and values, and attention reads the filled prefix as a view. `qkv` holds the
-    layer's query/key/value projections fused for this generation (Attention.fused_qkv)."""
+    They live in one buffer (B, 2K, capacity, D), keys in the first K heads, allocated once
+    for the whole generation (grown by doubling if a call outruns `capacity`) and written in
+    place: a step copies only its own keys and values, in one copy, and attention reads the
+    filled prefix as views. `weights` holds the layer's linear layers fused for this
+    generation (`fused`): the weights do not change while it runs."""
 
     def __init__(self, capacity: int = 0) -> None:
         self.capacity = capacity
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.kv: torch.Tensor | None = None
         self.length = 0
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.weights: dict[str, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
+
+    def fused(self, name: str, linears: tuple[nn.Module, ...]
+              ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """`lmkit.model.layers.fuse(linears)`, computed at the first step only."""
+        if name not in self.weights:
+            self.weights[name] = fuse(linears)
+        return self.weights[name]
 
     @property
     def k(self) -> torch.Tensor | None:
-        return self._filled(self.keys)
+        return self._filled(0)
 
     @property
     def v(self) -> torch.Tensor | None:
-        return self._filled(self.values)
+        return self._filled(1)
 
-    def _filled(self, buf: torch.Tensor | None) -> torch.Tensor | None:
-        if buf is None or buf.shape[2] == self.length:  # full (cross-attention): no view
-            return buf
-        return buf.narrow(2, 0, self.length)
+    def _filled(self, half: int) -> torch.Tensor | None:
+        if self.kv is None:
+            return None
+        heads = self.kv.shape[1] // 2
+        return self.kv.narrow(1, half * heads, heads).narrow(2, 0, self.length)
 
-    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, K, T, D) keys and values; return all of them so far (views)."""
-        start, t = self.length, k.shape[2]
-        if self.keys is None or start + t > self.keys.shape[2]:
-            held = 0 if self.keys is None else self.keys.shape[2]
-            size = max(start + t, self.capacity, 2 * held)
-            self.keys, self.values = (self._grown(old, new, size)
-                                      for old, new in ((self.keys, k), (self.values, v)))
-        self.keys.narrow(2, start, t).copy_(k)
-        self.values.narrow(2, start, t).copy_(v)
+    def extend(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append (B, 2K, T, D) keys then values (by head); return all keys and all values
+        so far (views)."""
+        start, t = self.length, kv.shape[2]
+        if self.kv is None or start + t > self.kv.shape[2]:
+            held = 0 if self.kv is None else self.kv.shape[2]
+            buf = kv.new_empty(*kv.shape[:2], max(start + t, self.capacity, 2 * held),
+                               kv.shape[3])
+            if start:
+                buf.narrow(2, 0, start).copy_(self.kv.narrow(2, 0, start))
+            self.kv = buf
+        self.kv.narrow(2, start, t).copy_(kv)
         self.length = start + t
-        return self.keys.narrow(2, 0, self.length), self.values.narrow(2, 0, self.length)
-
-    def _grown(self, old: torch.Tensor | None, new: torch.Tensor, size: int) -> torch.Tensor:
-        buf = new.new_empty(new.shape[0], new.shape[1], size, new.shape[3])
-        if self.length:
-            buf.narrow(2, 0, self.length).copy_(old.narrow(2, 0, self.length))
-        return buf
+        filled, heads = self.kv.narrow(2, 0, self.length), kv.shape[1] // 2
+        return filled.narrow(1, 0, heads), filled.narrow(1, heads, heads)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep the rows named by `index`, in place when the number of rows stays."""
-        if self.keys is None:
+        if self.kv is None:
             return
-        for name in ("keys", "values"):
-            buf = getattr(self, name)
-            kept = buf.narrow(2, 0, self.length).index_select(0, index)
-            if len(index) != buf.shape[0]:  # a new number of rows: a new buffer
-                buf = buf.new_empty(len(index), *buf.shape[1:])
-                setattr(self, name, buf)
-            buf.narrow(2, 0, self.length).copy_(kept)
+        kept = self.kv.narrow(2, 0, self.length).index_select(0, index)
+        if len(index) != self.kv.shape[0]:  # a new number of rows: a new buffer
+            self.kv = self.kv.new_empty(len(index), *self.kv.shape[1:])
+        self.kv.narrow(2, 0, self.length).copy_(kept)
 
 
 class KVCache:
@@ -256,8 +268,10 @@ class KVCache:
     generation will hold (prompt + new tokens), so the buffers are allocated once."""
 
     def __init__(self, num_layers: int, capacity: int = 0):
+        self.capacity = capacity
         self.self_attn = [KVSlot(capacity) for _ in range(num_layers)]
         self.cross_attn = [KVSlot() for _ in range(num_layers)]
+        self.tables: dict[float | None, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return self.self_attn[0].length
@@ -267,6 +281,22 @@ class KVCache:
         `cross=False` leaves the cross-attention slots (rows of the same source)."""
         for slot in self.self_attn + (self.cross_attn if cross else []):
             slot.reorder(index)
+
+    def rotary(self, positions: torch.Tensor, cfg: ModelConfig,
+               theta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rotary(positions, cfg, theta)` for the new positions (B or 1, T) of a step,
+        looked up in cos and sin tables of every position the generation holds, computed
+        once. Dynamic NTK scaling depends on the length so far: computed each call."""
+        if (cfg.rope_scaling or {}).get("type") == "dynamic":
+            return rotary(positions, cfg, theta)
+        length = len(self) + positions.shape[1]  # positions so far, these included
+        table = self.tables.get(theta)
+        held = 0 if table is None else table[0].shape[0]
+        if held < length:  # grown by doubling, like the keys and values
+            every = torch.arange(max(length, self.capacity, 2 * held),
+                                 device=positions.device)[None]
+            table = self.tables[theta] = tuple(t[0, 0] for t in rotary(every, cfg, theta))
+        return tuple(F.embedding(positions, t)[:, None] for t in table)
 
 
 # ---- attention -----------------------------------------------------------------------------
@@ -287,20 +317,6 @@ class Attention(nn.Module):
         self.scale = 1 / math.sqrt(hd) if cfg.scale_attention else 1.0
         self.dropout = cfg.attention_dropout
 
-    def fused_qkv(self, slot: KVSlot) -> bool:
-        """Put the q, k and v projections, concatenated, in `slot.qkv` (once per generation:
-        the weights do not change while it runs); False when they cannot be fused (LoRA)."""
-        if slot.qkv is None:
-            parts = (self.q, self.k, self.v)
-            if any(type(m) is not nn.Linear for m in parts):
-                return False
-            bias = None
-            if any(m.bias is not None for m in parts):
-                bias = torch.cat([m.bias if m.bias is not None else
-                                  m.weight.new_zeros(m.out_features) for m in parts])
-            slot.qkv = (torch.cat([m.weight for m in parts]), bias)
-        return True
-
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """(B, T, heads * head_dim) -> (B, heads, T, head_dim)."""
         b, t, _ = x.shape
@@ -317,37 +333,68 @@ class Attention(nn.Module):
         head_dim, S = key positions (T for self-attention without a cache, past + T with one,
         the source length for cross-attention)."""
         h, k_heads = self.num_heads, self.kv_heads
-        fused = context is None and slot is not None and self.fused_qkv(slot)
-        if fused:  # generation: one matmul for queries, keys and values (B, H + 2K, T, D)
-            heads = self._split(F.linear(x, *slot.qkv), h + 2 * k_heads)
-            qk, v = heads.narrow(1, 0, h + k_heads), heads.narrow(1, h + k_heads, k_heads)
-            if rope is not None and self.q_norm is None:  # one rotation for both
-                qk, rope = apply_rotary(qk, *rope), None
-            q, k = qk.narrow(1, 0, h), qk.narrow(1, h, k_heads)
+        qkv = slot.fused("qkv", (self.q, self.k, self.v)) if (
+            context is None and slot is not None) else None
+        if qkv is not None:  # a generation step, over the fused projections
+            q, k, v = self._generation_qkv(x, qkv, rope, slot)
         else:
-            q = self._split(self.q(x), h)  # (B, H, T, D)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if context is not None and slot is not None and slot.length:
-            k, v = slot.k, slot.v  # cross-attention keys/values: computed once per source
-        else:
-            if not fused:
-                source = x if context is None else context  # (B, S, hidden)
-                k = self._split(self.k(source), k_heads)  # (B, K, S, D)
-                v = self._split(self.v(source), k_heads)  # (B, K, S, D)
-            if self.k_norm is not None:
-                k = self.k_norm(k)
-            if rope is not None:  # cos, sin: (B or 1, 1, T, rotated dims)
-                q = apply_rotary(q, *rope)
-                k = apply_rotary(k, *rope)
-            if slot is not None:  # prepend the cached keys/values: S = past + T
-                k, v = slot.extend(k, v)
+            q, k, v = self._qkv(x, context, rope, slot)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # a position bias: (B or 1, H, T, S)
+        b, t = x.shape[:2]
+        grouped = k_heads != h
+        if grouped and t == 1 and not is_causal:
+            # One query position (a generation step): the H / K queries of a group are H / K
+            # query rows for their key/value head, (B, K, H / K, D); no head is repeated.
+            q = q.reshape(b, k_heads, -1, self.head_dim)
+            if mask is not None and mask.shape[1] > 1:  # a bias per head (B or 1, H, 1, S)
+                mask = mask.reshape(mask.shape[0], k_heads, -1, mask.shape[-1])
+            grouped = False
         # SDPA repeats each of the K key/value heads for H / K query heads (enable_gqa).
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.kv_heads != self.num_heads)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, T, H * D)
+            enable_gqa=grouped)  # (B, H, T, D)
+        # (B, T, H * D); with one position, (B, H, 1, D) is already in that order
+        y = y.reshape(b, 1, -1) if t == 1 else y.transpose(1, 2).reshape(b, t, -1)
         return self.o(y)  # (B, T, hidden)
+
+    def _qkv(self, x: torch.Tensor, context: torch.Tensor | None,
+             rope: tuple[torch.Tensor, torch.Tensor] | None, slot: KVSlot | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, K, S, D) from the three projections."""
+        h, k_heads = self.num_heads, self.kv_heads
+        q = self._split(self.q(x), h)  # (B, H, T, D)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if context is not None and slot is not None and slot.length:
+            return q, slot.k, slot.v  # cross-attention keys/values: computed once per source
+        source = x if context is None else context  # (B, S, hidden)
+        k = self._split(self.k(source), k_heads)  # (B, K, S, D)
+        v = self._split(self.v(source), k_heads)  # (B, K, S, D)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if rope is not None:  # cos, sin: (B or 1, 1, T, rotated dims)
+            q = apply_rotary(q, *rope)
+            k = apply_rotary(k, *rope)
+        if slot is not None:  # prepend the cached keys/values: S = past + T
+            k, v = slot.extend(torch.cat([k, v], dim=1))
+        return q, k, v
+
+    def _generation_qkv(self, x: torch.Tensor, qkv: tuple[torch.Tensor, torch.Tensor | None],
+                        rope: tuple[torch.Tensor, torch.Tensor] | None, slot: KVSlot
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D) and every key and value so far (B, K, S, D) for a generation
+        step: one matmul for the three projections (`qkv`, fused once per generation), queries
+        and keys rotated together in place, and one copy of the new keys and values into the
+        cache."""
+        h, k_heads = self.num_heads, self.kv_heads
+        heads = self._split(F.linear(x, *qkv), h + 2 * k_heads)  # (B, H + 2K, T, D)
+        if self.q_norm is not None:  # Qwen3: per-head norms before rotary
+            heads = torch.cat([self.q_norm(heads.narrow(1, 0, h)),
+                               self.k_norm(heads.narrow(1, h, k_heads)),
+                               heads.narrow(1, h + k_heads, k_heads)], dim=1)
+        if rope is not None:
+            rotate_(heads.narrow(1, 0, h + k_heads), *rope)
+        k, v = slot.extend(heads.narrow(1, h, 2 * k_heads))
+        return heads.narrow(1, 0, h), k, v

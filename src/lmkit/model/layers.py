@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -46,6 +47,19 @@ def make_norm(cfg: ModelConfig, size: int | None = None, kind: str | None = None
     return nn.LayerNorm(size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
+def fuse(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight (and bias) for linear layers that read the same input, their outputs
+    concatenated: one matmul instead of several. None when one of them is not a plain
+    nn.Linear (LoRA), which must run as it is."""
+    if any(type(m) is not nn.Linear for m in linears):
+        return None
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                          for m in linears])
+    return torch.cat([m.weight for m in linears]), bias
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: down(act(up x)), or gated: down(act(gate x) * up x)."""
 
@@ -61,7 +75,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
-        return self.down(self.drop(h))
+        return self.down(self.drop(h) if self.training else h)
 
 
 def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:

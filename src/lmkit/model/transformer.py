@@ -56,9 +56,9 @@ class Block(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.Module,
                   branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if self.pre_norm:
-            return x + self.drop(branch(norm(x)))
-        return norm(x + self.drop(branch(x)))
+        y = branch(norm(x) if self.pre_norm else x)
+        y = self.drop(y) if self.training else y  # (a Dropout call costs even when off)
+        return x + y if self.pre_norm else norm(x + y)
 
     def forward(self, x: torch.Tensor, mask: Any, is_causal: bool, rope: Any = None,
                 context: torch.Tensor | None = None, context_mask: Any = None,
@@ -145,8 +145,10 @@ class Stack(nn.Module):
             mask = add_bias(mask, bias, t, past + t, is_causal)
             is_causal = False
             local = (add_bias(local[0], bias, t, past + t, False), False) if local else None
-        rope = rotary(q_pos, cfg) if cfg.position == "rotary" else None
-        local_rope = (rotary(q_pos, cfg, cfg.local_rope_theta)
+        # Generation looks cos and sin up in tables computed once (KVCache.rotary).
+        cos_sin = rotary if cache is None else cache.rotary
+        rope = cos_sin(q_pos, cfg) if cfg.position == "rotary" else None
+        local_rope = (cos_sin(q_pos, cfg, cfg.local_rope_theta)
                       if rope is not None and cfg.local_rope_theta is not None else rope)
         context_mask = None  # (B, 1, T, S): which source tokens each target token may see
         if context is not None and (q_seg is not None or context_segments is not None):
