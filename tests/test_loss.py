@@ -47,6 +47,7 @@ def _loss_and_grads(model: lmkit.Model, batch: dict, **kw) -> tuple[torch.Tensor
 @pytest.mark.parametrize("key", VOCAB_HEADS)
 def test_loss_without_logits_equals_the_plain_loss_and_its_gradients(key, monkeypatch):
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 5 * 512)  # several chunks of 5 rows
+    monkeypatch.setattr(loss_module, "SMALL_LOGITS", 0)  # chunked however small
     model = variant(key)
     if key == "seq2seq-learned-bart":  # a real bias to get a gradient for
         torch.nn.init.normal_(model.head.proj.bias)
@@ -61,7 +62,8 @@ def test_loss_without_logits_equals_the_plain_loss_and_its_gradients(key, monkey
         torch.testing.assert_close(fused_grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_frozen_head_gets_no_gradient_and_the_rest_the_same():
+def test_frozen_head_gets_no_gradient_and_the_rest_the_same(monkeypatch):
+    monkeypatch.setattr(loss_module, "SMALL_LOGITS", 0)
     model = variant("decoder-rotary-gqa")
     model.tokens.weight.requires_grad_(False)  # the tied projection: as in LoRA fine-tuning
     batch = _batch("decoder-rotary-gqa", model)
@@ -72,7 +74,8 @@ def test_frozen_head_gets_no_gradient_and_the_rest_the_same():
         torch.testing.assert_close(fused[name], g, rtol=1e-5, atol=1e-6)
 
 
-def test_loss_without_logits_under_bf16_autocast_is_close_to_the_plain_one():
+def test_loss_without_logits_under_bf16_autocast_is_close_to_the_plain_one(monkeypatch):
+    monkeypatch.setattr(loss_module, "SMALL_LOGITS", 0)
     model = variant("decoder-rotary-gqa")
     batch = _batch("decoder-rotary-gqa", model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -85,13 +88,37 @@ def test_loss_without_logits_under_bf16_autocast_is_close_to_the_plain_one():
         assert cos > 0.99, name
 
 
-def test_no_target_gives_a_zero_loss_that_still_backpropagates():
+@pytest.mark.parametrize("small", [0, loss_module.SMALL_LOGITS])  # chunked, plain
+def test_no_target_gives_a_zero_loss_that_still_backpropagates(small, monkeypatch):
+    monkeypatch.setattr(loss_module, "SMALL_LOGITS", small)
     model = variant("encoder-learned")
     batch = _batch("encoder-learned", model)
     batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
     out = model(**batch, return_logits=False)
     out.loss_sum.backward()
     assert out.loss_sum.item() == 0.0 and out.num_targets.item() == 0
+
+
+@pytest.mark.parametrize("key", ["decoder-learned-gpt2", "encoder-learned"])
+def test_small_vocabulary_takes_the_plain_loss_with_the_same_numbers(key, monkeypatch):
+    """Few logits (nanoGPT's 65 characters): the plain loss over every row, no chunk loop;
+    the same loss and gradients as the chunked path."""
+    model = variant(key)
+    batch = _batch(key, model)
+    rows = batch["labels"].numel()
+    assert loss_module.small_logits(rows, model.config.vocab_size)
+    calls, forward = [], loss_module.LinearCrossEntropy.forward
+    monkeypatch.setattr(loss_module.LinearCrossEntropy, "forward",
+                        staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    small, small_grads = _loss_and_grads(model, batch, return_logits=False)
+    assert not calls  # the chunked function was not used
+    monkeypatch.setattr(loss_module, "SMALL_LOGITS", 0)
+    chunked, chunked_grads = _loss_and_grads(model, batch, return_logits=False)
+    assert calls  # now it was
+    torch.testing.assert_close(small, chunked, rtol=1e-6, atol=1e-6)
+    assert small_grads.keys() == chunked_grads.keys()
+    for name, g in chunked_grads.items():
+        torch.testing.assert_close(small_grads[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("key", ["decoder-rotary-gqa", "encoder-learned", "seq2seq-relative-t5"])

@@ -212,10 +212,13 @@ def _device_flag(p: argparse.ArgumentParser, device: str | None) -> None:
 
 
 def _training_device_args(p: argparse.ArgumentParser, cls_path: str) -> None:
-    """--precision (bf16 autocast or fp32) and --device of a training command."""
+    """--precision (bf16 autocast or fp32), --device and --compile of a training command."""
     config_flag(p, cls_path, "precision",
                 text="auto (bf16 where the hardware has it, else fp32) | fp32 | bf16")
     _device_flag(p, None)
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step: faster steps once the first has "
+                   "compiled (seconds to minutes); eager, with a warning, if it cannot compile")
     p.add_argument("--carbon-intensity",
                    type=_value(str, _config_field(cls_path), "carbon_intensity"),
                    help="grid g CO2eq/kWh, or a country code (FRA, FR) for the run's "
@@ -554,7 +557,7 @@ def finetune(args: argparse.Namespace) -> None:
              "scheme": args.scheme, "epochs": args.epochs, "steps": args.steps, "lr": args.lr,
              "batch_size": args.batch_size, "precision": args.precision,
              "device": args.device, "carbon_intensity": args.carbon_intensity,
-             **_feedback_flags(args), "text_column": args.text_column,
+             "compile": args.compile, **_feedback_flags(args), "text_column": args.text_column,
              "pair_column": args.text_pair_column, "label_column": args.label_column,
              "label_names": args.label_names}
     overrides = {**flags, **parse_set(args.set)}
@@ -724,7 +727,7 @@ def pretrain(args: argparse.Namespace) -> None:
              "objective": args.objective, "steps": args.steps, "batch_size": args.batch_size,
              "seq_len": args.seq_len, "lr": args.lr, "precision": args.precision,
              "device": args.device, "out": args.out, "carbon_intensity": args.carbon_intensity,
-             **_feedback_flags(args), "text_field": args.text_column}
+             "compile": args.compile, **_feedback_flags(args), "text_field": args.text_column}
     overrides = {**flags, **parse_set(args.set)}
     if args.resume:
         if args.config:

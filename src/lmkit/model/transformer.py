@@ -38,7 +38,7 @@ from lmkit.model.attention import (
 )
 from lmkit.model.layers import MLP, make_norm, sinusoidal
 from lmkit.model.lora import LoRAConfig, apply_lora
-from lmkit.model.loss import linear_cross_entropy, plain_cross_entropy
+from lmkit.model.loss import linear_cross_entropy, plain_cross_entropy, small_logits
 
 log = logging.getLogger("lmkit")
 
@@ -447,10 +447,14 @@ class Model(nn.Module):
     def vocab_loss(self, hidden: torch.Tensor, labels: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`loss` for a head over the vocabulary, from the hidden states: only positions with
-        a target are projected, chunk by chunk, with no (B, T, vocab) logits in memory."""
+        a target are projected, chunk by chunk, with no (B, T, vocab) logits in memory (when
+        the logits of every position are small, `loss` over them is cheaper)."""
         targets = self.targets(labels).reshape(-1)
         keep = targets != IGNORE_INDEX
-        h = self.head.features(hidden.reshape(-1, hidden.shape[-1])[keep])
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        if small_logits(len(targets), self.config.vocab_size):
+            return plain_cross_entropy(self.head(hidden), targets, IGNORE_INDEX), keep.sum()
+        h = self.head.features(hidden[keep])
         return linear_cross_entropy(h, self.head.proj, targets[keep]), keep.sum()
 
     def activation_checkpointing(self, on: bool = True) -> None:

@@ -40,6 +40,7 @@ from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lmkit.logs import setup_logging
 from lmkit.model import eval_mode
+from lmkit.train.compiled import CompiledStep
 from lmkit.train.distributed import (
     PARALLELISM,
     DistEnv,
@@ -104,6 +105,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; weights, optimizer stay fp32)
     activation_checkpointing: bool = False  # recompute blocks in backward: less memory
+    # torch.compile the training step (C++ on CPU, Triton on CUDA): faster steps after a
+    # compilation at the first one; falls back to eager, with a warning, if it cannot compile
+    compile: bool = False
     # update only the token-embedding rows a step uses (lazy Adam; train/optim.py
     # sparse_embeddings): much less optimizer work for small batches; untied, one process
     sparse_embeddings: bool = False
@@ -416,6 +420,7 @@ class _Run:
             sparse_embeddings(model)
         model.activation_checkpointing(cfg.activation_checkpointing)
         self.net = wrap_model(model, env, cfg.parallelism)  # FSDP: before the optimizer
+        self.compiled = CompiledStep(self.net, cfg.compile)  # the training step only
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay,
                                          (cfg.beta1, cfg.beta2), cfg.eps, cfg.layer_decay)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, cfg.warmup_steps,
@@ -545,15 +550,18 @@ class _Run:
         n_targets, self.n_tokens = all_reduce_sum(counts, env).tolist()
         scale = env.world_size / max(n_targets, 1.0)
         total = torch.zeros((), device=env.device)
+
+        def forward_backward(net: nn.Module, batch: Batch) -> torch.Tensor:
+            with autocast(self.precision, env.device):  # no logits kept (model/loss.py)
+                out = net(**batch, return_logits=False)
+            if self.in_backward is not None:  # backward applies the step: check first
+                self.check_finite("loss", (out.loss_sum / max(n_targets, 1.0)).item())
+            (out.loss_sum * scale).backward()
+            return out.loss_sum.detach().float()
+
         for i, batch in enumerate(micro):
-            last = i == len(micro) - 1
-            with grad_sync(self.net, env, last):
-                with autocast(self.precision, env.device):  # no logits kept (model/loss.py)
-                    out = self.net(**batch, return_logits=False)
-                if self.in_backward is not None:  # backward applies the step: check first
-                    self.check_finite("loss", (out.loss_sum / max(n_targets, 1.0)).item())
-                (out.loss_sum * scale).backward()
-            total += out.loss_sum.detach().float()
+            with grad_sync(self.net, env, i == len(micro) - 1):
+                total += self.compiled(forward_backward, batch)
         loss_sum, stop = reduce_loss_and_stop_flag(total, stop, env)
         return (loss_sum / max(n_targets, 1.0)).item(), stop
 
