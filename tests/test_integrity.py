@@ -338,6 +338,12 @@ def test_truncated_run_config_is_refused_on_resume(tmp_path):
     (out / "pretrain_config.yaml").write_text("".join(lines[: len(lines) // 3]))
     with pytest.raises(ValueError, match=r"pretrain_config.yaml lacks \[.*'model'\]"):
         resume(out)
+    saved = yaml.safe_load(text)  # a run saved before the later fields existed resumes
+    assert set(PretrainConfig.LATER_FIELDS) <= set(saved)
+    (out / "pretrain_config.yaml").write_text(yaml.safe_dump(
+        {k: v for k, v in saved.items() if k not in PretrainConfig.LATER_FIELDS}))
+    with pytest.raises(FileNotFoundError, match="x.txt"):  # read past the config: the data
+        resume(out)
     (out / "pretrain_config.yaml").write_text("steps: [1\n")
     with pytest.raises(ValueError, match=r"pretrain_config.yaml:\d+: invalid YAML"):
         resume(out)

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -89,6 +89,12 @@ def greater_is_better(metric: str) -> bool:
 class TrainConfig:
     """How to train. `batch_size` is rows per micro-batch per process: the global batch is
     batch_size x grad_accum x number of processes."""
+
+    # Fields added after runs were saved without them: a saved config that lacks one resumes
+    # with its default, which is how that run trained (a new field must default to the old
+    # behaviour, and be listed here).
+    LATER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "parallelism", "sparse_embeddings", "stop_at", "optimizer_in_backward", "compile")
 
     steps: int = 1000  # optimizer steps
     batch_size: int = 16  # rows per micro-batch per process

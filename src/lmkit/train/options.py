@@ -109,9 +109,13 @@ def read_config(cls: type[C], path: str | Path | None = None,
     """An instance of the dataclass `cls` from its defaults, a YAML file and overrides (an
     override of None is ignored: an argparse option that was not given). Validated when the
     class has a `validate` method. `strict` (a run's saved config, read on resume): the file
-    must give every field, since a missing one would silently take its default."""
+    must give every field, since a missing one would silently take its default, except the
+    class's `LATER_FIELDS` (added since runs were saved without them; their defaults are how
+    those runs trained)."""
     values = read_yaml(path) if path is not None else {}
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    later = getattr(cls, "LATER_FIELDS", ())
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.name not in later]
     if strict and path is not None and missing:
         raise ConfigError(
             f"{path} lacks {missing}: the saved run config is truncated or was edited, and a "
