@@ -1,6 +1,7 @@
 """Errors as the user meets them: bad option values, I/O failures (read-only folder, full disk)
 and third-party reader failures end in one line `lmkit: error: ...` from a real `lmkit`
-process, `--debug` shows the traceback, and nothing already saved is lost."""
+process (the parser's refusals and `--debug` through the CLI's entry point in this process),
+`--debug` shows the traceback, and nothing already saved is lost."""
 
 import contextlib
 import errno
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import lmkit
+from lmkit.cli import main
 from lmkit.errors import StorageError
 from lmkit.train.distributed import DistEnv
 from lmkit.train.optim import build_optimizer, build_scheduler
@@ -55,8 +57,14 @@ def digest(folder: Path) -> dict[str, str]:
     (["generate", "ckpt", "--prompt", "a", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["generate", "ckpt", "--prompt", "a", "--temperature", "-1"], "temperature must be >= 0"),
 ])
-def test_bad_values_are_refused_at_parse_time(tmp_path, args, says):
-    line = one_line_error(lmkit_cli(*args, cwd=tmp_path))
+def test_bad_values_are_refused_at_parse_time(tmp_path, monkeypatch, capsys, args, says):
+    monkeypatch.chdir(tmp_path)  # the CLI's entry point in this process: its parser refuses
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    line = one_line_error(subprocess.CompletedProcess(args, code, out.out, out.err))
     assert says in line and f"lmkit {args[0]} --help" in line
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
@@ -72,16 +80,16 @@ def test_temperature_zero_means_greedy():
         lmkit.generate(model, prompts, do_sample=True, top_k=0)
 
 
-def test_debug_shows_the_traceback(tmp_path):
+def test_debug_shows_the_traceback(tmp_path, capsys):
     bad = tmp_path / "ckpt"
     small_model().save(bad)
     (bad / "tokenizer.json").write_text('{"version": "1.0", "model": {')  # truncated
     line = one_line_error(lmkit_cli("info", bad))
     assert f"{bad / 'tokenizer.json'} is not a readable tokenizer file" in line
-    for args in (["--debug", "info", bad], ["info", bad, "--debug"]):
-        proc = lmkit_cli(*args)
-        assert proc.returncode == 2 and "Traceback" in proc.stderr
-        assert proc.stderr.strip().splitlines()[-1] == line
+    for args in (["--debug", "info", bad], ["info", bad, "--debug"]):  # both places parse
+        assert main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and err.strip().splitlines()[-1] == line
 
 
 # ---- storage: read-only and full disks --------------------------------------------------------

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -186,27 +184,30 @@ def test_encoder_decoder_loss_equals_transformers(corpus, family):
     assert alone["loss"] == pytest.approx(reference([(d, d) for d in DOCS[1:]]), rel=1e-4)
 
 
-def lmkit_cli(*args, cwd: Path) -> dict | str:
-    proc = subprocess.run([sys.executable, "-m", "lmkit.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout) if proc.stdout.startswith("{") else proc.stdout
-
-
-def test_cli_pretrains_from_parquet_and_evaluates(corpus, gpt2):
+def test_cli_pretrains_from_parquet_and_evaluates(corpus, gpt2, capsys, monkeypatch):
     """`lmkit pretrain` on a Parquet text column, `lmkit evaluate` of the model on it (the
-    same figure as the Python function), and of a fine-tuned run (task metrics)."""
+    same figure as the Python function), and of a fine-tuned run (task metrics). The CLI's
+    entry point runs in this process: tests/test_cli.py runs these commands as processes."""
+    from lmkit.cli import main
+
+    def lmkit_cli(*args) -> dict | str:
+        capsys.readouterr()
+        assert main([str(a) for a in args]) == 0, capsys.readouterr().err[-3000:]
+        out = capsys.readouterr().out
+        return json.loads(out) if out.startswith("{") else out
+
     d = corpus
+    monkeypatch.chdir(d)
     rows = [{"body": doc, "label": i % 2} for i, doc in enumerate(DOCS * 10)]
     pq.write_table(pa.Table.from_pylist(rows), d / "docs.parquet", row_group_size=7)
     out = d / "lm"
     lmkit_cli("pretrain", "--preset", "tiny-decoder", "--data", d / "docs.parquet",
               "--text-column", "body", "--tokenizer", "bpe:300", "--steps", "2",
               "--seq-len", "32", "--batch-size", "4", "--out", out, "--set", "progress=false",
-              "--set", "tensorboard=false", "--set", "plot=false", cwd=d)
+              "--set", "tensorboard=false", "--set", "plot=false")
     scores = lmkit_cli("evaluate", out, "--data", d / "docs.parquet", "--text-column", "body",
                        "--max-length", "32", "--stride", "16", "--limit", "3", "--device",
-                       "cpu", cwd=d)
+                       "cpu")
     same = evaluate(out, d / "docs.parquet", text_column="body", max_length=32, stride=16,
                     limit=3, device="cpu")
     assert scores["perplexity"] == pytest.approx(same["perplexity"], rel=1e-5)
@@ -215,10 +216,10 @@ def test_cli_pretrains_from_parquet_and_evaluates(corpus, gpt2):
     run = d / "cls"
     lmkit_cli("finetune", out, "--task", "classification", "--train", d / "docs.parquet",
               "--text-column", "body", "--label-names", "odd,even", "--out", run,
-              "--steps", "2", "--set", "progress=false", "--set", "tensorboard=false",
-              "--set", "plot=false", cwd=d)
+              "--steps", "2", "--batch-size", "4", "--set", "progress=false", "--set",
+              "tensorboard=false", "--set", "plot=false")
     assert lmkit.load(run).config.label_names == ["odd", "even"]
-    task = lmkit_cli("evaluate", run, "--data", d / "docs.parquet", "--device", "cpu", cwd=d)
+    task = lmkit_cli("evaluate", run, "--data", d / "docs.parquet", "--device", "cpu")
     assert set(task) >= {"accuracy", "macro_f1"}
 
 
