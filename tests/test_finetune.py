@@ -93,6 +93,7 @@ def pretrained(tmp_path_factory, data, preset, kind, family, **over):
     tok = Tokenizer.train([data / "corpus.txt"], kind, size, family=family)
     cfg = lmkit.preset(preset, vocab_size=tok.vocab_size, pad_id=tok.pad_id,
                        eos_id=tok.eos_id if family != "encoder" else None, **over)
+    torch.manual_seed(0)  # the same weights whichever test (or xdist worker) builds it first
     model = lmkit.Model(cfg)
     model.save(out, tokenizer=tok)
     return out
@@ -134,7 +135,9 @@ def test_classification(tmp_path, data, encoder, scheme):
     if scheme == "lora":
         assert res.trainable < res.total / 3
         assert (res.out_dir / "adapter" / "adapter.safetensors").exists()
-    assert evaluate_run(res.out_dir, data / "cls_dev.tsv") == pytest.approx(res.metrics)
+    # the dev loss is near 0 here: an absolute tolerance as well as the relative one
+    assert evaluate_run(res.out_dir, data / "cls_dev.tsv") == pytest.approx(res.metrics,
+                                                                           abs=1e-6)
     clf = pipeline(None, res.out_dir)
     one = clf("the lovely day with alice")
     assert one["label"] in ("neg", "pos") and set(one["scores"]) == {"neg", "pos"}
