@@ -35,7 +35,7 @@ run: seed
 	$(PY) examples/transfer_sst2.py --data $(DATA)
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 tests
 
 fuzz: setup  # the full fuzz corpus (3000 mutated inputs): outcomes per input kind
 	$(PY) tests/fuzzing.py

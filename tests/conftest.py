@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
 import lmkit
+
+# `make test` runs two pytest workers (pytest-xdist) on CI's two cores: one thread each, in
+# the workers and in the processes they start, so that they do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
