@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.config import ModelConfig
-from lmkit.model.layers import fuse, make_norm
+from lmkit.model.layers import dropout, fuse, make_norm
 
 
 # ---- masks -------------------------------------------------------------------------------
@@ -300,6 +300,26 @@ class KVCache:
 
 
 # ---- attention -----------------------------------------------------------------------------
+def attend_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None, is_causal: bool, scale: float,
+                        p: float) -> torch.Tensor:
+    """SDPA's math with `layers.dropout` on the probabilities: SDPA's CPU kernels cannot
+    drop, so with dropout torch runs this same math, with bernoulli_ masks. q (B, H, T, D),
+    k and v (B, K, S, D) -> (B, H, T, D). Masked scores get the dtype's lowest value, not
+    -inf: a query with no key to attend to (padding) gets a finite output nothing reads."""
+    if k.shape[1] != q.shape[1]:  # grouped queries: each key/value head serves H / K heads
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if is_causal:
+        t, s = scores.shape[-2:]
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:  # a float bias
+        scores = scores + mask
+    return torch.matmul(dropout(scores.softmax(-1), p), v)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query / multi-query attention, self or cross."""
 
@@ -350,11 +370,14 @@ class Attention(nn.Module):
             if mask is not None and mask.shape[1] > 1:  # a bias per head (B or 1, H, 1, S)
                 mask = mask.reshape(mask.shape[0], k_heads, -1, mask.shape[-1])
             grouped = False
-        # SDPA repeats each of the K key/value heads for H / K query heads (enable_gqa).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=grouped)  # (B, H, T, D)
+        if self.training and self.dropout and q.device.type == "cpu" and \
+                not torch.compiler.is_compiling():
+            y = attend_with_dropout(q, k, v, mask, is_causal, self.scale, self.dropout)
+        else:  # SDPA repeats each of the K key/value heads for H / K query heads (enable_gqa)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=grouped)  # (B, H, T, D)
         # (B, T, H * D); with one position, (B, H, 1, D) is already in that order
         y = y.reshape(b, 1, -1) if t == 1 else y.transpose(1, 2).reshape(b, t, -1)
         return self.o(y)  # (B, T, hidden)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lmkit.config import POOLINGS, ModelConfig
-from lmkit.model.layers import ACTIVATIONS, make_norm
+from lmkit.model.layers import ACTIVATIONS, Dropout, make_norm
 
 
 class LMHead(nn.Module):
@@ -58,7 +58,7 @@ class ClassificationHead(nn.Module):
         self.dense = nn.Linear(d, d, bias=cfg.head_dense_bias) if hidden else None
         self.act = ACTIVATIONS[cfg.classifier_activation]
         self.norm = make_norm(cfg, kind="layernorm") if hidden and cfg.classifier_norm else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.proj = nn.Linear(d, cfg.num_labels, bias=cfg.classifier_bias)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,7 @@ class TokenClassificationHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmkit.model.layers import Dropout
+
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
@@ -57,7 +59,7 @@ class LoRALinear(nn.Linear):
                                                dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scaling = cfg.alpha / cfg.rank
-        self.lora_dropout = nn.Dropout(cfg.dropout)
+        self.lora_dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)

@@ -36,7 +36,7 @@ from lmkit.model.attention import (
     rotary,
     segments_from,
 )
-from lmkit.model.layers import MLP, make_norm, sinusoidal
+from lmkit.model.layers import MLP, Dropout, make_norm, sinusoidal
 from lmkit.model.lora import LoRAConfig, apply_lora
 from lmkit.model.loss import linear_cross_entropy, plain_cross_entropy, small_logits
 
@@ -52,12 +52,12 @@ class Block(nn.Module):
         self.cross_attn = Attention(cfg) if cross else None
         self.mlp_norm, self.mlp = make_norm(cfg), MLP(cfg)
         self.pre_norm = cfg.norm_position == "pre"
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def _residual(self, x: torch.Tensor, norm: nn.Module,
                   branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         y = branch(norm(x) if self.pre_norm else x)
-        y = self.drop(y) if self.training else y  # (a Dropout call costs even when off)
+        y = self.drop(y)
         return x + y if self.pre_norm else norm(x + y)
 
     def forward(self, x: torch.Tensor, mask: Any, is_causal: bool, rope: Any = None,
@@ -97,7 +97,7 @@ class Stack(nn.Module):
                               if cfg.position == "relative" else None)
         self.layers = nn.ModuleList(Block(cfg, cross, first=i == 0) for i in range(num_layers))
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.checkpointing = False  # activation checkpointing (Model.activation_checkpointing)
 
     def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None,

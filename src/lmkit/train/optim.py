@@ -202,9 +202,12 @@ def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     for p in sparse:  # repeated rows summed, so that the values are the gradient's
         p.grad = p.grad.coalesce()
     dense = [p.grad for p in params if not p.grad.is_sparse]
-    norms = [torch.linalg.vector_norm(g) for g in dense + [p.grad.values() for p in sparse]]
-    total = torch.linalg.vector_norm(torch.stack(norms).float())
+    values = [p.grad.values() for p in sparse]
+    norms = [n.float() for n in torch._foreach_norm(dense + values)]  # one call, not one each
+    total = torch.linalg.vector_norm(torch.stack(norms))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in dense + [p.grad for p in sparse]:
-        g.mul_(scale.to(g.dtype))
+    if dense:
+        torch._foreach_mul_(dense, scale)
+    for v in values:  # a sparse gradient's values() share its storage: scaled in place
+        v.mul_(scale.to(v.dtype))
     return total
