@@ -70,6 +70,15 @@ def file_crc(file: Path) -> str:
     return f"{crc:08x}"
 
 
+def refuse_int8(model: Model) -> None:
+    """A CheckpointError when `model` holds int8 weights (`lmkit.load(dtype="int8")`): they
+    are for inference and never written, so nothing saved is a lossy copy."""
+    if any(t.dtype == torch.int8 for t in model.state_dict().values()):
+        raise CheckpointError("this model holds int8 weights (dtype int8), which are for "
+                              "inference and never saved: load the checkpoint again without "
+                              "dtype int8 to save, convert or train it")
+
+
 def save(model: Model, path: str | Path, tokenizer: Any = None,
          extra_files: dict[str, str] | None = None,
          state_dict: dict[str, torch.Tensor] | None = None) -> Path:
@@ -82,6 +91,7 @@ def save(model: Model, path: str | Path, tokenizer: Any = None,
     to text (a model card, say). The weights' metadata holds the checksums of everything
     else `load` reads. `state_dict`: the model's tensors whole, where `model` holds only its
     shard of them (FSDP: gathered by lmkit.train.distributed.full_state_dict)."""
+    refuse_int8(model)
     path = Path(path)
     tied = model.tied_names()
     state_dict = model.state_dict() if state_dict is None else state_dict

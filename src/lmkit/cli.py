@@ -72,20 +72,20 @@ def _generate_option(name: str, value: Any) -> None:
 
 
 def _device_option(name: str, value: str) -> None:
-    from lmkit.device import as_dtype, check_device
+    from lmkit.device import check_device, check_dtype
 
     if name == "device":
         check_device(value)
-    elif value != "auto":  # dtype
-        as_dtype(value)
+    else:
+        check_dtype(value)
 
 
 def _convert_dtype(name: str, value: str) -> None:
     """convert's --dtype: a torch dtype name, or a GGUF weight type (q8_0, f16, f32)."""
-    from lmkit.loading import GGUF_DTYPES
+    from lmkit.loading import GGUF_DTYPES, check_saved_dtype
 
     if value not in GGUF_DTYPES:
-        _device_option(name, value)
+        check_saved_dtype(value)
 
 
 PRETRAIN_CONFIG = "lmkit.train.pretrain:PretrainConfig"
@@ -258,7 +258,8 @@ def _device_args(p: argparse.ArgumentParser, device: str = "auto",
     p.add_argument("--dtype", type=_value(str, _device_option, "dtype"), default=dtype,
                    help="weights: auto (as stored where the "
                    "device computes that natively, else fp32) | fp32 | bf16 | fp16 (GPU "
-                   f"only) (default: {dtype or 'as stored'})")
+                   "only) | int8 (linear layers' weights in int8: a quarter of fp32's bytes) "
+                   f"(default: {dtype or 'as stored'})")
 
 
 def _registry_flag(p: argparse.ArgumentParser) -> None:

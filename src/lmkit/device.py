@@ -3,6 +3,7 @@
     resolve_device("auto")                 # cuda:0 when there is a GPU, else cpu
     resolve_precision("auto", device)      # training/eval autocast: "bf16" or "fp32"
     weight_dtype("auto", device, stored)   # inference weights: as stored, if native, else fp32
+    check_dtype("int8")                    # also weight-only int8 (lmkit.load quantises)
 
 bf16 is only fast where the hardware computes it: a CUDA GPU with bf16 units (Ampere and
 later) or a CPU with AVX512-BF16 or AMX tiles that ATen runs its AVX512 kernels on. An
@@ -19,10 +20,11 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16")  # training autocast; weights and optimizer stay fp32
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short -> torch
+INT8 = "int8"  # weights for inference only: lmkit.model.quant, never trained or saved
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 EMULATED_BF16 = ("measured on a 2-core AVX2 CPU: `lmkit finetune` of MiniLM, 4 steps, 48.6 s "
                  "in bf16 vs 3.4 s in fp32")
-_warned: set[str] = set()  # device types already warned about emulated bf16
+_warned: set[str] = set()  # device types already warned about (emulated bf16; "int8:cuda")
 
 
 def check_device(device: str) -> str:
@@ -36,9 +38,20 @@ def check_device(device: str) -> str:
 def check_precision(precision: str) -> str:
     """`precision` if it is one of PRECISIONS, else a ValueError."""
     if precision not in PRECISIONS:
+        hint = " (int8 is a weight format for inference: dtype int8)" if precision == INT8 else ""
         raise ValueError(f"precision={precision!r} is not supported; choose one of "
-                         f"{PRECISIONS}")
+                         f"{PRECISIONS}{hint}")
     return precision
+
+
+def check_dtype(dtype: str | torch.dtype | None) -> str | torch.dtype | None:
+    """`dtype` if `lmkit.load` takes it (None, auto, int8, or a float format `as_dtype` knows),
+    else a ValueError naming the choices."""
+    if dtype in (None, "auto", INT8) or isinstance(dtype, torch.dtype) or (
+            DTYPE_NAMES.get(dtype, dtype) in DTYPE_NAMES.values()):
+        return dtype
+    raise ValueError(f"dtype={dtype!r} is not supported; choose auto, fp32, bf16, fp16 or "
+                     "int8 (weight-only int8 for inference)")
 
 
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
@@ -87,6 +100,17 @@ def _warn_if_emulated(device: torch.device) -> None:
         why = f"{device} has no bf16 units (older than Ampere) and emulates it"
     warnings.warn(f"bf16 asked for but {why}; use precision/dtype auto or fp32",
                   RuntimeWarning, stacklevel=3)
+
+
+def warn_int8(device: torch.device) -> None:
+    """One warning where int8 weights save memory but not time: off the CPU no int8 kernel is
+    used (each forward dequantises the weights: more bytes moved than bf16/fp16 weights)."""
+    if device.type == "cpu" or f"int8:{device.type}" in _warned:
+        return
+    _warned.add(f"int8:{device.type}")
+    warnings.warn(f"dtype int8 on {device} dequantises the weights in every forward (lmkit "
+                  "uses an int8 kernel on the CPU only): it saves memory, not time; use dtype "
+                  "auto, bf16 or fp16 for speed", RuntimeWarning, stacklevel=3)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

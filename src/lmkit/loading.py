@@ -33,13 +33,14 @@ from lmkit.config import ModelConfig
 from lmkit.convert.gguf import card_fields, load_gguf
 from lmkit.convert.hf import load_hf, retarget, save_hf
 from lmkit.convert.peft import is_peft, load_peft, peft_head
-from lmkit.device import as_dtype
+from lmkit.device import INT8, as_dtype, check_dtype
 from lmkit.errors import CheckpointError, RegistryError
 from lmkit.generation_config import GENERATION_CONFIG, GenerationConfig
 from lmkit.hub import default_registry, hf_cache, lookup, parse, resolve
 from lmkit.lineage import write_conversion_card
 from lmkit.model import Model, build
-from lmkit.model.lora import ADAPTER_CONFIG, load_adapter
+from lmkit.model.lora import ADAPTER_CONFIG, load_adapter, merge_lora
+from lmkit.model.quant import quantize_int8
 from lmkit.sharded import is_sharded, read_whole
 from lmkit.textfiles import read_json
 from lmkit.tokenizer import Tokenizer
@@ -110,13 +111,19 @@ def load(path: str | Path, *, head: str | None = None, label_names: list[str] | 
     the checkpoint; the head's tensors are initialised and listed in `model.new_tensors`.
 
     `dtype`: None keeps the stored dtype; "auto" keeps it where `device` computes it natively,
-    else fp32; "fp32" / "bf16" / "fp16" (GPU only) or a torch.dtype. `device`: "cpu", "auto"
+    else fp32; "fp32" / "bf16" / "fp16" (GPU only) or a torch.dtype; "int8": the weights of
+    every linear layer in int8 for inference (`lmkit.model.quant`; the rest as "auto", an
+    adapter merged first; such a model cannot be trained or saved). `device`: "cpu", "auto"
     (the GPU if there is one), "cuda" or "cuda:N".
 
     `adapter`: a LoRA adapter folder to put on the model, in PEFT's layout
     (adapter_config.json + adapter_model.safetensors, trained on this base) or lmkit's
     (`lmkit.model.lora.save_adapter`). A PEFT adapter's task type picks the head unless
     `head` is given (a classifier also needs `label_names`)."""
+    if check_dtype(dtype) == INT8:  # the model in floating point first, then int8
+        model = load(path, head=head, label_names=label_names, dtype="auto", device=device,
+                     allow_pickle=allow_pickle, adapter=adapter)
+        return quantize_int8(merge_lora(model) if model.config.lora else model)
     if adapter is not None:
         return _with_adapter(path, locate(adapter).path, head=head, label_names=label_names,
                              dtype=dtype, device=device, allow_pickle=allow_pickle)
@@ -207,6 +214,7 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
         return save_gguf(model, dst, dtype=GGUF_DTYPES.get(dtype, stored or "f32"))
     if dtype == "q8_0":
         raise ValueError("dtype q8_0 is a GGUF weight type: use it with --to gguf")
+    check_saved_dtype(dtype)
     saved = None if dtype in (None, "auto") else as_dtype(dtype)
     model = load(located.path, allow_pickle=allow_pickle,
                  dtype=dtype if saved is None else None, device=device)
@@ -219,6 +227,15 @@ def convert(src: str | Path, dst: str | Path, to: str = "hf", *, model_type: str
                           {"to": to, "model_type": model_type, "dtype": str(dtype)},
                           card_fields(located.path) if gguf_source else None)
     return out
+
+
+def check_saved_dtype(dtype: str | torch.dtype | None) -> None:
+    """A ValueError unless `dtype` is a format a checkpoint can be written in (int8 is for
+    inference only)."""
+    if check_dtype(dtype) == INT8:
+        raise ValueError("dtype int8 is for inference and is never written to a checkpoint: "
+                         "convert with fp32, bf16 or fp16 (or --to gguf --dtype q8_0) and "
+                         "run the result with --dtype int8")
 
 
 # GGUF weight types by the names --dtype takes (llama.cpp's own names too)

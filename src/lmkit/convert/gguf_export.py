@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmkit.checkpoint import refuse_int8
 from lmkit.config import ModelConfig
 from lmkit.convert.gguf import _PRE_SPLITS, _TABLE, config_from_gguf
 from lmkit.convert.tables import expand, to_foreign_names
@@ -50,6 +51,7 @@ def save_gguf(model: Model, path: str | Path, dtype: str = "f16",
     file is written next to `path` and renamed into place, so a failure leaves no half file."""
     if dtype not in WEIGHT_TYPES:
         raise ValueError(f"dtype={dtype!r}: choose one of {', '.join(WEIGHT_TYPES)}")
+    refuse_int8(model)
     gguf = require("gguf", "gguf", "writing GGUF files")
     path = Path(path)
     cfg = model.config

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmkit.checkpoint import CONFIG, DTYPES, atomic_folder, check_layers, read_pickle, read_tensors
+from lmkit.checkpoint import (
+    CONFIG,
+    DTYPES,
+    atomic_folder,
+    check_layers,
+    read_pickle,
+    read_tensors,
+    refuse_int8,
+)
 from lmkit.config import HEADS, ModelConfig, eos_tuple
 from lmkit.convert.tables import (
     Table,
@@ -523,6 +531,7 @@ def save_hf(model: Model, path: str | Path, tokenizer: Any = None,
     `model_type` picks the HF family; by default the one the model was imported from, else
     the first that expresses the config exactly. Written atomically (a temporary folder
     renamed into place)."""
+    refuse_int8(model)
     path = Path(path)
     cfg = model.config
     spec = choose_spec(cfg, model_type, getattr(model, "hf_model_type", None))

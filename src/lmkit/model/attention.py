@@ -5,6 +5,7 @@ position schemes, grouped-query heads, and the key/value cache. Scores go throug
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -213,10 +214,10 @@ class KVSlot:
         self.capacity = capacity
         self.kv: torch.Tensor | None = None
         self.length = 0
-        self.weights: dict[str, tuple[torch.Tensor, torch.Tensor | None] | None] = {}
+        self.weights: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
 
     def fused(self, name: str, linears: tuple[nn.Module, ...]
-              ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+              ) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """`lmkit.model.layers.fuse(linears)`, computed at the first step only."""
         if name not in self.weights:
             self.weights[name] = fuse(linears)
@@ -404,7 +405,7 @@ class Attention(nn.Module):
             k, v = slot.extend(torch.cat([k, v], dim=1))
         return q, k, v
 
-    def _generation_qkv(self, x: torch.Tensor, qkv: tuple[torch.Tensor, torch.Tensor | None],
+    def _generation_qkv(self, x: torch.Tensor, qkv: Callable[[torch.Tensor], torch.Tensor],
                         rope: tuple[torch.Tensor, torch.Tensor] | None, slot: KVSlot
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, H, T, D) and every key and value so far (B, K, S, D) for a generation
@@ -412,7 +413,7 @@ class Attention(nn.Module):
         and keys rotated together in place, and one copy of the new keys and values into the
         cache."""
         h, k_heads = self.num_heads, self.kv_heads
-        heads = self._split(F.linear(x, *qkv), h + 2 * k_heads)  # (B, H + 2K, T, D)
+        heads = self._split(qkv(x), h + 2 * k_heads)  # (B, H + 2K, T, D)
         if self.q_norm is not None:  # Qwen3: per-head norms before rotary
             heads = torch.cat([self.q_norm(heads.narrow(1, 0, h)),
                                self.k_norm(heads.narrow(1, h, k_heads)),

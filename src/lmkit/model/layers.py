@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.config import ModelConfig
+from lmkit.model.quant import Int8Linear
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -90,17 +91,23 @@ def make_norm(cfg: ModelConfig, size: int | None = None, kind: str | None = None
     return nn.LayerNorm(size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
-def fuse(linears: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """One weight (and bias) for linear layers that read the same input, their outputs
-    concatenated: one matmul instead of several. None when one of them is not a plain
-    nn.Linear (LoRA), which must run as it is."""
-    if any(type(m) is not nn.Linear for m in linears):
+def fuse(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """One projection for linear layers that read the same input, their outputs concatenated:
+    one matmul instead of several. None unless they are all plain nn.Linear or all int8
+    (`Int8Linear`, fused as int8): LoRA layers must run as they are."""
+    kinds = {type(m) for m in linears}
+    if len(kinds) != 1 or not kinds <= {nn.Linear, Int8Linear}:
         return None
     bias = None
     if any(m.bias is not None for m in linears):
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+        ref = next(m.bias for m in linears if m.bias is not None)
+        bias = torch.cat([m.bias if m.bias is not None else ref.new_zeros(m.out_features)
                           for m in linears])
-    return torch.cat([m.weight for m in linears]), bias
+    weight = torch.cat([m.weight for m in linears])
+    if kinds == {Int8Linear}:
+        return Int8Linear(weight, torch.cat([m.scales for m in linears]), bias,
+                          linears[0].plan)
+    return partial(F.linear, weight=weight, bias=bias)
 
 
 class MLP(nn.Module):

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmkit.checkpoint import clean_staging
+from lmkit.checkpoint import clean_staging, refuse_int8
 from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lmkit.logs import setup_logging
@@ -372,6 +372,7 @@ def train(model: nn.Module, batches: Iterable[Batch], cfg: TrainConfig, out_dir:
     early), the final model (config.json, model.safetensors, tokenizer.json)."""
     cfg.validate()
     cfg.check_keep_best(eval_batches is not None or scorer is not None)
+    refuse_int8(model)  # int8 weights are for inference
     setup_logging()
     hint = f"`{resume_hint}`, or train(..., resume=True)" if resume_hint else \
         "train(..., resume=True)"
