@@ -13,6 +13,9 @@ and greedy and beam search must give the same tokens, which each row's note repo
   memory-bandwidth limit = bandwidth / weight bytes read per token (target 80%). The bandwidth
   is measured in the same run, interleaved with the decoding: the median rate at which
   `sum()` reads a tensor of 512 MiB (a read-only stream, like the weights' during decoding).
+  With fp32 weights, the same for lmkit with int8 weights (`dtype: int8`, interleaved in the
+  same run): vs transformers' fp32 generate() and vs the limit of its int8 weight bytes; int8
+  changes the numerics, so its note says for how many of the tokens it agrees with fp32.
 - a Marian-shaped encoder-decoder (opus-mt: 6 + 6 layers, 512 wide, 58k vocabulary): batched
   sampling (8 sources, top-k 50, seeded) and beam search (4 sources x 4 beams), 32 new tokens
   per row: output tokens/s vs transformers (target 1.5x).
@@ -27,6 +30,7 @@ reference, unit, ratio, target, passed, note}); `main(argv)` prints them and ret
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -40,6 +44,7 @@ import torch
 import transformers as tf
 
 import lmkit
+from lmkit.model.quant import quantize_int8
 
 PROMPT = 32  # prompt tokens of the one-sequence cases
 SOURCE = 24  # source tokens of the encoder-decoder cases
@@ -84,17 +89,17 @@ def bandwidth_probe() -> Callable[[], float]:
 
 
 def weight_bytes_per_token(model: lmkit.Model) -> int:
-    """Bytes of weights one decoding step reads: every parameter once, except embedding rows
-    looked up (one row per token: nothing), unless the output projection reuses them."""
-    cfg = model.config
+    """Bytes of weights one decoding step reads: every parameter (and int8 buffer) once,
+    except embedding rows looked up (one row per token: nothing), unless the output projection
+    is the embedding table itself (tied, and not given its own int8 copy)."""
     lookups = {id(s.positions.weight) for s in (model.encoder, model.decoder)
                if s is not None and s.positions is not None}
-    if not cfg.tied_output:
+    if model.head.proj.weight is not model.tokens.weight:
         lookups.add(id(model.tokens.weight))
     if model.encoder is not None:  # an encoder runs once per source, not per token
-        lookups |= {id(p) for p in model.encoder.parameters()}
-    params = {id(p): p for p in model.parameters()}
-    return sum(p.numel() * p.element_size() for i, p in params.items() if i not in lookups)
+        lookups |= {id(p) for p in [*model.encoder.parameters(), *model.encoder.buffers()]}
+    tensors = {id(p): p for p in [*model.parameters(), *model.buffers()]}
+    return sum(p.numel() * p.element_size() for i, p in tensors.items() if i not in lookups)
 
 
 def pair(hf_cls: type, hf_cfg: tf.PretrainedConfig, dtype: torch.dtype
@@ -118,29 +123,47 @@ def hf_generate(ref: Any, ids: torch.Tensor, **settings: Any) -> torch.Tensor:
 
 def one_sequence(name: str, hf_cls: type, hf_cfg: tf.PretrainedConfig, new: int, repeats: int,
                  dtype: torch.dtype, probe: Callable[[], float]) -> list[dict]:
-    """Greedy decoding of one sequence: vs transformers and vs the bandwidth limit."""
+    """Greedy decoding of one sequence: vs transformers and vs the bandwidth limit; from
+    fp32 weights also lmkit's int8 weights (`dtype: int8`) against both."""
     ref, ours = pair(hf_cls, hf_cfg, dtype)
+    int8 = quantize_int8(copy.deepcopy(ours)) if dtype == torch.float32 else None
     ids = torch.randint(100, 5000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     greedy = dict(do_sample=False, num_beams=1)
 
-    def run_ours(n: int = new) -> list[int]:
-        return lmkit.generate(ours, ids, max_new_tokens=n, eos_id=-1, **greedy).sequences[0]
+    def run_ours(model: lmkit.Model = ours) -> list[int]:
+        return lmkit.generate(model, ids, max_new_tokens=new, eos_id=-1, **greedy).sequences[0]
 
-    def run_ref(n: int = new) -> list[int]:
-        return hf_generate(ref, ids, max_new_tokens=n, **greedy)[0, PROMPT:].tolist()
+    def run_ref() -> list[int]:
+        return hf_generate(ref, ids, max_new_tokens=new, **greedy)[0, PROMPT:].tolist()
 
-    same = run_ours() == run_ref()  # also the warm-up
-    got = interleaved({"lmkit": lambda: rate(lambda: len(run_ours())),
-                       "hf": lambda: rate(lambda: len(run_ref())), "bw": probe}, repeats)
-    weights = weight_bytes_per_token(ours)
-    limit = got["bw"] / (weights / 1e9)
+    tokens = run_ours()
+    same = tokens == run_ref()  # also the warm-up
+    fns = {"lmkit": lambda: rate(lambda: len(run_ours())),
+           "hf": lambda: rate(lambda: len(run_ref())), "bw": probe}
+    if int8 is not None:
+        fns["int8"] = lambda: rate(lambda: len(run_ours(int8)))
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, run_ours(int8))) if a != b), new)
+    got = interleaved(fns, repeats)
     work = f"{name}: greedy, 1 x ({PROMPT} + {new}) tokens"
     same_note = f"same tokens as transformers: {'yes' if same else 'NO'}"
-    return [table.row(f"{work} vs transformers", got["lmkit"], got["hf"], "tokens/s", 2.0,
-                same_note),
-            table.row(f"{work} vs memory-bandwidth limit", got["lmkit"], limit, "tokens/s", 0.8,
-                f"{weights / 1e6:.0f} MB of weights per token at {got['bw']:.1f} GB/s "
-                "(sum of 512 MiB, same run)")]
+    rows = [table.row(f"{work} vs transformers", got["lmkit"], got["hf"], "tokens/s", 2.0,
+                      same_note),
+            bandwidth_row(work, got["lmkit"], ours, got["bw"])]
+    if int8 is not None:
+        int8_note = (f"int8 changes the numerics: its greedy tokens equal fp32's for the first "
+                     f"{agree} of {new}")
+        rows += [table.row(f"{work}, lmkit int8 weights vs transformers fp32", got["int8"],
+                           got["hf"], "tokens/s", 2.0, int8_note),
+                 bandwidth_row(f"{work}, lmkit int8 weights", got["int8"], int8, got["bw"])]
+    return rows
+
+
+def bandwidth_row(work: str, tokens_per_s: float, model: lmkit.Model, gb_per_s: float) -> dict:
+    """Tokens/s against the memory-bandwidth limit: bandwidth / weight bytes per token."""
+    weights = weight_bytes_per_token(model)
+    return table.row(f"{work} vs memory-bandwidth limit", tokens_per_s, gb_per_s / (weights / 1e9),
+                     "tokens/s", 0.8, f"{weights / 1e6:.0f} MB of weights per token at "
+                     f"{gb_per_s:.1f} GB/s (sum of 512 MiB, same run)")
 
 
 def seq2seq(new: int, repeats: int, dtype: torch.dtype) -> list[dict]:
