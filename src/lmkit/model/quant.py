@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.device import cpu_native_bf16, warn_int8
-from lmkit.model.lora import LoRALinear
 
 # Up to this many rows (tokens) a call, ATen's int8 kernel reads the weight fastest; with
 # more it falls behind even fp32 (2-3x at 128 rows, measured), and a bf16 matmul over the
@@ -78,10 +77,11 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every nn.Linear of `model` (body and head, also a head tied to the token
-    embeddings, which keep their table for lookups) by its Int8Linear, in place. A model
-    with LoRA adapters is refused: merge them first (`lmkit.model.lora.merge_lora`)."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    """Replace every nn.Linear of an lmkit Model (body and head, also a head tied to the
+    token embeddings, which keep their table for lookups) by its Int8Linear, in place. A
+    model with LoRA adapters (`config.lora`) is refused: merge them first
+    (`lmkit.model.lora.merge_lora`)."""
+    if model.config.lora:
         raise ValueError("int8 quantisation of a model with LoRA adapters: merge them first "
                          "(lmkit.model.lora.merge_lora(model)), or load with dtype int8, "
                          "which merges them")
