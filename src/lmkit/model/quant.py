@@ -22,8 +22,8 @@ from torch import nn
 from lmkit.device import cpu_native_bf16, warn_int8
 
 # Up to this many rows (tokens) a call, ATen's int8 kernel reads the weight fastest; with
-# more it falls behind even fp32 (2-3x at 128 rows, measured), and a bf16 matmul over the
-# int8 values is faster (docs/ARCHITECTURE.md, "int8 weights").
+# more it falls behind even fp32 (2-3x slower at 128 rows, measured), and a matmul over the
+# int8 values as floats is faster (docs/ARCHITECTURE.md, "int8 weights").
 KERNEL_ROWS = 8
 
 
