@@ -100,15 +100,20 @@ def family_model(key: str) -> lmkit.Model:
     return variant(key)
 
 
+def tiny_copy(model: lmkit.Model) -> lmkit.Model:
+    copy = lmkit.Model(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("key", list(FAMILIES))
 def test_int8_models_are_close_to_fp32(key, plan):
     model = family_model(key)
     torch.manual_seed(0)
-    model.reset_parameters()  # weights of a larger spread than the init (std 0.02)...
-    with torch.no_grad():
+    with torch.no_grad():  # a wider spread than the init's std 0.02: logits that differ
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)  # ...so the logits differ clearly
+            p.add_(torch.randn_like(p) * 0.05)
     int8 = with_plan(quantize_int8(tiny_copy(model)), plan)
     assert not any(type(m) is torch.nn.Linear for m in int8.modules())
     if model.config.tied_output:  # the head has its own int8 copy; the table stays for lookups
@@ -129,19 +134,14 @@ def test_int8_models_are_close_to_fp32(key, plan):
             assert centered_cosine(int8(**batch).logits, model(**batch).logits) > 0.99
 
 
-def tiny_copy(model: lmkit.Model) -> lmkit.Model:
-    copy = lmkit.Model(model.config).eval()
-    copy.load_state_dict(model.state_dict())
-    return copy
-
-
 @pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("key", ["decoder-rotary-gqa", "decoder-learned-gpt2",
                                  "seq2seq-relative-t5"])
 def test_int8_greedy_decoding_is_its_own_uncached_argmax(key, plan):
     """The static cache with the fused int8 q/k/v gives the tokens of recomputing the whole
-    sequence with the same int8 model. One prompt of 3 tokens and 5 new ones: both ways run
-    at most KERNEL_ROWS rows a call, so both take the same kernel path."""
+    sequence with the same int8 model: one prompt of 3 tokens and 5 new ones (both ways run
+    at most KERNEL_ROWS rows a call, so both take the same path on every plan) and, where
+    no plan has the kernel, a padded batch."""
     int8 = with_plan(quantize_int8(variant(key)), plan)
     for prompts, new in (([[5, 9, 14]], KERNEL_ROWS - 3), ([[5, 9, 14, 3, 8, 4], [7, 22]], 6)):
         if len(prompts) > 1 and plan[0]:
