@@ -2,7 +2,7 @@
 limit, side by side in one run (issue 8, item 2).
 
     python benchmarks/generate.py [--repeats 3] [--threads 2] [--cases gpt2,llama,marian]
-        [--new-tokens 128] [--dtype fp32] [--quick] [--json out.json]
+        [--new-tokens 128] [--dtype fp32] [--no-compile] [--quick] [--json out.json]
 
 Work measured (random weights of the real shapes, built in-process from configs: no download;
 the transformers model is saved and read back with `lmkit.load`, so both hold the same weights
@@ -16,6 +16,9 @@ and greedy and beam search must give the same tokens, which each row's note repo
   With fp32 weights, the same for lmkit with int8 weights (`dtype: int8`, interleaved in the
   same run): vs transformers' fp32 generate() and vs the limit of its int8 weight bytes; int8
   changes the numerics, so its note says for how many of the tokens it agrees with fp32.
+- the same with `generate(..., compile=True)` (the decode step through torch.compile): tokens/s
+  after the first call, which compiles (its time from an empty inductor cache is in the note),
+  vs transformers and vs eager lmkit (target 1.15x).
 - a Marian-shaped encoder-decoder (opus-mt: 6 + 6 layers, 512 wide, 58k vocabulary): batched
   sampling (8 sources, top-k 50, seeded) and beam search (4 sources x 4 beams), 32 new tokens
   per row: output tokens/s vs transformers (target 1.5x).
@@ -122,16 +125,19 @@ def hf_generate(ref: Any, ids: torch.Tensor, **settings: Any) -> torch.Tensor:
 
 
 def one_sequence(name: str, hf_cls: type, hf_cfg: tf.PretrainedConfig, new: int, repeats: int,
-                 dtype: torch.dtype, probe: Callable[[], float]) -> list[dict]:
+                 dtype: torch.dtype, probe: Callable[[], float], compile: bool = False
+                 ) -> list[dict]:
     """Greedy decoding of one sequence: vs transformers and vs the bandwidth limit; from
-    fp32 weights also lmkit's int8 weights (`dtype: int8`) against both."""
+    fp32 weights also lmkit's int8 weights (`dtype: int8`) against both; with `compile`,
+    also `generate(..., compile=True)` vs transformers and vs eager lmkit."""
     ref, ours = pair(hf_cls, hf_cfg, dtype)
     int8 = quantize_int8(copy.deepcopy(ours)) if dtype == torch.float32 else None
     ids = torch.randint(100, 5000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     greedy = dict(do_sample=False, num_beams=1)
 
-    def run_ours(model: lmkit.Model = ours) -> list[int]:
-        return lmkit.generate(model, ids, max_new_tokens=new, eos_id=-1, **greedy).sequences[0]
+    def run_ours(model: lmkit.Model = ours, compiled: bool = False) -> list[int]:
+        return lmkit.generate(model, ids, max_new_tokens=new, eos_id=-1, compile=compiled,
+                              **greedy).sequences[0]
 
     def run_ref() -> list[int]:
         return hf_generate(ref, ids, max_new_tokens=new, **greedy)[0, PROMPT:].tolist()
@@ -143,6 +149,9 @@ def one_sequence(name: str, hf_cls: type, hf_cfg: tf.PretrainedConfig, new: int,
     if int8 is not None:
         fns["int8"] = lambda: rate(lambda: len(run_ours(int8)))
         agree = next((i for i, (a, b) in enumerate(zip(tokens, run_ours(int8))) if a != b), new)
+    if compile:
+        cold, compiled_tokens = compile_cold(lambda: run_ours(compiled=True))
+        fns["compiled"] = lambda: rate(lambda: len(run_ours(compiled=True)))
     got = interleaved(fns, repeats)
     work = f"{name}: greedy, 1 x ({PROMPT} + {new}) tokens"
     same_note = f"same tokens as transformers: {'yes' if same else 'NO'}"
@@ -155,6 +164,13 @@ def one_sequence(name: str, hf_cls: type, hf_cfg: tf.PretrainedConfig, new: int,
         rows += [table.row(f"{work}, lmkit int8 weights vs transformers fp32", got["int8"],
                            got["hf"], "tokens/s", 2.0, int8_note),
                  bandwidth_row(f"{work}, lmkit int8 weights", got["int8"], int8, got["bw"])]
+    if compile:
+        note = (f"compile=True: the first call compiled in {cold:.0f} s (empty inductor "
+                f"cache); same tokens as eager: {'yes' if compiled_tokens == tokens else 'NO'}")
+        rows += [table.row(f"{work}, compiled vs transformers", got["compiled"], got["hf"],
+                           "tokens/s", 2.0, note),
+                 table.row(f"{work}, compiled vs eager lmkit", got["compiled"], got["lmkit"],
+                           "tokens/s", 1.15, note)]
     return rows
 
 
@@ -164,6 +180,19 @@ def bandwidth_row(work: str, tokens_per_s: float, model: lmkit.Model, gb_per_s: 
     return table.row(f"{work} vs memory-bandwidth limit", tokens_per_s, gb_per_s / (weights / 1e9),
                      "tokens/s", 0.8, f"{weights / 1e6:.0f} MB of weights per token at "
                      f"{gb_per_s:.1f} GB/s (sum of 512 MiB, same run)")
+
+
+def compile_cold(first_call: Callable[[], Any]) -> tuple[float, Any]:
+    """Seconds of `first_call()` (which compiles) from an empty inductor cache, and its
+    result."""
+    import torch._dynamo
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    torch._dynamo.reset()
+    with tempfile.TemporaryDirectory() as d, temporary_cache_dir(d):
+        start = time.perf_counter()
+        result = first_call()
+        return time.perf_counter() - start, result
 
 
 def seq2seq(new: int, repeats: int, dtype: torch.dtype) -> list[dict]:
@@ -203,9 +232,11 @@ def seq2seq_row(ref: Any, ours: lmkit.Model, label: str, ids: torch.Tensor, sett
 
 def rows(quick: bool = False, threads: int | None = None, repeats: int | None = None,
          new_tokens: int | None = None, cases: tuple[str, ...] = ("gpt2", "llama", "marian"),
-         dtype: str = "fp32") -> list[dict]:
+         dtype: str = "fp32", compile: bool | None = None) -> list[dict]:
     """Every row of this benchmark (`quick`: a smoke run, 1 repeat and fewer tokens; its
-    figures are not the ones to report)."""
+    figures are not the ones to report; `compile`: the compiled decoding rows, by default
+    unless `quick`)."""
+    compile = not quick if compile is None else compile
     if threads:
         torch.set_num_threads(threads)
     repeats = repeats or (1 if quick else 3)
@@ -215,10 +246,10 @@ def rows(quick: bool = False, threads: int | None = None, repeats: int | None = 
     probe = bandwidth_probe()
     if "gpt2" in cases:
         out += one_sequence("GPT-2-124M", tf.GPT2LMHeadModel, tf.GPT2Config(**GPT2), new,
-                            repeats, dt, probe)
+                            repeats, dt, probe, compile)
     if "llama" in cases:
         out += one_sequence("Llama (SmolLM2-135M shape)", tf.LlamaForCausalLM,
-                            tf.LlamaConfig(**SMOLLM2), new, repeats, dt, probe)
+                            tf.LlamaConfig(**SMOLLM2), new, repeats, dt, probe, compile)
     if "marian" in cases:
         out += seq2seq(min(new, 32), repeats, dt)
     return out
@@ -233,6 +264,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                     help="weights of both models (the targets are for fp32)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 16 tokens: a smoke run")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                    help="leave out the compiled decoding rows (each compiles for a minute "
+                    "or more from an empty cache; left out with --quick)")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -240,7 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{table.machine_line(info)}; {args.dtype}", flush=True)
     out = rows(args.quick, args.threads, 1 if args.quick else args.repeats,
                16 if args.quick else args.new_tokens, tuple(args.cases.split(",")),
-               args.dtype)
+               args.dtype, args.compile)
     print(f"{'work':72} {'lmkit':>8} {'ref':>8} {'ratio':>6} {'target':>7}")
     for r in out:
         print(f"{r['work']:72} {r['lmkit']:8.2f} {r['reference']:8.2f} {r['ratio']:6.2f} "

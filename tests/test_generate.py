@@ -206,7 +206,8 @@ STATIC_CACHE = {key: VARIANTS[key] for key in DECODING} | {
 def test_static_cache_decodes_like_the_uncached_forward(key, mode):
     """Static-cache decoding gives exactly the tokens (and scores) of recomputing the whole
     sequence each step: greedy, seeded sampling and beam search, on a padded batch and on
-    one prompt, with the cache allocated for the whole generation or grown as it goes."""
+    one prompt, with the cache allocated for the whole generation or grown as it goes, and
+    with fixed-shape steps (what `compile` compiles: the whole buffer under a mask)."""
     name, overrides = STATIC_CACHE[key]
     model = tiny(name, **overrides)
     left = model.config.family == "decoder"
@@ -217,7 +218,8 @@ def test_static_cache_decodes_like_the_uncached_forward(key, mode):
         ids, mask = _pad_prompts(prompts, 0, left=left)
         results = []
         for dec in (_Decoder(model, ids, mask, max_new=10), _Decoder(model, ids, mask),
-                    Uncached(model, ids, mask)):
+                    Uncached(model, ids, mask),
+                    _Decoder(model, ids, mask, max_new=10, fixed=True)):
             with torch.inference_mode():
                 if mode == "beam":
                     out = _beam(dec, 10, eos=(), width=3, length_penalty=1.0,
@@ -228,10 +230,12 @@ def test_static_cache_decodes_like_the_uncached_forward(key, mode):
                                   temperature=1.5, top_k=None, top_p=0.95, gen=gen,
                                   process=_Processors(), stream=None)
             results.append(out)
-        (cached, scores), (grown, grown_scores), (full, full_scores) = results
-        assert cached == grown == full
+        (cached, scores), (grown, grown_scores), (full, full_scores), (fixed, fixed_scores) \
+            = results
+        assert cached == grown == full == fixed
         assert all(len(s) == 10 for s in cached)
-        torch.testing.assert_close(torch.tensor(scores), torch.tensor(full_scores),
-                                   atol=1e-4, rtol=0)
+        for got in (scores, fixed_scores):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(full_scores),
+                                       atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(grown_scores), torch.tensor(scores),
                                    atol=1e-6, rtol=0)

@@ -114,7 +114,7 @@ LAYERS = [
     ["lmkit.errors", "lmkit.names", "lmkit.logs"],
     ["lmkit.textfiles"],
     ["lmkit.config", "lmkit.checkpoint", "lmkit.device", "lmkit.hub", "lmkit.lineage",
-     "lmkit.generation_config", "lmkit.sources"],
+     "lmkit.generation_config", "lmkit.sources", "lmkit.compiling"],
     ["lmkit.model", "lmkit.tokenizer", "lmkit.sharded"],
     ["lmkit.flops", "lmkit.generate", "lmkit.convert", "lmkit.data"],
     ["lmkit.loading", "lmkit.objectives"],

@@ -34,8 +34,9 @@ def request_options() -> dict[str, tuple[Any, None]]:
 
 
 def create_app(checkpoint: str | Path, task: str | None = None, *, device: str = "auto",
-               dtype: str | None = "auto") -> Any:
-    """A FastAPI app serving `checkpoint` (any folder `lmkit.pipeline` reads)."""
+               dtype: str | None = "auto", compile: bool = False) -> Any:
+    """A FastAPI app serving `checkpoint` (any folder `lmkit.pipeline` reads); `compile`:
+    /generate decodes with `generate(..., compile=True)`."""
     fastapi = require("fastapi", "serve", "lmkit serve")
     pydantic = require("pydantic", "serve", "lmkit serve")
 
@@ -59,7 +60,8 @@ def create_app(checkpoint: str | Path, task: str | None = None, *, device: str =
     @app.post("/generate")
     def generate_text(request: GenerateRequest) -> dict[str, Any]:
         try:
-            out = generate(model, request.prompt, **request.model_dump(exclude={"prompt"}))
+            out = generate(model, request.prompt, **request.model_dump(exclude={"prompt"}),
+                           compile=compile)
         except ValueError as e:
             raise bad_input(e) from None
         return {"texts": out.texts, "scores": out.scores}

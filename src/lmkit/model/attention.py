@@ -215,6 +215,7 @@ class KVSlot:
         self.kv: torch.Tensor | None = None
         self.length = 0
         self.weights: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        self.at: torch.Tensor | None = None  # a fixed-shape step's write index (FixedStep)
 
     def fused(self, name: str, linears: tuple[nn.Module, ...]
               ) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -240,6 +241,10 @@ class KVSlot:
     def extend(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append (B, 2K, T, D) keys then values (by head); return all keys and all values
         so far (views)."""
+        if self.at is not None:  # a fixed-shape step: attention reads the whole buffer
+            self.kv.index_copy_(2, self.at, kv)
+            heads = kv.shape[1] // 2
+            return self.kv.narrow(1, 0, heads), self.kv.narrow(1, heads, heads)
         start, t = self.length, kv.shape[2]
         if self.kv is None or start + t > self.kv.shape[2]:
             held = 0 if self.kv is None else self.kv.shape[2]
@@ -273,6 +278,7 @@ class KVCache:
         self.self_attn = [KVSlot(capacity) for _ in range(num_layers)]
         self.cross_attn = [KVSlot() for _ in range(num_layers)]
         self.tables: dict[float | None, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.fixed: FixedStep | None = None  # set: each step has the same shapes
 
     def __len__(self) -> int:
         return self.self_attn[0].length
@@ -290,6 +296,8 @@ class KVCache:
         once. Dynamic NTK scaling depends on the length so far: computed each call."""
         if (cfg.rope_scaling or {}).get("type") == "dynamic":
             return rotary(positions, cfg, theta)
+        if self.fixed is not None:  # the tables were made for the capacity at the prompt
+            return tuple(F.embedding(positions, t)[:, None] for t in self.tables[theta])
         length = len(self) + positions.shape[1]  # positions so far, these included
         table = self.tables.get(theta)
         held = 0 if table is None else table[0].shape[0]
@@ -298,6 +306,53 @@ class KVCache:
                                  device=positions.device)[None]
             table = self.tables[theta] = tuple(t[0, 0] for t in rotary(every, cfg, theta))
         return tuple(F.embedding(positions, t)[:, None] for t in table)
+
+
+class FixedStep:
+    """A decode step whose tensors keep their shapes from one position to the next, so that
+    torch.compile makes one graph for every step (gpt-fast's static cache): one new token per
+    row, written at `index` of every self-attention buffer (allocated for the whole
+    generation), and attention over the whole buffer, `mask` hiding the slots not yet written,
+    padding and keys more than `window` slots back (a sliding window of W tokens: W - 1).
+
+    Made after the prompt's step (`cache` holds it); `prepare` before each step, `advance`
+    after it, both eager."""
+
+    def __init__(self, cache: KVCache, segments: torch.Tensor | None,
+                 window: int | None = None):
+        kv = cache.self_attn[0].kv  # (B, 2K, capacity, D)
+        length, capacity = len(cache), kv.shape[2]
+        self.cache, self.window = cache, window
+        self.index = torch.tensor([length], device=kv.device)  # the slot this step writes
+        self.filled = torch.zeros(kv.shape[0], capacity, dtype=torch.bool, device=kv.device)
+        self.filled[:, :length] = True if segments is None else segments > 0
+        # Positions restart after left padding: the next one is the number of real tokens.
+        self.positions = self.filled[:, :length].sum(-1, keepdim=True)  # (B, 1)
+        if window is not None and length > window:
+            self.filled[:, :length - window] = False
+        self.mask = self.filled[:, None, None]  # (B, 1, 1, capacity): a view, kept current
+        for slot in cache.self_attn:
+            slot.kv.narrow(2, length, capacity - length).zero_()  # masked, but never NaN
+            slot.at = self.index
+        cache.fixed = self
+
+    def prepare(self) -> None:
+        length = len(self.cache)
+        self.index.fill_(length)
+        self.filled[:, length] = True
+        if self.window is not None and length > self.window:  # one key leaves the window
+            self.filled[:, length - self.window - 1] = False
+
+    def advance(self) -> None:
+        self.positions += 1
+        for slot in self.cache.self_attn:
+            slot.length += 1
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep the rows named by `index` (their padding and positions)."""
+        self.filled = self.filled.index_select(0, index)
+        self.mask = self.filled[:, None, None]
+        self.positions = self.positions.index_select(0, index)
 
 
 # ---- attention -----------------------------------------------------------------------------

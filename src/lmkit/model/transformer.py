@@ -43,6 +43,13 @@ from lmkit.model.loss import linear_cross_entropy, plain_cross_entropy, small_lo
 log = logging.getLogger("lmkit")
 
 
+def check_length(cfg: ModelConfig, length: int) -> None:
+    """A ValueError when a model with a table of positions gets more than it holds."""
+    if length > cfg.max_positions and cfg.position in ("learned", "sinusoidal"):
+        raise ValueError(f"sequence of {length} tokens is longer than max_positions="
+                         f"{cfg.max_positions}: truncate the input or use a longer model")
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool, first: bool = False):
         super().__init__()
@@ -110,16 +117,18 @@ class Stack(nn.Module):
         last block computes the first position only (see Block.forward): (B, 1, d)."""
         cfg = self.cfg
         b, t, _ = x.shape
-        past = len(cache) if cache is not None else 0  # positions already in the KV cache
-        # Positions restart in every packed sequence and after left padding.
-        if segments is None:
-            k_pos = torch.arange(past + t, device=x.device)[None]  # (1, past + T)
+        fixed = cache.fixed if cache is not None else None
+        if fixed is not None:  # a fixed-shape decode step: positions and mask are its own
+            q_pos = fixed.positions  # (B, 1)
         else:
-            k_pos = positions_from(segments)  # (B, past + T)
-        q_pos = k_pos[:, past:]  # (B or 1, T): the new positions only
-        if past + t > cfg.max_positions and cfg.position in ("learned", "sinusoidal"):
-            raise ValueError(f"sequence of {past + t} tokens is longer than max_positions="
-                             f"{cfg.max_positions}: truncate the input or use a longer model")
+            past = len(cache) if cache is not None else 0  # positions already in the cache
+            # Positions restart in every packed sequence and after left padding.
+            if segments is None:
+                k_pos = torch.arange(past + t, device=x.device)[None]  # (1, past + T)
+            else:
+                k_pos = positions_from(segments)  # (B, past + T)
+            q_pos = k_pos[:, past:]  # (B or 1, T): the new positions only
+            check_length(cfg, past + t)
         if self.positions is not None:
             x = x + self.positions(q_pos + cfg.position_offset)
         elif cfg.position == "sinusoidal":
@@ -133,13 +142,17 @@ class Stack(nn.Module):
         x = self.drop(x)  # (B, T, d)
 
         q_seg = segments[:, past:] if segments is not None else None  # (B, T)
-        # mask: (B or 1, 1, T, past + T) bool, or None when SDPA's causal flag says it
-        # A decoder's sliding window of W tokens reaches W - 1 positions back.
-        window = cfg.sliding_window - 1 if cfg.sliding_window else None
-        mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device, window)
-        # Local blocks (ModernBERT): the mask cut to the window, their own rotary base.
-        local = (build_mask(q_seg, segments, t, past + t, self.causal, x.device, cfg.window)
-                 if cfg.window is not None else None)
+        if fixed is not None:  # (B, 1, 1, capacity), sliding window included
+            mask, is_causal, local = fixed.mask, False, None
+        else:
+            # mask: (B or 1, 1, T, past + T) bool, or None when SDPA's causal flag says it
+            # A decoder's sliding window of W tokens reaches W - 1 positions back.
+            window = cfg.sliding_window - 1 if cfg.sliding_window else None
+            mask, is_causal = build_mask(q_seg, segments, t, past + t, self.causal, x.device,
+                                         window)
+            # Local blocks (ModernBERT): the mask cut to the window, their own rotary base.
+            local = (build_mask(q_seg, segments, t, past + t, self.causal, x.device,
+                                cfg.window) if cfg.window is not None else None)
         if self.relative_bias is not None:  # T5: a float mask (B or 1, H, T, past + T)
             bias = self.relative_bias(q_pos, k_pos)
             mask = add_bias(mask, bias, t, past + t, is_causal)

@@ -10,22 +10,13 @@ in all than an eager one, a long one faster.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-log = logging.getLogger("lmkit")
-
-
-def compile_errors() -> tuple[type[BaseException], ...]:
-    """What a failed compilation raises: dynamo's and inductor's errors (a missing or
-    failing C++ compiler is an InductorError), and the compiler's process failing to start."""
-    import torch._dynamo.exc
-
-    return (torch._dynamo.exc.TorchDynamoException, OSError)
+from lmkit.compiling import compile_errors, warn_failed
 
 
 class CompiledStep:
@@ -51,11 +42,7 @@ class CompiledStep:
         except compile_errors() as e:
             if not fresh:  # gradients of earlier micro-batches: a retry would count twice
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            log.warning("compile: torch.compile could not compile the model (%s: %s); "
-                        "training goes on without compiling (eager, the same results, "
-                        "slower). On CPU it needs a C++ compiler (g++ or clang)",
-                        type(e).__name__, first[:300])
+            warn_failed(e, "training")
             self.net = self.eager
             self.eager.zero_grad(set_to_none=True)
             return step(self.eager, *args)
