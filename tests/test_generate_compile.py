@@ -89,3 +89,27 @@ def test_compile_flag_reaches_generate(tmp_path, monkeypatch):
     for flag in ([], ["--compile"]):
         cli.main(["generate", str(tmp_path / "m"), "--prompt", "hi", *flag])
         assert seen["compile"] is bool(flag)
+
+
+def test_serve_with_compile_decodes_with_compile(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import lmkit.serve
+    from lmkit.tokenizer import Tokenizer
+
+    seen = {}
+
+    def fake(model, prompts, **kw):
+        seen.update(kw)
+        return lmkit.Generation([[5]], [0.0], ["x"])
+
+    (tmp_path / "corpus.txt").write_text("the film was good and the plot was bad\n" * 30)
+    tokenizer = Tokenizer.train([tmp_path / "corpus.txt"], "wordpiece", 60, family="encoder")
+    tiny("tiny-decoder", vocab_size=tokenizer.vocab_size).save(tmp_path / "m",
+                                                               tokenizer=tokenizer)
+    monkeypatch.setattr(lmkit.serve, "generate", fake)
+    for compile in (False, True):
+        client = TestClient(lmkit.serve.create_app(tmp_path / "m", device="cpu",
+                                                   compile=compile))
+        assert client.post("/generate", json={"prompt": "the film"}).status_code == 200
+        assert seen["compile"] is compile
