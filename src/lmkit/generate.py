@@ -408,10 +408,10 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
 
     `compile`: the decode steps after the prompt's run through torch.compile, with shapes
     that do not change from one step to the next (the whole cache attended under a mask):
-    faster steps once compiled, at the price of compiling at the first call (a minute or
-    more on a small CPU; seconds from inductor's on-disk cache; again for a new batch size or
-    capacity, which is rounded up to a power of two); the same tokens. If compiling fails,
-    one warning and eager steps. T5's relative positions decode eagerly."""
+    faster steps once compiled, at the price of compiling at the first call of a process (a
+    minute or more for a 135M-parameter model on a 2-core CPU), and again for a new batch size
+    or capacity (prompt + new tokens, rounded up to a power of two); the same tokens. If
+    compiling fails, one warning and eager steps. T5's relative positions decode eagerly."""
     explicit = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
                     length_penalty=length_penalty, early_stopping=early_stopping,
