@@ -61,12 +61,13 @@ def test_compile_without_a_cpp_compiler_warns_once_and_decodes_eagerly(tmp_path,
     import torch._inductor.config as inductor
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     monkeypatch.setattr(generation, "_COMPILED", {})
     model = _model()
     eager = [_generate(model, case, False).sequences for case in ("greedy", "sampling")]
     torch._dynamo.reset()  # no kernel compiled before (in memory or on disk) may be reused
-    with temporary_cache_dir(str(tmp_path / "inductor")), \
+    # (inductor's own patch: monkeypatch's undo would delete the config entry)
+    with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}), \
+            temporary_cache_dir(str(tmp_path / "inductor")), \
             caplog.at_level(logging.WARNING, logger="lmkit"):
         fallback = [_generate(model, case, True).sequences for case in ("greedy", "sampling")]
     torch._dynamo.reset()

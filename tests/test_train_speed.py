@@ -35,16 +35,17 @@ def test_compile_trains_with_the_losses_of_eager_and_saves_the_same_names(tmp_pa
     assert compiled_names == eager_names and not any("_orig_mod" in n for n in compiled_names)
 
 
-def test_compile_without_a_cpp_compiler_warns_once_and_trains_eagerly(tmp_path, caplog,
-                                                                       monkeypatch):
+def test_compile_without_a_cpp_compiler_warns_once_and_trains_eagerly(tmp_path, caplog):
     import torch._dynamo
     import torch._inductor.config as inductor
     from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     eager, _ = _train_losses(tmp_path, "eager", False)
     torch._dynamo.reset()  # no kernel compiled before (in memory or on disk) may be reused
-    with temporary_cache_dir(str(tmp_path / "inductor")), \
+    # (inductor's own patch: monkeypatch's undo would delete the config entry, and every
+    # later compilation in this process would fail)
+    with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}), \
+            temporary_cache_dir(str(tmp_path / "inductor")), \
             caplog.at_level(logging.WARNING, logger="lmkit"):
         fallback, _ = _train_losses(tmp_path, "fallback", True)
     warnings = [r.getMessage() for r in caplog.records if "could not compile" in r.getMessage()]
