@@ -313,9 +313,6 @@ def test_stop_at_ends_the_run_when_the_dev_metric_reaches_it(tmp_path):
                    scorer=lambda: {"accuracy": next(scores)})
     assert result.stopped == "early_stopped" and result.step == 2
     assert [e["accuracy"] for e in result.evals] == [50.0, 60.0, 90.0]
-    # every dev record carries the fields benchmarks/sst2_vs_hf_trainer.py reads (their
-    # values are wall times: measured there, never checked here)
-    assert all({"train_s", "elapsed_s"} <= e.keys() for e in result.evals)
     with pytest.raises(lmkit.errors.ConfigError, match="best_metric"):
         cfg(stop_at=88.0).check_keep_best(True)
 
