@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmkit.config import ModelConfig
-from lmkit.model.layers import dropout, fuse, make_norm
+from lmkit.model.layers import cheap_dropout, dropout, fuse, make_norm
 
 
 # ---- masks -------------------------------------------------------------------------------
@@ -426,8 +426,7 @@ class Attention(nn.Module):
             if mask is not None and mask.shape[1] > 1:  # a bias per head (B or 1, H, 1, S)
                 mask = mask.reshape(mask.shape[0], k_heads, -1, mask.shape[-1])
             grouped = False
-        if self.training and self.dropout and q.device.type == "cpu" and \
-                not torch.compiler.is_compiling():
+        if self.training and self.dropout and cheap_dropout(q):
             y = attend_with_dropout(q, k, v, mask, is_causal, self.scale, self.dropout)
         else:  # SDPA repeats each of the K key/value heads for H / K query heads (enable_gqa)
             y = F.scaled_dot_product_attention(

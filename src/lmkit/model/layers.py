@@ -38,6 +38,12 @@ class _MaskedScale(torch.autograd.Function):
         return grad.mul(keep).mul_(ctx.scale), None, None
 
 
+def cheap_dropout(x: torch.Tensor) -> bool:
+    """Whether `dropout` draws its own mask for `x`: on the CPU, outside torch.compile (CUDA's
+    and inductor's dropout kernels fuse the mask already)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training), with a cheaper mask on the CPU.
 
@@ -46,11 +52,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     element, and an element is dropped when its lane falls in the lowest round(p * 2^16)
     values: p is rounded to a multiple of 2^-16 (0.1 -> 0.100006) and the survivors are
     scaled by 1 / (1 - that p). Seeded runs stay reproducible (torch.manual_seed; activation
-    checkpointing restores the generator, so recomputation redraws the same mask). CUDA
-    and torch.compile keep F.dropout: their kernels fuse the mask already."""
+    checkpointing restores the generator, so recomputation redraws the same mask). Where
+    `cheap_dropout` says no, F.dropout."""
     if not training or p == 0:
         return x
-    if x.device.type != "cpu" or p >= 1 or torch.compiler.is_compiling():
+    if p >= 1 or not cheap_dropout(x):
         return F.dropout(x, p, True)
     dropped = round(p * 65536)
     bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, None)
