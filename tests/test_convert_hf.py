@@ -251,6 +251,30 @@ def test_greedy_generation_matches_transformers(case, hf_dir):
     assert any(len(s) > 2 for s in got)  # a real comparison, not two empty lists
 
 
+@pytest.mark.parametrize("case", ["gpt2", "llama", "bart", "marian", "t5"])
+def test_beam_search_matches_transformers(case, hf_dir):
+    """Same beams and scores as transformers' beam search, EOS and length penalty included
+    (on weights laid out for decoding: `generate` does it at its first call)."""
+    path, ref = hf_dir(case)
+    model = lmkit.load(path)
+    cfg = model.config
+    prompt = [5, 17, 42, 8, 61]
+    eos = cfg.eos_id
+    got = lmkit.generate(model, [prompt], max_new_tokens=7, num_beams=4, length_penalty=0.8,
+                         num_return_sequences=2)
+    gen = dict(do_sample=False, num_beams=4, num_return_sequences=2, max_new_tokens=7,
+               length_penalty=0.8, early_stopping=True, eos_token_id=eos,
+               output_scores=True, return_dict_in_generate=True,
+               pad_token_id=cfg.pad_id if cfg.pad_id is not None else eos)
+    if cfg.family != "decoder":
+        gen["decoder_start_token_id"] = cfg.decoder_start_id
+    out = ref.generate(input_ids=torch.tensor([prompt]), **gen)
+    start = len(prompt) if cfg.family == "decoder" else 1
+    assert got.sequences == [_until(row[start:].tolist(), eos) for row in out.sequences]
+    assert got.scores == pytest.approx(out.sequences_scores.tolist(), abs=1e-4)
+    assert any(len(s) > 2 for s in got.sequences)  # a real comparison
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_export_to_hf_reloads_in_transformers(case, hf_dir, tmp_path):
     path, ref = hf_dir(case)

@@ -1,10 +1,16 @@
 """KV cache equivalence, greedy / sampling / beam search."""
 
+import itertools
+import json
+
 import pytest
 import torch
 from conftest import VARIANTS, family_of, tiny, variant
 
 import lmkit
+from lmkit.model import layers
+from lmkit.objectives import CausalLM
+from lmkit.train import TrainConfig, train
 from lmkit.generate import _beam, _Decoder, _draw, _filter, _pad_prompts, _Processors, _sample
 
 DECODING = [k for k in VARIANTS if family_of(k) != "encoder"]
@@ -239,3 +245,77 @@ def test_static_cache_decodes_like_the_uncached_forward(key, mode):
                                        atol=1e-4, rtol=0)
         torch.testing.assert_close(torch.tensor(grown_scores), torch.tensor(scores),
                                    atol=1e-6, rtol=0)
+
+
+def _linear_weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _qkv(model: lmkit.Model) -> tuple[torch.nn.Module, ...]:
+    attn = model.decoder.layers[0].attn
+    return attn.q, attn.k, attn.v
+
+
+def test_generate_lays_weights_out_for_decoding_and_nothing_else_changes(tmp_path):
+    """The first generate() stores every linear weight (the tied table too) as its row-major
+    transpose: the same values, logits, fused projections and saved bytes."""
+    model = variant("decoder-learned-gpt2")
+    ids = torch.tensor([[5, 9, 14, 3]])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        logits = model(ids).logits
+    qkv = layers.fuse(_qkv(model))
+    model.save(tmp_path / "row-major")
+    first = lmkit.generate(model, [[5, 9, 14, 3]], max_new_tokens=6)
+    weights = _linear_weights(model)
+    assert weights and all(w.t().is_contiguous() and not w.is_contiguous() for w in weights)
+    assert not model.tokens.weight.is_contiguous()  # tied to the head: laid out with it
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=0)
+    x = torch.randn(3, model.config.hidden_size)
+    torch.testing.assert_close(layers.fuse(_qkv(model))(x),
+                               qkv(x), atol=1e-5, rtol=0)
+    assert lmkit.generate(model, [[5, 9, 14, 3]], max_new_tokens=6).sequences == \
+        first.sequences
+    model.save(tmp_path / "laid-out")
+    assert _safetensors(tmp_path / "laid-out") == _safetensors(tmp_path / "row-major")
+
+
+def _safetensors(folder) -> tuple[dict, bytes]:
+    """A weights file's header (parsed: its metadata's key order varies) and its bytes."""
+    raw = (folder / "model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + size]), raw[8 + size:]
+
+
+def test_training_lays_the_weights_back_out(tmp_path):
+    """Training after generate() runs on row-major weights and gives the same model."""
+    rows = CausalLM()({"input_ids": torch.randint(5, 100, (2, 16),
+                                                  generator=torch.Generator().manual_seed(0))})
+    cfg = TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup_steps=0, eval_every=0,
+                      save_every=0, progress=False, tensorboard=False, plot=False)
+    models = []
+    for decoded in (False, True):
+        torch.manual_seed(0)
+        model = lmkit.Model(lmkit.preset("tiny-decoder"))
+        if decoded:
+            lmkit.generate(model, [[5, 6]], max_new_tokens=2)
+        train(model, itertools.repeat(rows), cfg, tmp_path / str(decoded))
+        assert all(w.is_contiguous() for w in _linear_weights(model))
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_beam_search_with_fewer_tokens_than_twice_the_beams():
+    """Each beam's 2W best continuations are taken first; a vocabulary smaller than 2W gives
+    all of them, and the beam scores stay the model's own log-probabilities."""
+    model = tiny("tiny-decoder", vocab_size=6)
+    out = lmkit.generate(model, [[1, 4]], max_new_tokens=3, num_beams=4, length_penalty=0.0,
+                         eos_id=-1, num_return_sequences=4)
+    assert len(out.sequences) == 4 and out.scores == sorted(out.scores, reverse=True)
+    for seq, score in zip(out.sequences, out.scores, strict=True):
+        logp = model(torch.tensor([[1, 4] + seq])).logits[0].log_softmax(-1)
+        assert score == pytest.approx(sum(logp[1 + i, t].item() for i, t in enumerate(seq)),
+                                      abs=1e-4)

@@ -26,6 +26,7 @@ from lmkit.errors import ConfigError
 from lmkit.generation_config import GenerationConfig
 from lmkit.model import Model, eval_mode
 from lmkit.model.attention import FixedStep, KVCache
+from lmkit.model.layers import lay_out
 from lmkit.model.transformer import check_length
 
 # The range of each option of `generate` (checked there and by the CLI at parse time).
@@ -294,18 +295,22 @@ def _beam(dec: _Decoder, max_new: int, eos: tuple[int, ...], width: int,
     for step in range(1, max_new + 1):
         history = torch.cat([dec.prefix, tokens], dim=1)  # (B * W, prefix + step - 1)
         logp = process(torch.log_softmax(logits, dim=-1), history, step == max_new)
-        vocab = logp.shape[-1]
-        # Every beam's every continuation, per prompt: candidate index = beam * V + token.
-        cand = (beam_scores.view(-1, 1) + logp).view(batch, width * vocab)  # (B, W * V)
-        # 2W best: even if W of them end in EOS, W open beams remain.
-        top_scores, top_idx = (t.cpu() for t in cand.topk(2 * width, dim=1))  # (B, 2W) each
+        vocab, k = logp.shape[-1], min(2 * width, logp.shape[-1])
+        # A prompt's 2W best continuations (even if W of them end in EOS, W open beams
+        # remain) are among its beams' own 2W best: those first, then the best of the W * 2W.
+        beam_best, beam_tok = logp.topk(k, dim=1)  # (B * W, k)
+        cand = (beam_scores.view(-1, 1) + beam_best).view(batch, width * k)
+        top_scores, pos = cand.topk(k, dim=1)  # (B, k) of index beam * k + rank
+        token = beam_tok.view(batch, -1).gather(1, pos)
+        top_idx = pos.div(k, rounding_mode="floor") * vocab + token  # beam * V + token
+        top_scores, top_idx = top_scores.cpu(), top_idx.cpu()
         next_scores = torch.full((batch, width), float("-inf"))  # (B, W)
         next_tok = torch.zeros(batch, width, dtype=torch.long)  # (B, W)
         # (B, W) row each new beam continues; a prompt with no open beam keeps its first row
         next_src = torch.arange(batch).repeat_interleave(width).view(batch, width) * width
         for b in range(batch):
             kept = 0
-            for rank in range(2 * width):
+            for rank in range(k):
                 score = top_scores[b, rank].item()
                 src, tok = divmod(top_idx[b, rank].item(), vocab)  # beam, token
                 if done[b] or score == float("-inf"):
@@ -411,7 +416,11 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
     faster steps once compiled, at the price of compiling at the first call of a process (a
     minute or more for a 135M-parameter model on a 2-core CPU), and again for a new batch size
     or capacity (prompt + new tokens, rounded up to a power of two); the same tokens. If
-    compiling fails, one warning and eager steps. T5's relative positions decode eagerly."""
+    compiling fails, one warning and eager steps. T5's relative positions decode eagerly.
+
+    On the CPU, the first call lays the model's linear weights out for decoding
+    (`lmkit.model.layers.lay_out`: transposed in memory, the same values and shapes); training
+    lays them back out."""
     explicit = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
                     length_penalty=length_penalty, early_stopping=early_stopping,
@@ -453,6 +462,7 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
     process = _Processors(o["forced_bos_token_id"], o["forced_eos_token_id"],
                           o["no_repeat_ngram_size"], o["repetition_penalty"])
     device = next(model.parameters()).device
+    lay_out(model, decoding=True)  # once: later calls find the weights laid out
     ids = ids.to(device)
     mask = mask.to(device) if mask is not None else None
     with eval_mode(model):

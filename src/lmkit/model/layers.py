@@ -97,6 +97,31 @@ def make_norm(cfg: ModelConfig, size: int | None = None, kind: str | None = None
     return nn.LayerNorm(size, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
+def lay_out(model: nn.Module, decoding: bool) -> None:
+    """Lay out the weight of every linear layer on the CPU for the work at hand (the same
+    values, shape and names; idempotent; saving writes row-major either way).
+
+    `decoding`: each (out, in) weight is stored as its row-major transpose (in, out), so that
+    `weight` is a transposed view and F.linear multiplies by a row-major matrix: MKL's
+    matmuls of a few rows run faster so (measured on a 2-core Xeon, fp32: 16 rows x 512 ->
+    2048 0.75 -> 0.32 ms, a 58k-word head 22 -> 16.5 ms; beam search of a Marian shape 1.18x).
+    Otherwise row-major again: a training step is ~10% slower on the transposed layout, and
+    a training loop whose evaluation decodes (seq2seq) lays the weights back out after it."""
+    with torch.inference_mode(False):  # under generate's: the copies must stay trainable
+        for m in model.modules():
+            _lay_out(m, decoding)
+
+
+def _lay_out(m: nn.Module, decoding: bool) -> None:
+    w = m.weight if isinstance(m, nn.Linear) else None
+    if w is None or w.device.type != "cpu" or type(w.data) is not torch.Tensor:
+        return  # CUDA's matmuls do not care; sharded (DTensor) weights stay as they are
+    if decoding and w.is_contiguous() and not w.t().is_contiguous():
+        w.data = w.data.t().contiguous().t()
+    elif not decoding and not w.is_contiguous():
+        w.data = w.data.contiguous()
+
+
 def fuse(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One projection for linear layers that read the same input, their outputs concatenated:
     one matmul instead of several. None unless they are all plain nn.Linear or all int8
@@ -109,10 +134,13 @@ def fuse(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]
         ref = next(m.bias for m in linears if m.bias is not None)
         bias = torch.cat([m.bias if m.bias is not None else ref.new_zeros(m.out_features)
                           for m in linears])
-    weight = torch.cat([m.weight for m in linears])
     if kinds == {Int8Linear}:
-        return Int8Linear(weight, torch.cat([m.scales for m in linears]), bias,
-                          linears[0].plan)
+        return Int8Linear(torch.cat([m.weight for m in linears]),
+                          torch.cat([m.scales for m in linears]), bias, linears[0].plan)
+    # in the layout of the weights it fuses (`lay_out`): transposed ones stay transposed
+    transposed = not linears[0].weight.is_contiguous()
+    weight = (torch.cat([m.weight.t() for m in linears], dim=1).t() if transposed
+              else torch.cat([m.weight for m in linears]))
     return partial(F.linear, weight=weight, bias=bias)
 
 

@@ -40,6 +40,7 @@ from lmkit.device import check_device, check_precision, resolve_precision
 from lmkit.errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from lmkit.logs import setup_logging
 from lmkit.model import eval_mode
+from lmkit.model.layers import lay_out
 from lmkit.train.compiled import CompiledStep
 from lmkit.train.distributed import (
     PARALLELISM,
@@ -420,6 +421,7 @@ class _Run:
         self.precision = resolve_precision(cfg.precision, env.device)
         self.model = model.to(env.device)
         model.train()
+        lay_out(model, decoding=False)  # row-major again if generate() laid them out
         for option in ("sparse_embeddings", "optimizer_in_backward"):
             if getattr(cfg, option) and env.distributed:
                 raise ConfigError(f"{option} runs in one process: leave it off with torchrun")
@@ -636,6 +638,7 @@ class _Run:
             record.update(evaluate(self.model, self.eval_batches, self.precision, self.env))
         if self.scorer is not None:
             record.update(self.scorer())
+            lay_out(self.model, decoding=False)  # a scorer that decodes (seq2seq) laid them out
         self.eval_s += time.perf_counter() - start
         # train_s: the wall time without this call's evaluations (time to reach a score)
         record.update(tokens=self.compute.tokens, flops=self.compute.flops,
