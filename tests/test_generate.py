@@ -8,10 +8,10 @@ import torch
 from conftest import VARIANTS, family_of, tiny, variant
 
 import lmkit
+from lmkit.generate import _beam, _Decoder, _draw, _filter, _pad_prompts, _Processors, _sample
 from lmkit.model import layers
 from lmkit.objectives import CausalLM
 from lmkit.train import TrainConfig, train
-from lmkit.generate import _beam, _Decoder, _draw, _filter, _pad_prompts, _Processors, _sample
 
 DECODING = [k for k in VARIANTS if family_of(k) != "encoder"]
 
