@@ -104,7 +104,8 @@ def lay_out(model: nn.Module, decoding: bool) -> None:
     `decoding`: each (out, in) weight is stored as its row-major transpose (in, out), so that
     `weight` is a transposed view and F.linear multiplies by a row-major matrix: MKL's
     matmuls of a few rows run faster so (measured on a 2-core Xeon, fp32: 16 rows x 512 ->
-    2048 0.75 -> 0.32 ms, a 58k-word head 22 -> 16.5 ms; beam search of a Marian shape 1.18x).
+    2048 0.75 -> 0.32 ms, a 58k-word head 22 -> 16.5 ms; Marian-shaped beam search 1.18x
+    faster).
     Otherwise row-major again: a training step is ~10% slower on the transposed layout, and
     a training loop whose evaluation decodes (seq2seq) lays the weights back out after it."""
     with torch.inference_mode(False):  # under generate's: the copies must stay trainable
