@@ -1,5 +1,6 @@
 """KV cache equivalence, greedy / sampling / beam search."""
 
+import contextlib
 import itertools
 import json
 
@@ -319,3 +320,58 @@ def test_beam_search_with_fewer_tokens_than_twice_the_beams():
         logp = model(torch.tensor([[1, 4] + seq])).logits[0].log_softmax(-1)
         assert score == pytest.approx(sum(logp[1 + i, t].item() for i, t in enumerate(seq)),
                                       abs=1e-4)
+
+
+@pytest.mark.skipif(not layers._MKL_LINEAR, reason="this torch build has no MKL linear ops")
+def test_packed_linears_multiply_as_f_linear_and_follow_the_weights():
+    """Inside `packed_linears(rows)`, a linear layer over exactly `rows` rows multiplies by a
+    packed copy of its weight: the same output, the copy reused, rebuilt after the weight
+    changes; other row counts, tensors that are not Parameters and autograd run as before."""
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(24, 40), torch.randn(4, 1, 24)
+    cpu = x.device
+    with torch.inference_mode():
+        plain = lin(x)
+        with layers.packed_linears(4, cpu):
+            packed = lin(x)
+            first = layers._PACKED[lin.weight][1]
+            torch.testing.assert_close(lin(x), plain, atol=1e-5, rtol=0)
+            assert layers._PACKED[lin.weight][1] is first  # reused, not packed again
+            three = torch.randn(3, 24)
+            assert torch.equal(lin(three), torch.nn.functional.linear(three, lin.weight,
+                                                                      lin.bias))
+            loose = torch.randn(40, 24)  # not a Parameter: a copy made per call, say
+            torch.nn.functional.linear(x, loose)
+        assert loose not in layers._PACKED
+        torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in place, as an optimizer step: the packed copy is stale
+    with torch.inference_mode(), layers.packed_linears(4, cpu):
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias),
+                                   atol=1e-5, rtol=0)
+        assert layers._PACKED[lin.weight][1] is not first
+    with layers.packed_linears(4, cpu):  # autograd on: the plain op, which has gradients
+        lin(x).sum().backward()
+    assert lin.weight.grad is not None
+    assert isinstance(layers.packed_linears(1, cpu), contextlib.nullcontext)
+
+
+@pytest.mark.skipif(not layers._MKL_LINEAR, reason="this torch build has no MKL linear ops")
+def test_beam_search_packs_the_weights_and_training_drops_them():
+    """Beam search (several rows a step) decodes on packed weights, with the tokens of the
+    unpacked steps; laying the weights out for training frees the packed copies."""
+    model = variant("decoder-learned-gpt2")
+    prompts = [[5, 9, 14, 3], [7, 22]]
+    settings = dict(max_new_tokens=6, num_beams=3, eos_id=-1, num_return_sequences=2)
+    ids, mask = _pad_prompts(prompts, 0, left=True)
+    with torch.inference_mode():
+        plain = _beam(Uncached(model, ids, mask), 6, eos=(), width=3, length_penalty=1.0,
+                      early_stopping=True, n_best=2, process=_Processors())
+    out = lmkit.generate(model, prompts, **settings)
+    assert out.sequences == plain[0]
+    weights = _linear_weights(model)
+    fused = {id(m.weight) for block in model.decoder.layers  # packed fused, as q|k|v
+             for m in (block.attn.q, block.attn.k, block.attn.v)}
+    assert all((w in layers._PACKED) != (id(w) in fused) for w in weights)  # head: tied
+    layers.lay_out(model, decoding=False)
+    assert not any(w in layers._PACKED for w in weights)

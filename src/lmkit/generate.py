@@ -26,7 +26,7 @@ from lmkit.errors import ConfigError
 from lmkit.generation_config import GenerationConfig
 from lmkit.model import Model, eval_mode
 from lmkit.model.attention import FixedStep, KVCache
-from lmkit.model.layers import lay_out
+from lmkit.model.layers import lay_out, packed_linears
 from lmkit.model.transformer import check_length
 
 # The range of each option of `generate` (checked there and by the CLI at parse time).
@@ -138,6 +138,12 @@ class _Decoder:
 
     def logits(self, new_ids: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of the token after `new_ids`, which follow the cache."""
+        # eager steps of several rows on MKL-packed weights (compiling packs its own)
+        rows = 1 if self.compile else new_ids.shape[0]
+        with packed_linears(rows, new_ids.device):
+            return self._logits(new_ids)
+
+    def _logits(self, new_ids: torch.Tensor) -> torch.Tensor:
         if self.cache.fixed is not None:
             return self._fixed_logits(new_ids)
         if self.mask is not None and len(self.cache):
@@ -420,7 +426,9 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
 
     On the CPU, the first call lays the model's linear weights out for decoding
     (`lmkit.model.layers.lay_out`: transposed in memory, the same values and shapes); training
-    lays them back out."""
+    lays them back out. Eager steps of several rows (a batch, beams) multiply by copies of
+    the weights packed by MKL for that many rows (`lmkit.model.layers.packed_linears`), kept
+    for later calls of the same batch size until training."""
     explicit = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
                     length_penalty=length_penalty, early_stopping=early_stopping,
