@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmkit.compiling import compile_errors, warn_failed
+from lmkit.compiling import compiled_or_eager
 
 
 class CompiledStep:
@@ -37,12 +37,13 @@ class CompiledStep:
         if not self.compiled:
             return step(self.eager, *args)
         fresh = all(p.grad is None for p in self.eager.parameters())
-        try:
-            return step(self.net, *args)
-        except compile_errors() as e:
+
+        def fall_back() -> bool:
             if not fresh:  # gradients of earlier micro-batches: a retry would count twice
-                raise
-            warn_failed(e, "training")
+                return False
             self.net = self.eager
             self.eager.zero_grad(set_to_none=True)
-            return step(self.eager, *args)
+            return True
+
+        return compiled_or_eager(lambda *a: step(self.net, *a), lambda *a: step(self.eager, *a),
+                                 args, "training", fall_back)
