@@ -1,7 +1,7 @@
 """Generation speed: lmkit vs transformers' `generate()`, and vs this machine's memory-bandwidth
 limit, side by side in one run (issue 8, item 2).
 
-    python benchmarks/generate.py [--repeats 3] [--threads 2] [--cases gpt2,llama,marian]
+    python benchmarks/generate.py [--repeats 3] [--threads 2] [--cases gpt2,llama,marian,t5]
         [--new-tokens 128] [--dtype fp32] [--no-compile] [--quick] [--json out.json]
 
 Work measured (random weights of the real shapes, built in-process from configs: no download;
@@ -19,9 +19,10 @@ and greedy and beam search must give the same tokens, which each row's note repo
 - the same with `generate(..., compile=True)` (the decode step through torch.compile): tokens/s
   after the first call, which compiles (its time from an empty inductor cache is in the note),
   vs transformers and vs eager lmkit (target 1.15x).
-- a Marian-shaped encoder-decoder (opus-mt: 6 + 6 layers, 512 wide, 58k vocabulary): batched
-  sampling (8 sources, top-k 50, seeded) and beam search (4 sources x 4 beams), 32 new tokens
-  per row: output tokens/s vs transformers (target 1.5x).
+- a Marian-shaped encoder-decoder (opus-mt: 6 + 6 layers, 512 wide, 58k vocabulary) and a
+  T5-shaped one (t5-small: 6 + 6 layers, 512 wide, relative positions, 32k vocabulary):
+  batched sampling (8 sources, top-k 50, seeded) and beam search (4 sources x 4 beams), 32
+  new tokens per row: output tokens/s vs transformers (target 1.5x).
 
 No row stops at an end-of-sequence token (none is set), so every run makes the same number of
 tokens. Timings are medians of `--repeats` interleaved runs (lmkit and transformers
@@ -64,6 +65,8 @@ MARIAN = dict(vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
               decoder_ffn_dim=2048, max_position_embeddings=512, scale_embedding=True,
               activation_function="swish", pad_token_id=58100, decoder_start_token_id=58100,
               eos_token_id=0, forced_eos_token_id=None, attn_implementation="sdpa")
+T5 = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8,
+          feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
 
 
 def interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
@@ -195,11 +198,14 @@ def compile_cold(first_call: Callable[[], Any]) -> tuple[float, Any]:
         return time.perf_counter() - start, result
 
 
-def seq2seq(new: int, repeats: int, dtype: torch.dtype) -> list[dict]:
-    """Marian-shaped encoder-decoder: batched sampling and beam search vs transformers."""
-    ref, ours = pair(tf.MarianMTModel, tf.MarianConfig(**MARIAN), dtype)
+def seq2seq(name: str, hf_cls: type, hf_cfg: tf.PretrainedConfig, new: int, repeats: int,
+            dtype: torch.dtype) -> list[dict]:
+    """An encoder-decoder of `name`'s shape: batched sampling and beam search vs
+    transformers."""
+    ref, ours = pair(hf_cls, hf_cfg, dtype)
     g = torch.Generator().manual_seed(0)
-    return [seq2seq_row(ref, ours, label, torch.randint(100, 5000, (batch, SOURCE), generator=g),
+    return [seq2seq_row(ref, ours, f"{name}-shape: {label}",
+                        torch.randint(100, 5000, (batch, SOURCE), generator=g),
                         settings, new, repeats)
             for label, batch, settings in (
                 ("sampling (top-k 50)", 8, dict(do_sample=True, top_k=50, num_beams=1)),
@@ -226,12 +232,13 @@ def seq2seq_row(ref: Any, ours: lmkit.Model, label: str, ids: torch.Tensor, sett
     note = ("seeded; tokens differ from transformers' (other random streams)"
             if settings["do_sample"] else
             f"same tokens as transformers: {'yes' if a == b else 'NO'}")
-    return table.row(f"marian-shape: {label}, {len(ids)} x ({SOURCE} -> {new}) tokens",
+    return table.row(f"{label}, {len(ids)} x ({SOURCE} -> {new}) tokens",
                got["lmkit"], got["hf"], "tokens/s", 1.5, note)
 
 
 def rows(quick: bool = False, threads: int | None = None, repeats: int | None = None,
-         new_tokens: int | None = None, cases: tuple[str, ...] = ("gpt2", "llama", "marian"),
+         new_tokens: int | None = None,
+         cases: tuple[str, ...] = ("gpt2", "llama", "marian", "t5"),
          dtype: str = "fp32", compile: bool | None = None) -> list[dict]:
     """Every row of this benchmark (`quick`: a smoke run, 1 repeat and fewer tokens; its
     figures are not the ones to report; `compile`: the compiled decoding rows, by default
@@ -251,7 +258,11 @@ def rows(quick: bool = False, threads: int | None = None, repeats: int | None = 
         out += one_sequence("Llama (SmolLM2-135M shape)", tf.LlamaForCausalLM,
                             tf.LlamaConfig(**SMOLLM2), new, repeats, dt, probe, compile)
     if "marian" in cases:
-        out += seq2seq(min(new, 32), repeats, dt)
+        out += seq2seq("marian", tf.MarianMTModel, tf.MarianConfig(**MARIAN), min(new, 32),
+                       repeats, dt)
+    if "t5" in cases:
+        out += seq2seq("t5", tf.T5ForConditionalGeneration, tf.T5Config(**T5), min(new, 32),
+                       repeats, dt)
     return out
 
 
@@ -260,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--cases", default="gpt2,llama,marian")
+    ap.add_argument("--cases", default="gpt2,llama,marian,t5")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                     help="weights of both models (the targets are for fp32)")
     ap.add_argument("--quick", action="store_true", help="1 repeat, 16 tokens: a smoke run")

@@ -375,3 +375,23 @@ def test_beam_search_packs_the_weights_and_training_drops_them():
     assert all((w in layers._PACKED) != (id(w) in fused) for w in weights)  # head: tied
     layers.lay_out(model, decoding=False)
     assert not any(w in layers._PACKED for w in weights)
+
+
+def test_fused_projections_are_kept_until_a_weight_changes():
+    """`fuse` gives the same fused layer to the next generation, a new one once a weight it
+    joins changes (in place, as an optimizer step does), none kept after training's lay-out."""
+    model = variant("decoder-learned-gpt2")
+    linears = _qkv(model)
+    x = torch.randn(3, model.config.hidden_size)
+    with torch.inference_mode():
+        first = layers.fuse(linears)
+        assert layers.fuse(linears) is first
+    with torch.no_grad():
+        linears[1].weight.mul_(2.0)
+    with torch.inference_mode():
+        second = layers.fuse(linears)
+        assert second is not first
+        torch.testing.assert_close(second(x), torch.cat([m(x) for m in linears], dim=-1),
+                                   atol=1e-5, rtol=0)
+    layers.lay_out(model, decoding=False)
+    assert linears[0].weight not in layers._FUSED

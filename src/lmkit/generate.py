@@ -429,8 +429,10 @@ def generate(model: Model, prompts: str | list[str] | list[list[int]] | torch.Te
     On the CPU, the first call lays the model's linear weights out for decoding
     (`lmkit.model.layers.lay_out`: transposed in memory, the same values and shapes); training
     lays them back out. Eager steps of several rows (a batch, beams) multiply by copies of
-    the weights packed by MKL for that many rows (`lmkit.model.layers.packed_linears`), kept
-    for later calls of the same batch size until training."""
+    the weights packed by MKL for that many rows (`lmkit.model.layers.packed_linears`); they
+    and the fused q/k/v projections are kept for later calls until a weight changes (its
+    version or storage: a write through `.data` is not seen, as by torch.compile's freezing;
+    `lay_out(model, decoding=False)`, which training runs, drops them)."""
     explicit = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
                     temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
                     length_penalty=length_penalty, early_stopping=early_stopping,

@@ -124,12 +124,13 @@ def _lay_out(m: nn.Module, decoding: bool) -> None:
         w.data = w.data.t().contiguous().t()
     elif not decoding and not w.is_contiguous():
         w.data = w.data.contiguous()
-    if not decoding:
-        _PACKED.pop(w, None)  # stale once training changes the weight: free it now
+    if not decoding:  # stale once training changes the weight: free them now
+        _PACKED.pop(w, None)
+        _FUSED.pop(w, None)
 
 
-# weight -> ((rows, version, data pointer), its MKL-packed copy): weakly, so a copy goes with
-# its weight; rebuilt when the weight changes (in place: version; replaced: data pointer).
+# weight -> ((rows, its `_stamp`), its MKL-packed copy): weakly, so a copy goes with its
+# weight; rebuilt when the weight changes (in place: version; replaced: data pointer).
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _MKL_LINEAR = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
@@ -160,8 +161,7 @@ class _PackedLinear(TorchFunctionMode):
                 and x.numel() == self.rows * x.shape[-1] and not torch.is_grad_enabled())
 
     def _packed(self, weight: torch.Tensor) -> torch.Tensor:
-        version = 0 if weight.is_inference() else weight._version  # inference: no counter
-        key = (self.rows, version, weight.data_ptr())
+        key = (self.rows, _stamp(weight))
         hit = _PACKED.get(weight)
         if hit is None or hit[0] != key:
             hit = _PACKED[weight] = (key, torch.ops.mkl._mkl_reorder_linear_weight(
@@ -187,16 +187,40 @@ def packed_linears(rows: int, device: torch.device) -> contextlib.AbstractContex
 def fuse(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """One projection for linear layers that read the same input, their outputs concatenated:
     one matmul instead of several. None unless they are all plain nn.Linear or all int8
-    (`Int8Linear`, fused as int8): LoRA layers must run as they are."""
+    (`Int8Linear`, fused as int8): LoRA layers must run as they are. Kept for the next call
+    (the next generation) until one of the tensors it joins changes."""
     kinds = {type(m) for m in linears}
     if len(kinds) != 1 or not kinds <= {nn.Linear, Int8Linear}:
         return None
+    stamp = tuple(_stamp(getattr(m, name, None)) for m in linears
+                  for name in ("weight", "bias", "scales"))
+    hit = _FUSED.get(linears[0].weight)
+    if hit is None or hit[0] != stamp:
+        # plain tensors, even under generate's inference mode: a later call may not be in it
+        with torch.inference_mode(False), torch.no_grad():
+            hit = _FUSED[linears[0].weight] = (stamp, _fused(linears, kinds == {Int8Linear}))
+    return hit[1]
+
+
+# the first weight of the layers fused -> (the stamps of what they hold, the fused layer)
+_FUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _stamp(t: torch.Tensor | None) -> tuple[int, int] | None:
+    """What changes when a tensor's values may have: its storage, or its version (in-place
+    writes; an inference tensor has no counter, and nothing may write it)."""
+    if t is None:
+        return None
+    return t.data_ptr(), 0 if t.is_inference() else t._version
+
+
+def _fused(linears: Sequence[nn.Module], int8: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     bias = None
     if any(m.bias is not None for m in linears):
         ref = next(m.bias for m in linears if m.bias is not None)
         bias = torch.cat([m.bias if m.bias is not None else ref.new_zeros(m.out_features)
                           for m in linears])
-    if kinds == {Int8Linear}:
+    if int8:
         return Int8Linear(torch.cat([m.weight for m in linears]),
                           torch.cat([m.scales for m in linears]), bias, linears[0].plan)
     # in the layout of the weights it fuses (`lay_out`): transposed ones stay transposed
