@@ -311,16 +311,16 @@ def _beam(dec: _Decoder, max_new: int, eos: tuple[int, ...], width: int,
         top_scores, pos = cand.topk(k, dim=1)  # (B, k) of index beam * k + rank
         token = beam_tok.view(batch, -1).gather(1, pos)
         top_idx = pos.div(k, rounding_mode="floor") * vocab + token  # beam * V + token
-        top_scores, top_idx = top_scores.cpu(), top_idx.cpu()
-        next_scores = torch.full((batch, width), float("-inf"))  # (B, W)
-        next_tok = torch.zeros(batch, width, dtype=torch.long)  # (B, W)
+        top_scores, top_idx = top_scores.tolist(), top_idx.tolist()  # Python from here
+        next_scores = [[float("-inf")] * width for _ in range(batch)]  # (B, W)
+        next_tok = [[0] * width for _ in range(batch)]  # (B, W)
         # (B, W) row each new beam continues; a prompt with no open beam keeps its first row
-        next_src = torch.arange(batch).repeat_interleave(width).view(batch, width) * width
+        next_src = [[b * width] * width for b in range(batch)]
         for b in range(batch):
             kept = 0
             for rank in range(k):
-                score = top_scores[b, rank].item()
-                src, tok = divmod(top_idx[b, rank].item(), vocab)  # beam, token
+                score = top_scores[b][rank]
+                src, tok = divmod(top_idx[b][rank], vocab)  # beam, token
                 if done[b] or score == float("-inf"):
                     break
                 if tok in eos:  # a finished hypothesis, if it ranks among the W best
@@ -328,24 +328,24 @@ def _beam(dec: _Decoder, max_new: int, eos: tuple[int, ...], width: int,
                         seq = tokens[b * width + src].tolist()
                         finished[b].append((score / step ** length_penalty, seq))
                     continue
-                next_scores[b, kept] = score
-                next_tok[b, kept] = tok
-                next_src[b, kept] = b * width + src
+                next_scores[b][kept] = score
+                next_tok[b][kept] = tok
+                next_src[b][kept] = b * width + src
                 kept += 1
                 if kept == width:
                     break
             if not done[b] and len(finished[b]) >= width:
                 # Done when no open beam can beat the W-th best finished one any more.
-                best_open = next_scores[b].max().item() / step ** length_penalty
+                best_open = max(next_scores[b]) / step ** length_penalty
                 worst_done = sorted(s for s, _ in finished[b])[-width]
                 done[b] = early_stopping or worst_done >= best_open
         if all(done):
             break
-        src = next_src.view(-1).to(dev)  # (B * W,)
-        next_tok = next_tok.view(-1, 1).to(dev)  # (B * W, 1)
+        src = torch.tensor(next_src, device=dev).view(-1)  # (B * W,)
+        next_tok = torch.tensor(next_tok, device=dev).view(-1, 1)  # (B * W, 1)
         dec.reorder(src, within_prompts=True)
         tokens = torch.cat([tokens.index_select(0, src), next_tok], dim=1)  # (B * W, step)
-        beam_scores = next_scores.to(dev)
+        beam_scores = torch.tensor(next_scores, device=dev)
         if step < max_new:
             logits = dec.logits(next_tok)
     for b in range(batch):  # open beams compete with finished ones at the length limit
