@@ -395,3 +395,23 @@ def test_fused_projections_are_kept_until_a_weight_changes():
                                    atol=1e-5, rtol=0)
     layers.lay_out(model, decoding=False)
     assert linears[0].weight not in layers._FUSED
+
+
+@pytest.mark.parametrize("settings", [
+    {}, dict(repetition_penalty=1.3), dict(no_repeat_ngram=2), dict(no_repeat_ngram=5),
+    dict(forced_bos=3), dict(forced_eos=2)])
+def test_processors_say_when_they_leave_the_scores_as_they_are(settings):
+    """Beam search skips the full log-softmax when the processors are idle: `idle` only
+    where they return the scores unchanged, always without any processor, and each processor
+    here acts in one of the cases."""
+    process = _Processors(**settings)
+    scores = torch.randn(2, 12).log_softmax(-1)
+    acted = False
+    for history in (torch.tensor([[1], [4]]), torch.tensor([[1, 5, 1], [4, 4, 4]])):
+        for last in (False, True):
+            changed = not torch.equal(process(scores, history, last), scores)
+            idle = process.idle(history, last)
+            assert not (idle and changed), (history, last)
+            assert idle or settings, (history, last)
+            acted |= changed
+    assert acted == bool(settings) or settings == dict(no_repeat_ngram=5)  # 3 tokens < 5

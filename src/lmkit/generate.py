@@ -192,14 +192,25 @@ class _Processors:
             seen = torch.where(seen < 0, seen * self.repetition_penalty,
                                seen / self.repetition_penalty)
             scores = scores.scatter(1, history, seen)
-        if self.no_repeat_ngram and history.shape[1] + 1 >= self.no_repeat_ngram:
+        if self._bans(history):
             scores = scores.masked_fill(self._banned(history, scores.shape), float("-inf"))
-        forced = (self.forced_bos if history.shape[1] == 1 else None)
-        forced = self.forced_eos if last and self.forced_eos is not None else forced
+        forced = self._forced(history, last)
         if forced is not None:
             only = torch.full_like(scores, float("-inf"))
             scores = only.index_fill(1, torch.tensor([forced], device=scores.device), 0.0)
         return scores
+
+    def idle(self, history: torch.Tensor, last: bool) -> bool:
+        """Whether this step's scores pass unchanged."""
+        return (self.repetition_penalty == 1.0 and not self._bans(history)
+                and self._forced(history, last) is None)
+
+    def _bans(self, history: torch.Tensor) -> bool:
+        return bool(self.no_repeat_ngram) and history.shape[1] + 1 >= self.no_repeat_ngram
+
+    def _forced(self, history: torch.Tensor, last: bool) -> int | None:
+        forced = self.forced_bos if history.shape[1] == 1 else None
+        return self.forced_eos if last and self.forced_eos is not None else forced
 
     def _banned(self, history: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """(rows, V) True for tokens that would repeat an n-gram already in the row."""
@@ -302,11 +313,15 @@ def _beam(dec: _Decoder, max_new: int, eos: tuple[int, ...], width: int,
     logits = dec.logits(dec.prefix)  # (B * W, V)
     for step in range(1, max_new + 1):
         history = torch.cat([dec.prefix, tokens], dim=1)  # (B * W, prefix + step - 1)
-        logp = process(torch.log_softmax(logits, dim=-1), history, step == max_new)
-        vocab, k = logp.shape[-1], min(2 * width, logp.shape[-1])
+        vocab, k, last = logits.shape[-1], min(2 * width, logits.shape[-1]), step == max_new
         # A prompt's 2W best continuations (even if W of them end in EOS, W open beams
         # remain) are among its beams' own 2W best: those first, then the best of the W * 2W.
-        beam_best, beam_tok = logp.topk(k, dim=1)  # (B * W, k)
+        if process.idle(history, last):  # log p = logit - logsumexp: normalise the 2W only
+            beam_best, beam_tok = logits.topk(k, dim=1)  # (B * W, k)
+            beam_best = beam_best - logits.logsumexp(-1, keepdim=True)
+        else:
+            logp = process(torch.log_softmax(logits, dim=-1), history, last)
+            beam_best, beam_tok = logp.topk(k, dim=1)
         cand = (beam_scores.view(-1, 1) + beam_best).view(batch, width * k)
         top_scores, pos = cand.topk(k, dim=1)  # (B, k) of index beam * k + rank
         token = beam_tok.view(batch, -1).gather(1, pos)
