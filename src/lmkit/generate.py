@@ -14,6 +14,7 @@ raw logits for greedy search and sampling, on the log-probabilities for beam sea
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -145,8 +146,9 @@ class _Decoder:
     def logits(self, new_ids: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of the token after `new_ids`, which follow the cache."""
         # eager steps of several rows on MKL-packed weights (compiling packs its own)
-        rows = 1 if self.compile else new_ids.shape[0]
-        with packed_linears(rows, new_ids.device):
+        packing = (contextlib.nullcontext() if self.compile
+                   else packed_linears(new_ids.shape[0], new_ids.device))
+        with packing:
             return self._logits(new_ids)
 
     def _logits(self, new_ids: torch.Tensor) -> torch.Tensor:

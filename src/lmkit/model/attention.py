@@ -207,8 +207,10 @@ class KVSlot:
     They live in one buffer (B, 2K, capacity, D), keys in the first K heads, allocated once
     for the whole generation (grown by doubling if a call outruns `capacity`) and written in
     place: a step copies only its own keys and values, in one copy, and attention reads the
-    filled prefix as views. `weights` holds the layer's linear layers fused for this
-    generation (`fused`): the weights do not change while it runs."""
+    filled prefix as views. `weights` holds the layer's fused projections for this
+    generation (`fused`): `fuse` keeps them across generations and checks the weights they
+    join at each call; within one generation the weights do not change, so each step looks
+    them up here instead."""
 
     def __init__(self, capacity: int = 0) -> None:
         self.capacity = capacity
@@ -219,7 +221,7 @@ class KVSlot:
 
     def fused(self, name: str, linears: tuple[nn.Module, ...]
               ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """`lmkit.model.layers.fuse(linears)`, computed at the first step only."""
+        """`lmkit.model.layers.fuse(linears)`, asked for at the first step only."""
         if name not in self.weights:
             self.weights[name] = fuse(linears)
         return self.weights[name]

@@ -110,7 +110,9 @@ def lay_out(model: nn.Module, decoding: bool) -> None:
     2048 0.75 -> 0.32 ms, a 58k-word head 22 -> 16.5 ms; Marian-shaped beam search 1.18x
     faster).
     Otherwise row-major again: a training step is ~10% slower on the transposed layout, and
-    a training loop whose evaluation decodes (seq2seq) lays the weights back out after it."""
+    a training loop whose evaluation decodes (seq2seq) lays the weights back out after it;
+    the copies kept for decoding (`packed_linears`' packed weights, `fuse`'s fused
+    projections), stale once training writes the weights, are dropped."""
     with torch.inference_mode(False):  # under generate's: the copies must stay trainable
         for m in model.modules():
             _lay_out(m, decoding)
@@ -129,9 +131,30 @@ def _lay_out(m: nn.Module, decoding: bool) -> None:
         _FUSED.pop(w, None)
 
 
-# weight -> ((rows, its `_stamp`), its MKL-packed copy): weakly, so a copy goes with its
-# weight; rebuilt when the weight changes (in place: version; replaced: data pointer).
+# What decoding keeps between calls, weakly keyed by a weight (it goes with the model):
+# weight -> ((rows, its `_stamp`), its MKL-packed copy) and, for layers fused, their first
+# weight -> (the `_stamp`s of what they hold, the fused layer). See `_kept`.
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_FUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _stamp(t: torch.Tensor | None) -> tuple[int, int] | None:
+    """What changes when a tensor's values may have: its storage, or its version (in-place
+    writes; an inference tensor has no counter, and nothing may write it)."""
+    if t is None:
+        return None
+    return t.data_ptr(), 0 if t.is_inference() else t._version
+
+
+def _kept(cache: WeakIdKeyDictionary, owner: torch.Tensor, stamp: object,
+          build: Callable[[], object]) -> object:
+    """cache[owner]'s value while it was built under `stamp`, else build() kept under it."""
+    hit = cache.get(owner)
+    if hit is None or hit[0] != stamp:
+        hit = cache[owner] = (stamp, build())
+    return hit[1]
+
+
 _MKL_LINEAR = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
@@ -161,12 +184,8 @@ class _PackedLinear(TorchFunctionMode):
                 and x.numel() == self.rows * x.shape[-1] and not torch.is_grad_enabled())
 
     def _packed(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (self.rows, _stamp(weight))
-        hit = _PACKED.get(weight)
-        if hit is None or hit[0] != key:
-            hit = _PACKED[weight] = (key, torch.ops.mkl._mkl_reorder_linear_weight(
-                weight, self.rows))
-        return hit[1]
+        return _kept(_PACKED, weight, (self.rows, _stamp(weight)),
+                     lambda: torch.ops.mkl._mkl_reorder_linear_weight(weight, self.rows))
 
 
 def packed_linears(rows: int, device: torch.device) -> contextlib.AbstractContextManager:
@@ -194,24 +213,13 @@ def fuse(linears: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]
         return None
     stamp = tuple(_stamp(getattr(m, name, None)) for m in linears
                   for name in ("weight", "bias", "scales"))
-    hit = _FUSED.get(linears[0].weight)
-    if hit is None or hit[0] != stamp:
+
+    def build() -> Callable[[torch.Tensor], torch.Tensor]:
         # plain tensors, even under generate's inference mode: a later call may not be in it
         with torch.inference_mode(False), torch.no_grad():
-            hit = _FUSED[linears[0].weight] = (stamp, _fused(linears, kinds == {Int8Linear}))
-    return hit[1]
+            return _fused(linears, kinds == {Int8Linear})
 
-
-# the first weight of the layers fused -> (the stamps of what they hold, the fused layer)
-_FUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _stamp(t: torch.Tensor | None) -> tuple[int, int] | None:
-    """What changes when a tensor's values may have: its storage, or its version (in-place
-    writes; an inference tensor has no counter, and nothing may write it)."""
-    if t is None:
-        return None
-    return t.data_ptr(), 0 if t.is_inference() else t._version
+    return _kept(_FUSED, linears[0].weight, stamp, build)
 
 
 def _fused(linears: Sequence[nn.Module], int8: bool) -> Callable[[torch.Tensor], torch.Tensor]:
